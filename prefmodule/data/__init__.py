@@ -1,0 +1,4 @@
+from prefmodule.data.datamodule import PreferenceDataModule
+from prefmodule.data.formats import DataValidationError
+
+__all__ = ["DataValidationError", "PreferenceDataModule"]

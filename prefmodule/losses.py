@@ -1,0 +1,476 @@
+"""Preference-optimisation losses as pure functions of per-pair log-probabilities.
+
+Every function here takes tensors of shape ``[B]`` (one value per preference pair) and returns
+tensors of shape ``[B]``; nothing here knows about models, data or Lightning. Inputs are upcast to
+at least float32 (float64 stays float64, so ``torch.autograd.gradcheck`` works), whatever the
+model's precision.
+
+Notation (SPEC.md §3-5). For a pair ``(x, y_w, y_l)``:
+
+* ``logp_w = log pi_theta(y_w|x)`` and ``logp_l`` are **summed** response log-probs (DPO family);
+  ``ref_logp_w``, ``ref_logp_l`` the same under the frozen reference model.
+* ``chosen_logratio = logp_w - ref_logp_w``, ``rejected_logratio = logp_l - ref_logp_l``,
+  ``delta = chosen_logratio - rejected_logratio`` and ``logits = beta * delta``.
+* ``a = avg log P(y_w|x)``, ``b = avg log P(y_l|x)`` are **length-normalised** log-probs (ORPO,
+  SimPO), i.e. the log of the geometric-mean token probability.
+
+DPO loss types live in a registry (``DPO_LOSSES``) filled by ``@register_dpo_loss(name)``; their
+semantics and defaults follow Hugging Face TRL 1.16's ``DPOTrainer`` (``_compute_loss``), with the
+differences listed in each docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "DPO_LOSSES",
+    "DPO_LOSS_TYPES",
+    "PairLogps",
+    "dpo_loss",
+    "log1mexp",
+    "nll_loss",
+    "orpo_loss",
+    "register_dpo_loss",
+    "simpo_loss",
+]
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """At least float32: bf16/fp16 become float32, float64 is kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# DPO family
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """Summed log-probs of one batch of pairs under the policy and the reference, shape ``[B]``.
+
+    ``chosen_lengths`` / ``rejected_lengths`` count the response tokens of each sequence; only the
+    length-normalised types (``ipo``, ``sigmoid_norm``) need them.
+    """
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    ref_chosen: Tensor
+    ref_rejected: Tensor
+    chosen_lengths: Tensor | None = None
+    rejected_lengths: Tensor | None = None
+
+    @property
+    def chosen_logratios(self) -> Tensor:
+        return self.policy_chosen - self.ref_chosen
+
+    @property
+    def rejected_logratios(self) -> Tensor:
+        return self.policy_rejected - self.ref_rejected
+
+    @property
+    def delta(self) -> Tensor:
+        """``(logp_w - ref_logp_w) - (logp_l - ref_logp_l)``: DPO's ``h / beta``."""
+        return self.chosen_logratios - self.rejected_logratios
+
+    def per_token_delta(self, loss_type: str) -> Tensor:
+        """``delta`` with each log-ratio divided by its response length (clamped to >= 1)."""
+        if self.chosen_lengths is None or self.rejected_lengths is None:
+            raise ValueError(
+                f"loss_type={loss_type!r} averages the log-ratios per token: pass `chosen_lengths` and "
+                "`rejected_lengths` (number of response tokens of each sequence) to dpo_loss."
+            )
+        chosen_len = self.chosen_lengths.to(self.policy_chosen).clamp(min=1.0)
+        rejected_len = self.rejected_lengths.to(self.policy_chosen).clamp(min=1.0)
+        return self.chosen_logratios / chosen_len - self.rejected_logratios / rejected_len
+
+
+# A DPO loss type maps (pairs, hyperparameters) to per-pair losses [B]. Every function receives
+# the keyword hyperparameters beta, label_smoothing and discopop_tau and ignores those it has no use for.
+DPOLossFn = Callable[..., Tensor]
+
+DPO_LOSSES: dict[str, DPOLossFn] = {}
+"""The live registry of DPO loss types: name -> ``fn(pairs: PairLogps, *, beta, label_smoothing,
+discopop_tau) -> Tensor[B]``. Add one with ``@register_dpo_loss("name")``."""
+
+
+def register_dpo_loss(name: str) -> Callable[[DPOLossFn], DPOLossFn]:
+    """Decorator that registers a DPO loss type under ``name`` (usable as ``loss_type=name``)."""
+
+    def decorator(fn: DPOLossFn) -> DPOLossFn:
+        if name in DPO_LOSSES:
+            raise ValueError(f"DPO loss type {name!r} is already registered")
+        DPO_LOSSES[name] = fn
+        return fn
+
+    return decorator
+
+
+def _conservative_logistic(logits: Tensor, label_smoothing: float) -> Tensor:
+    """``-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)``: the logistic loss when a fraction ``eps``
+    of the preference labels may be flipped (cDPO). Equals ``-log sigmoid(z)`` for ``eps = 0``."""
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+@register_dpo_loss("sigmoid")
+def _sigmoid(pairs: PairLogps, *, beta: float, label_smoothing: float, **_) -> Tensor:
+    """DPO (Rafailov et al., 2023, arXiv 2305.18290), and cDPO when ``label_smoothing > 0``.
+
+        L = -(1 - eps) log sigmoid(beta * delta) - eps log sigmoid(-beta * delta)
+
+    With ``eps = 0`` this is exactly TRL's ``sigmoid``. Difference from TRL 1.16: TRL's ``sigmoid``
+    ignores ``label_smoothing``; here ``eps > 0`` gives conservative DPO (Mitchell, 2023, "A note on
+    DPO with noisy preferences"), as SPEC.md §3 asks.
+    """
+    return _conservative_logistic(beta * pairs.delta, label_smoothing)
+
+
+@register_dpo_loss("robust")
+def _robust(pairs: PairLogps, *, beta: float, label_smoothing: float, **_) -> Tensor:
+    """Robust DPO (Chowdhury et al., 2024, arXiv 2403.00409): an unbiased loss under label noise ``eps``.
+
+        L = (-(1 - eps) log sigmoid(beta * delta) + eps log sigmoid(-beta * delta)) / (1 - 2 eps)
+
+    Needs ``0 <= eps < 0.5`` (TRL only warns; here it is an error, see ``dpo_loss``).
+    """
+    logits = beta * pairs.delta
+    clean = -(1 - label_smoothing) * F.logsigmoid(logits)
+    flipped = -label_smoothing * F.logsigmoid(-logits)
+    return (clean - flipped) / (1 - 2 * label_smoothing)
+
+
+@register_dpo_loss("hinge")
+def _hinge(pairs: PairLogps, *, beta: float, **_) -> Tensor:
+    """Hinge loss on the normalised likelihood, as in SLiC (Zhao et al., 2023, arXiv 2305.10425).
+
+        L = relu(1 - beta * delta)
+    """
+    return torch.relu(1 - beta * pairs.delta)
+
+
+@register_dpo_loss("ipo")
+def _ipo(pairs: PairLogps, *, beta: float, **_) -> Tensor:
+    """IPO (Azar et al., 2023, arXiv 2310.12036, Eq. 17), ``beta`` playing the paper's ``tau``.
+
+        L = (delta_avg - 1 / (2 beta))^2
+
+    where ``delta_avg`` uses per-token average log-ratios (each summed log-ratio divided by its
+    response length, clamped to >= 1), as TRL does. Requires ``chosen_lengths``/``rejected_lengths``.
+    """
+    return (pairs.per_token_delta("ipo") - 1 / (2 * beta)) ** 2
+
+
+@register_dpo_loss("exo_pair")
+def _exo_pair(pairs: PairLogps, *, beta: float, label_smoothing: float, **_) -> Tensor:
+    """EXO, pairwise form (Ji et al., 2024, arXiv 2402.00856, Eq. 16).
+
+    ``KL(q || p)`` between the policy's distribution over the pair ``q = softmax(beta * logratios)`` =
+    ``[sigmoid(beta*delta), sigmoid(-beta*delta)]`` and the smoothed label ``p = [1 - eps, eps]``:
+
+        L = q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps)
+
+    Needs ``eps = label_smoothing > 0`` (the paper recommends 1e-3); ``dpo_loss`` raises otherwise, as TRL does.
+    """
+    logits = beta * pairs.delta
+    log_q_chosen, log_q_rejected = F.logsigmoid(logits), F.logsigmoid(-logits)
+    return log_q_chosen.exp() * (log_q_chosen - math.log1p(-label_smoothing)) + log_q_rejected.exp() * (
+        log_q_rejected - math.log(label_smoothing)
+    )
+
+
+@register_dpo_loss("nca_pair")
+def _nca_pair(pairs: PairLogps, *, beta: float, **_) -> Tensor:
+    """NCA, pairwise form (Chen et al., 2024, arXiv 2402.05369), on absolute rewards ``r = beta * logratio``.
+
+        L = -log sigmoid(r_w) - 0.5 log sigmoid(-r_w) - 0.5 log sigmoid(-r_l)
+    """
+    chosen_rewards = beta * pairs.chosen_logratios
+    rejected_rewards = beta * pairs.rejected_logratios
+    return -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+
+
+@register_dpo_loss("bco_pair")
+def _bco_pair(pairs: PairLogps, *, beta: float, **_) -> Tensor:
+    """BCO, pairwise form (Jung et al., 2024, arXiv 2404.04656): binary classification of each response.
+
+        L = -log sigmoid(r_w) - log sigmoid(-r_l),    r = beta * logratio
+
+    As in TRL's DPOTrainer, without BCO's running reward shift.
+    """
+    return -F.logsigmoid(beta * pairs.chosen_logratios) - F.logsigmoid(-beta * pairs.rejected_logratios)
+
+
+@register_dpo_loss("sppo_hard")
+def _sppo_hard(pairs: PairLogps, *, beta: float, **_) -> Tensor:
+    """SPPO with hard probabilities (Wu et al., 2024, arXiv 2405.00675, Eq. 4.7 with P = 1 / 0).
+
+        L = (chosen_logratio - 1 / (2 beta))^2 + (rejected_logratio + 1 / (2 beta))^2
+    """
+    return (pairs.chosen_logratios - 0.5 / beta) ** 2 + (pairs.rejected_logratios + 0.5 / beta) ** 2
+
+
+@register_dpo_loss("aot")
+def _aot(pairs: PairLogps, *, beta: float, label_smoothing: float, **_) -> Tensor:
+    """AOT, paired (Melnyk et al., 2024, arXiv 2406.05882): distributional alignment via optimal transport.
+
+    Sorts the policy's ``logp_w - logp_l`` and the reference's ``ref_logp_w - ref_logp_l`` over the
+    batch, then applies the (label-smoothed) logistic loss to their quantile-wise difference:
+
+        L_k = -(1 - eps) log sigmoid(beta * d_k) - eps log sigmoid(-beta * d_k),
+        d_k = sort(logp_w - logp_l)_k - sort(ref_logp_w - ref_logp_l)_k
+
+    Entry ``k`` of the result belongs to the ``k``-th quantile, not to pair ``k``: only the batch
+    mean is meaningful, and it depends on the (per-device) batch.
+    """
+    policy_sorted, _ = torch.sort(pairs.policy_chosen - pairs.policy_rejected, dim=0)
+    ref_sorted, _ = torch.sort(pairs.ref_chosen - pairs.ref_rejected, dim=0)
+    return _conservative_logistic(beta * (policy_sorted - ref_sorted), label_smoothing)
+
+
+@register_dpo_loss("aot_unpaired")
+def _aot_unpaired(pairs: PairLogps, *, beta: float, label_smoothing: float, **_) -> Tensor:
+    """AOT, unpaired (Melnyk et al., 2024, arXiv 2406.05882): chosen and rejected log-ratios sorted separately.
+
+        L_k = -(1 - eps) log sigmoid(beta * d_k) - eps log sigmoid(-beta * d_k),
+        d_k = sort(chosen_logratio)_k - sort(rejected_logratio)_k
+
+    As for ``aot``, entries are quantiles, not pairs; only the batch mean is meaningful.
+    """
+    chosen_sorted, _ = torch.sort(pairs.chosen_logratios, dim=0)
+    rejected_sorted, _ = torch.sort(pairs.rejected_logratios, dim=0)
+    return _conservative_logistic(beta * (chosen_sorted - rejected_sorted), label_smoothing)
+
+
+@register_dpo_loss("apo_zero")
+def _apo_zero(pairs: PairLogps, *, beta: float, **_) -> Tensor:
+    """APO-zero (D'Oosterlinck et al., 2024, arXiv 2408.06266, Eq. 7): for chosen answers better than the
+    model's own; raises the chosen likelihood and lowers the rejected one.
+
+        L = (1 - sigmoid(r_w)) + sigmoid(r_l),    r = beta * logratio
+    """
+    return (1 - torch.sigmoid(beta * pairs.chosen_logratios)) + torch.sigmoid(beta * pairs.rejected_logratios)
+
+
+@register_dpo_loss("apo_down")
+def _apo_down(pairs: PairLogps, *, beta: float, **_) -> Tensor:
+    """APO-down (D'Oosterlinck et al., 2024, arXiv 2408.06266, Eq. 8): for chosen answers worse than the
+    model's own; lowers both likelihoods, the rejected one more.
+
+        L = sigmoid(r_w) + (1 - sigmoid(r_w - r_l)),    r = beta * logratio
+    """
+    return torch.sigmoid(beta * pairs.chosen_logratios) + (1 - torch.sigmoid(beta * pairs.delta))
+
+
+@register_dpo_loss("discopop")
+def _discopop(pairs: PairLogps, *, beta: float, discopop_tau: float, **_) -> Tensor:
+    """DiscoPOP / log-ratio modulated loss (Chris Lu et al., 2024, arXiv 2406.08414, Eq. 5).
+
+        z = beta * delta,   m = sigmoid(z / tau)
+        L = (1 - m) * (-log sigmoid(z)) + m * exp(-z)
+
+    ``tau = discopop_tau`` (default 0.05, as in the paper and TRL). Difference from TRL 1.16: the
+    exponential term is evaluated as ``exp(-z + log sigmoid(z / tau))``, equal to ``m * exp(-z)``
+    but finite where TRL's ``exp(-z) * m`` gives ``inf * 0 = nan`` (``z`` below about -88 in float32).
+    """
+    logits = beta * pairs.delta
+    modulation = torch.sigmoid(logits / discopop_tau)
+    logistic_term = -F.logsigmoid(logits) * (1 - modulation)
+    exp_term = torch.exp(-logits + F.logsigmoid(logits / discopop_tau))
+    return logistic_term + exp_term
+
+
+@register_dpo_loss("sigmoid_norm")
+def _sigmoid_norm(pairs: PairLogps, *, beta: float, **_) -> Tensor:
+    """Length-normalised DPO (as TRL's ``sigmoid_norm``; cf. the length normalisation of SimPO,
+    Meng et al., 2024, arXiv 2405.14734, and LN-DPO).
+
+        L = -log sigmoid(beta * delta_avg)
+
+    ``delta_avg`` as in ``ipo``. Requires ``chosen_lengths``/``rejected_lengths``.
+    """
+    return -F.logsigmoid(beta * pairs.per_token_delta("sigmoid_norm"))
+
+
+DPO_LOSS_TYPES: tuple[str, ...] = tuple(DPO_LOSSES)
+"""Names of the built-in DPO loss types. ``DPO_LOSSES`` also holds any registered later."""
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    discopop_tau: float = 0.05,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO-family loss per pair, from summed response log-probs of policy and reference (shape ``[B]``).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``log pi_theta(y|x)`` summed over response tokens.
+        ref_chosen_logps, ref_rejected_logps: the same under the frozen reference model.
+        beta: DPO's ``beta`` (strength of the implicit KL penalty; IPO's ``tau``).
+        loss_type: one name from ``DPO_LOSSES`` (see ``DPO_LOSS_TYPES``), or a list of names whose
+            per-pair losses are summed with ``loss_weights`` (e.g. MPO-style combinations).
+        loss_weights: one weight per name in ``loss_type`` (default: all 1.0).
+        label_smoothing: ``eps``, the assumed fraction of flipped labels; used by ``sigmoid`` (cDPO),
+            ``robust`` (needs ``0 <= eps < 0.5``), ``exo_pair`` (needs ``eps > 0``), ``aot``, ``aot_unpaired``.
+        chosen_lengths, rejected_lengths: response token counts ``[B]``; required by ``ipo`` and
+            ``sigmoid_norm``.
+        discopop_tau: temperature of the ``discopop`` modulation.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]`` and at least float32.
+        ``losses`` is the weighted sum over ``loss_type``; reduce it with ``.mean()``.
+        ``chosen_rewards = beta * (logp_w - ref_logp_w)`` (and likewise rejected) are detached,
+        as TRL logs them.
+
+    TRL's ``sft`` loss type is not here: it needs per-token log-probs; use ``nll_loss`` on the
+    chosen tokens with a weight (RPO). TRL's ``f_divergence_type``, ``ld_alpha`` and
+    ``use_weighting`` options are not implemented (standard reverse-KL DPO only).
+    """
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(loss_types) if loss_weights is None else [float(w) for w in loss_weights]
+    if not loss_types:
+        raise ValueError("loss_type must name at least one DPO loss type")
+    if len(weights) != len(loss_types):
+        raise ValueError(
+            f"loss_weights has {len(weights)} entries but loss_type has {len(loss_types)}: {loss_types}"
+        )
+    unknown = [name for name in loss_types if name not in DPO_LOSSES]
+    if unknown:
+        raise ValueError(f"Unknown DPO loss_type {unknown}; valid names are {sorted(DPO_LOSSES)}")
+    if "robust" in loss_types and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"loss_type='robust' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    if "exo_pair" in loss_types and not 0.0 < label_smoothing < 1.0:
+        raise ValueError(
+            f"loss_type='exo_pair' needs 0 < label_smoothing < 1 (the EXO paper recommends 1e-3), got {label_smoothing}"
+        )
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    shapes = {tuple(t.shape) for t in logps}
+    if len(shapes) != 1:
+        raise ValueError(f"policy/reference chosen/rejected log-probs must all have the same shape [B], got {shapes}")
+
+    pairs = PairLogps(
+        policy_chosen=_upcast(policy_chosen_logps),
+        policy_rejected=_upcast(policy_rejected_logps),
+        ref_chosen=_upcast(ref_chosen_logps),
+        ref_rejected=_upcast(ref_rejected_logps),
+        chosen_lengths=None if chosen_lengths is None else torch.as_tensor(chosen_lengths),
+        rejected_lengths=None if rejected_lengths is None else torch.as_tensor(rejected_lengths),
+    )
+    losses = sum(
+        weight * DPO_LOSSES[name](pairs, beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau)
+        for name, weight in zip(loss_types, weights)
+    )
+    chosen_rewards = beta * pairs.chosen_logratios.detach()
+    rejected_rewards = beta * pairs.rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+# --------------------------------------------------------------------------------------------
+# ORPO, SimPO, NLL
+# --------------------------------------------------------------------------------------------
+
+_LN_HALF = -math.log(2.0)
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate over the whole range (Maechler, 2012):
+
+        log(-expm1(x))   if x > -ln 2   (near 0, where 1 - exp(x) cancels)
+        log1p(-exp(x))   otherwise      (exp(x) small)
+
+    Returns ``-inf`` at ``x = 0``. Gradients are NaN-free for ``x < 0``: the ``log1p`` branch only
+    ever sees ``x <= -ln 2`` so the branch ``torch.where`` discards cannot produce ``0/0`` (TRL's
+    ``log1mexp`` evaluates ``log1p(-exp(x))`` at every ``x`` and its gradient is NaN as ``x -> 0`` in float32).
+    """
+    near_zero = x > _LN_HALF
+    far = torch.log1p(-torch.exp(x.clamp(max=_LN_HALF)))
+    near = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, _LN_HALF))))
+    return torch.where(near_zero, near, far)
+
+
+ORPO_MAX_AVG_LOGP = -1e-12
+"""ORPO clamps average log-probs to at most this value, see ``orpo_loss``."""
+
+
+def orpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, *, beta: float = 0.1) -> tuple[Tensor, Tensor]:
+    """ORPO's odds-ratio term (Hong et al., 2024, arXiv 2403.07691, Eqs. 4-7), per pair.
+
+    With ``a = avg log P(y_w|x)``, ``b = avg log P(y_l|x)`` (length-normalised, < 0) and
+    ``odds(y) = P / (1 - P)``:
+
+        log_odds = log(odds_w / odds_l) = (a - b) - (log(1 - e^a) - log(1 - e^b))
+        L_OR     = -beta * log sigmoid(log_odds)
+
+    ``beta`` is the paper's ``lambda`` (TRL's ``beta``, default 0.1). The full ORPO objective is
+    ``nll_loss(chosen tokens) + L_OR.mean()``; TRL returns ``+beta * log sigmoid`` and subtracts it,
+    the value is the same.
+
+    ``a`` and ``b`` are clamped to ``<= -1e-12`` (``ORPO_MAX_AVG_LOGP``) first: at exactly 0 (every
+    token predicted with probability 1.0 in float32) ``log(1 - e^0) = -inf`` and ``log_odds = +inf``
+    with NaN gradients. The clamp leaves every value in ``[-inf, -1e-12]`` unchanged; at 0 it uses
+    ``log(1 - e^a) = log(1e-12) ~ -27.6`` instead of ``-inf``, so loss and ``log_odds`` stay finite,
+    and the clamped side gets zero gradient.
+
+    Returns:
+        ``(losses [B], log_odds [B])``, at least float32. Log ``log_odds.mean()`` as ``log_odds_chosen``
+        and ``F.logsigmoid(log_odds).mean()`` as ``log_odds_ratio`` (TRL's names).
+    """
+    a = _upcast(chosen_avg_logps).clamp(max=ORPO_MAX_AVG_LOGP)
+    b = _upcast(rejected_avg_logps).clamp(max=ORPO_MAX_AVG_LOGP)
+    log_odds = (a - b) - (log1mexp(a) - log1mexp(b))
+    losses = -beta * F.logsigmoid(log_odds)
+    return losses, log_odds
+
+
+def simpo_loss(
+    chosen_avg_logps: Tensor,
+    rejected_avg_logps: Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO (Meng et al., 2024, arXiv 2405.14734, Eq. 6): reference-free, length-normalised DPO with a margin.
+
+        z = beta * a - beta * b - gamma,    a, b = avg log P(y_w|x), avg log P(y_l|x)
+        L = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)
+
+    ``gamma`` is the target reward margin in reward units, the same quantity as TRL ``CPOConfig``'s
+    ``simpo_gamma`` (TRL subtracts ``simpo_gamma / beta`` from ``a - b`` and then multiplies by
+    ``beta``, i.e. exactly this ``z``). The paper's defaults are around ``beta = 2.0``, ``gamma = 0.5``
+    (TRL's CPO ``beta`` default is 0.1, tuned for CPO, not SimPO). ``eps = label_smoothing`` as in TRL.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are ``beta * avg_logp``, detached.
+    """
+    a, b = _upcast(chosen_avg_logps), _upcast(rejected_avg_logps)
+    losses = _conservative_logistic(beta * (a - b) - gamma, label_smoothing)
+    return losses, beta * a.detach(), beta * b.detach()
+
+
+def nll_loss(per_token_logps: Tensor, mask: Tensor) -> Tensor:
+    """Mean negative log-likelihood over the tokens where ``mask`` is set, pooled over the whole batch
+    (a token mean, like TRL ORPO's cross-entropy and DPO's ``sft`` term). Scalar; 0 if no token is masked in.
+
+    Used for ORPO's ``L_SFT`` and for the RPO term of DPO (``sft_weight``) on the chosen responses.
+    """
+    mask = mask.bool()
+    per_token_logps = _upcast(per_token_logps)
+    # where, not multiply: masked-out positions may hold -inf, and -inf * 0 is nan.
+    total = torch.where(mask, per_token_logps, torch.zeros_like(per_token_logps)).sum()
+    return -total / mask.sum().clamp(min=1)

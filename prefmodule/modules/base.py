@@ -1,0 +1,255 @@
+"""The shared base of every objective: policy loading, the concatenated forward, metrics,
+optimiser and schedule, predictions and the Hugging Face export."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from prefmodule.hf import load_causal_lm, load_tokenizer
+from prefmodule.logps import SequenceStats, sequence_stats
+from prefmodule.metrics import PreferenceMetrics
+
+STAGES = ("train", "val", "test")
+PROGRESS_BAR_METRICS = ("loss", "rewards/accuracies")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters through ``peft``; only the adapter weights train."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class PairOutputs:
+    """What an objective computes for a batch of pairs."""
+
+    loss: Tensor  # scalar, differentiable
+    chosen: SequenceStats
+    rejected: SequenceStats
+    chosen_rewards: Tensor  # [pairs], detached
+    rejected_rewards: Tensor  # [pairs], detached
+    extra: dict[str, Tensor] = field(default_factory=dict)  # objective-specific metrics
+
+
+class PreferenceModule(LightningModule):
+    """Base for preference objectives. Subclasses implement :meth:`pair_outputs`.
+
+    Args:
+        model: local path, ``asset://`` name or Hugging Face hub id of a causal LM.
+        tokenizer: defaults to ``model``'s tokenizer.
+        beta: the objective's temperature / weight (see each subclass).
+        lr, weight_decay: AdamW settings, used unless ``optimizer`` is given.
+        warmup: linear warm-up length, a fraction of all steps if < 1, else a step count.
+        lr_schedule: shape after warm-up.
+        optimizer: any optimizer class (``class_path`` in YAML); called with the trainable parameters.
+        lora: train LoRA adapters instead of the full policy.
+        gradient_checkpointing: recompute the policy's activations in backward.
+        dtype: dtype the weights are loaded in; keep float32 and use ``--trainer.precision`` for mixed precision.
+        predictions_path: where ``predict`` writes one JSON line per pair (default ``<log dir>/predictions.jsonl``).
+        export_hf: save the policy and tokenizer in Hugging Face format at ``<log dir>/hf_model`` after ``fit``.
+    """
+
+    length_normalized = False  # log ``logps/*`` as per-token averages (ORPO, SimPO) or sums (DPO)
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        beta: float = 0.1,
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        warmup: float = 0.1,
+        lr_schedule: Literal["linear", "cosine", "constant"] = "linear",
+        optimizer: OptimizerCallable | None = None,
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        trust_remote_code: bool = False,
+        predictions_path: str | None = None,
+        export_hf: bool = True,
+    ):
+        super().__init__()
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.model_name = model
+        self.beta = beta
+        self.optimizer_factory = optimizer
+        self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code)
+        self.policy: nn.Module | None = None
+        # Keyed "<stage>_metrics": a bare "train" key would shadow ``nn.Module.train``.
+        self.stage_metrics = nn.ModuleDict({f"{s}_metrics": PreferenceMetrics() for s in STAGES})
+
+    # ----- model construction ---------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the policy (idempotent: Lightning may call it more than once)."""
+        if self.policy is not None:
+            return
+        policy = load_causal_lm(self.model_name, self.hparams.dtype, self.hparams.trust_remote_code)
+        policy.config.use_cache = False
+        self.configure_reference(policy)
+        if self.hparams.lora is not None:
+            policy = self._add_lora(policy, self.hparams.lora)
+        if self.hparams.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy = policy.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
+
+    def configure_reference(self, policy: nn.Module) -> None:
+        """Hook for objectives with a reference model, called with the freshly loaded policy."""
+
+    @staticmethod
+    def _add_lora(policy: nn.Module, settings: LoraSettings) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=settings.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(policy, config)
+
+    # ----- forward ----------------------------------------------------------------------------
+    def sequence_stats(self, model: nn.Module, batch: dict[str, Tensor]) -> SequenceStats:
+        """One forward over the concatenated chosen + rejected rows of ``batch``."""
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return sequence_stats(output.logits, batch["labels"])
+
+    def pair_outputs(self, batch: dict[str, Tensor]) -> PairOutputs:
+        raise NotImplementedError
+
+    # ----- steps --------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        outputs = self.pair_outputs(batch)
+        values, weights = self._metric_values(outputs)
+        key = f"{stage}_metrics"
+        per_step = stage == "train"
+        self.stage_metrics[key].update(values, weights, per_step=per_step)
+        for name, (metric, attribute) in self.stage_metrics[key].metrics().items():
+            self.log(
+                f"{stage}/{name}", metric, on_step=per_step, on_epoch=not per_step,
+                prog_bar=name in PROGRESS_BAR_METRICS, batch_size=outputs.chosen_rewards.numel(),
+                metric_attribute=f"stage_metrics.{key}.{attribute}",
+            )
+        return outputs.loss
+
+    def _metric_values(self, outputs: PairOutputs) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        chosen, rejected = outputs.chosen, outputs.rejected
+        pairs = outputs.chosen_rewards.numel()
+        values = {
+            "loss": outputs.loss.detach(),
+            "rewards/chosen": outputs.chosen_rewards,
+            "rewards/rejected": outputs.rejected_rewards,
+            "logps/chosen": self._logged_logps(chosen).detach(),
+            "logps/rejected": self._logged_logps(rejected).detach(),
+            "logits/chosen": chosen.logits / chosen.lengths.clamp(min=1),
+            "logits/rejected": rejected.logits / rejected.lengths.clamp(min=1),
+            **{name: value.detach() for name, value in outputs.extra.items()},
+        }
+        # Token-weighted logits means, as TRL's; the batch loss weighs by its number of pairs.
+        weights = {
+            "loss": torch.tensor(float(pairs), device=chosen.logps.device),
+            "logits/chosen": chosen.lengths.float(),
+            "logits/rejected": rejected.lengths.float(),
+        }
+        return values, weights
+
+    def _logged_logps(self, stats: SequenceStats) -> Tensor:
+        return stats.avg_logps if self.length_normalized else stats.logps
+
+    def on_train_epoch_end(self) -> None:
+        self.stage_metrics["train_metrics"].reset()
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict]:
+        outputs = self.pair_outputs(batch)
+        rows = zip(
+            batch["index"].tolist(),
+            self._logged_logps(outputs.chosen).tolist(),
+            self._logged_logps(outputs.rejected).tolist(),
+            outputs.chosen_rewards.tolist(),
+            outputs.rejected_rewards.tolist(),
+        )
+        return [
+            {
+                "index": index,
+                "chosen_logps": chosen_logps,
+                "rejected_logps": rejected_logps,
+                "chosen_reward": chosen_reward,
+                "rejected_reward": rejected_reward,
+                "preferred": "chosen" if chosen_reward > rejected_reward else "rejected",
+            }
+            for index, chosen_logps, rejected_logps, chosen_reward, rejected_reward in rows
+        ]
+
+    # ----- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(params)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = self.hparams.warmup
+        warmup_steps = int(warmup * total) if warmup < 1 else int(warmup)
+        schedule = WarmupSchedule(warmup_steps, total, self.hparams.lr_schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- callbacks, checkpoints, export -------------------------------------------------------
+    def configure_callbacks(self):
+        from prefmodule.callbacks import FitSummary, PredictionWriter, TokensPerSecond
+
+        return [TokensPerSecond(), FitSummary(), PredictionWriter(self.hparams.predictions_path)]
+
+    def export_hf(self, path: str, merge_adapters: bool = True) -> None:
+        """Save the policy and tokenizer with ``save_pretrained``; LoRA adapters are merged into a copy."""
+        model = self.policy
+        if merge_adapters and hasattr(model, "merge_and_unload"):
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
+
+class WarmupSchedule:
+    """LR multiplier: linear warm-up to 1, then linear or cosine decay to 0, or constant."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, shape: str):
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.shape = shape
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.shape == "constant":
+            return 1.0
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, progress)
+        if self.shape == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress

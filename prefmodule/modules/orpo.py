@@ -1,0 +1,41 @@
+"""ORPO (Hong et al., 2024): SFT plus an odds-ratio penalty, no reference model."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from prefmodule.losses import orpo_loss
+from prefmodule.modules.base import PairOutputs, PreferenceModule
+
+
+class ORPOModule(PreferenceModule):
+    """``L = NLL(y_w) + beta * -log sigmoid(log odds(y_w) - log odds(y_l))`` on length-normalised log-probs.
+
+    Args:
+        beta: weight of the odds-ratio term (the paper's lambda; 0.1 as TRL, the paper used 0.1–0.25).
+        **kwargs: see :class:`PreferenceModule`.
+    """
+
+    length_normalized = True
+
+    def __init__(self, model: str, beta: float = 0.1, **kwargs):
+        super().__init__(model=model, beta=beta, **kwargs)
+
+    def pair_outputs(self, batch: dict[str, Tensor]) -> PairOutputs:
+        chosen, rejected = self.sequence_stats(self.policy, batch).split()
+        odds_losses, log_odds = orpo_loss(chosen.avg_logps, rejected.avg_logps, beta=self.beta)
+        nll = chosen.nll()
+        extra = {
+            "nll_loss": nll,
+            "log_odds_ratio": F.logsigmoid(log_odds),
+            "log_odds_chosen": log_odds,
+        }
+        return PairOutputs(
+            loss=nll + odds_losses.mean(),
+            chosen=chosen,
+            rejected=rejected,
+            chosen_rewards=self.beta * chosen.avg_logps.detach(),
+            rejected_rewards=self.beta * rejected.avg_logps.detach(),
+            extra=extra,
+        )
