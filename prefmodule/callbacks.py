@@ -47,7 +47,7 @@ class FitSummary(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         run_dir = log_dir(trainer)
         hf_dir = os.path.join(run_dir, "hf_model")
-        if pl_module.hparams.get("export_hf", True):
+        if pl_module.export_hf_after_fit:
             if trainer.is_global_zero:
                 pl_module.export_hf(hf_dir)
         else:

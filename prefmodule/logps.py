@@ -27,10 +27,6 @@ class SequenceStats:
         """Length-normalised log-probability: log of the geometric-mean token probability."""
         return self.logps / self.lengths.clamp(min=1)
 
-    def nll(self) -> torch.Tensor:
-        """Mean negative log-likelihood per response token over all rows (the SFT loss)."""
-        return -self.logps.sum() / self.lengths.sum().clamp(min=1)
-
     def split(self) -> tuple[SequenceStats, SequenceStats]:
         """Split the concatenated batch into its chosen (first half) and rejected rows."""
         half = self.logps.shape[0] // 2

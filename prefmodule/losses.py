@@ -463,14 +463,13 @@ def simpo_loss(
     return losses, beta * a.detach(), beta * b.detach()
 
 
-def nll_loss(per_token_logps: Tensor, mask: Tensor) -> Tensor:
-    """Mean negative log-likelihood over the tokens where ``mask`` is set, pooled over the whole batch
-    (a token mean, like TRL ORPO's cross-entropy and DPO's ``sft`` term). Scalar; 0 if no token is masked in.
+def nll_loss(response_logps: Tensor, response_lengths: Tensor) -> Tensor:
+    """Mean negative log-likelihood per response token, pooled over the batch (the SFT loss):
 
-    Used for ORPO's ``L_SFT`` and for the RPO term of DPO (``sft_weight``) on the chosen responses.
+        L_SFT = - sum_i log pi(y_i | x_i) / sum_i |y_i|
+
+    from each sequence's summed log-prob and token count. This token mean is TRL ORPO's
+    cross-entropy and DPO's ``sft`` term. Scalar, float32; 0 for a batch without response tokens.
+    Used for ORPO's ``L_SFT`` and the RPO term of DPO and SimPO (``sft_weight``).
     """
-    mask = mask.bool()
-    per_token_logps = _upcast(per_token_logps)
-    # where, not multiply: masked-out positions may hold -inf, and -inf * 0 is nan.
-    total = torch.where(mask, per_token_logps, torch.zeros_like(per_token_logps)).sum()
-    return -total / mask.sum().clamp(min=1)
+    return -_upcast(response_logps).sum() / response_lengths.sum().clamp(min=1)

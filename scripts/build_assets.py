@@ -75,24 +75,25 @@ TOPICS = [
     "clean a cast iron pan | rinse it with hot water | dry it completely | rub in a thin layer of oil",
     "remove a coffee stain | blot the stain quickly | rinse it with cold water | treat it with a little soap",
     "fold a fitted sheet | tuck the corners into each other | lay it flat | fold it into a neat rectangle",
-    "organise my closet | take everything out | donate what you no longer wear | group the rest by type",
+    "organise my closet | take everything out | donate what you no longer wear | group your clothes by type",
     "iron a shirt | start with the collar | iron the sleeves next | finish with the front and back",
     "sew on a button | thread a needle with a knot | stitch through the holes several times | tie off the thread underneath",
     "build a campfire | clear a safe spot | stack small sticks over some tinder | add bigger logs slowly",
     "read a map | find the legend and the scale | turn the map to match north | pick out landmarks around you",
     "stay focused at work | turn off notifications | work in short blocks | take a real break at lunch",
     "prepare for a job interview | research the company | practise common questions | prepare a few questions of your own",
-    "write a short story | pick one main character | give them a clear problem | end with a change",
+    "write a short story | pick one main character | give your hero a clear problem | end with a change",
     "learn to juggle | start with one ball | throw in a smooth arc | add the next ball slowly",
     "make pancakes | whisk flour, milk and eggs | heat a lightly oiled pan | flip them when bubbles appear",
     "keep basil alive | give it plenty of sun | water it when the soil feels dry | pinch off the flowers",
     "clean my keyboard | unplug it first | shake out the crumbs | wipe the keys with a damp cloth",
     "set up a fish tank | rinse the gravel | fill and filter the water | wait a few weeks before adding fish",
-    "make cold brew coffee | grind the beans coarsely | soak them in cold water overnight | strain and dilute to taste",
+    "make cold brew coffee | grind the beans coarsely | soak the grounds in cold water overnight | strain and dilute to taste",
     "write a shopping list | check what you already have | group items by aisle | stick to the list in the shop",
     "relax after a long day | take a short walk | listen to calm music | write down three good things",
 ]
 VAL_TOPICS = 12  # the last topics after shuffling go to val only
+ROWS = {"train": 800, "val": 200, "conversational": 50}
 
 REQUESTS = [
     "How do I {task}?",
@@ -207,9 +208,10 @@ def build_datasets():
     topics = TOPICS[:]
     rng.shuffle(topics)
     train_topics, val_topics = topics[:-VAL_TOPICS], topics[-VAL_TOPICS:]
-    train = make_pairs(rng, train_topics, 800)
-    val = make_pairs(rng, val_topics, 200)
-    conversational = [to_conversational(rng, row) for row in make_pairs(rng, topics, 50)]
+    train = make_pairs(rng, train_topics, ROWS["train"])
+    val = make_pairs(rng, val_topics, ROWS["val"])
+    chat_pairs = make_pairs(rng, topics, ROWS["conversational"])
+    conversational = [to_conversational(rng, row) for row in chat_pairs]
     return {"train": train, "val": val, "conversational": conversational}
 
 
@@ -284,17 +286,19 @@ def write_readme(path, tokenizer, model):
     n_params = sum(p.numel() for p in model.parameters())
     path.write_text(
         "# prefmodule assets\n\n"
-        "Built by `python scripts/build_assets.py` (seeded, byte-identical on rebuild).\n\n"
-        "- `demo/train.jsonl` (800 rows), `demo/val.jsonl` (200 rows): preference pairs "
+        "Rebuild with `python scripts/build_assets.py` (seeded: byte-identical on every rebuild).\n\n"
+        f"- `demo/train.jsonl` ({ROWS['train']} rows), `demo/val.jsonl` ({ROWS['val']} rows): preference pairs "
         '`{"prompt", "chosen", "rejected"}`. The prompt is a short how-to request; *chosen* is a '
-        "polite, helpful, on-topic answer, *rejected* a rude, dismissive or off-topic one. "
+        "polite, helpful, on-topic answer, *rejected* a rude, dismissive or off-topic one of similar length. "
         "Val topics never appear in train.\n"
-        "- `demo/conversational.jsonl` (50 rows): the same kind of pairs as chat messages "
-        "(`prompt` is a list of `{role, content}` messages, `chosen`/`rejected` one assistant message each).\n"
+        f"- `demo/conversational.jsonl` ({ROWS['conversational']} rows, all topics): the same kind of pairs "
+        "as chat messages (`prompt` is a list of `{role, content}` messages, some with a system message; "
+        "`chosen`/`rejected` hold one assistant message each).\n"
         f"- `tiny-llama/`: a randomly initialised Llama causal LM ({n_params:,} parameters, float32) and a "
-        f"byte-level BPE tokenizer trained on the demo text (vocab {len(tokenizer)}; "
-        "BOS `<s>` added, EOS `</s>` not added, pad `<pad>`; ChatML chat template). "
-        "For tests and demos only: it knows nothing until trained.\n",
+        f"byte-level BPE tokenizer trained on the demo text (vocab {len(tokenizer)}; adds BOS `<s>` "
+        f"(id {tokenizer.bos_token_id}), never EOS `</s>` (id {tokenizer.eos_token_id}); pad `<pad>` "
+        f"(id {tokenizer.pad_token_id}); ChatML chat template with `<|im_start|>`/`<|im_end|>`). "
+        "It knows nothing until trained: for tests and demos only.\n",
         encoding="utf-8",
     )
 

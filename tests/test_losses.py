@@ -395,15 +395,16 @@ def test_orpo_at_exactly_zero_is_finite():
 # --------------------------------------------------------------------------------------------
 
 
-def test_nll_loss_is_token_mean_over_mask():
-    logps = torch.tensor([[-1.0, -2.0, -math.inf], [-3.0, -4.0, -5.0]], requires_grad=True)
-    mask = torch.tensor([[1, 1, 0], [0, 1, 1]])
-    loss = nll_loss(logps, mask)
+def test_nll_loss_is_token_mean_over_all_response_tokens():
+    # two sequences: tokens (-1, -2) and (-4, -5)
+    logps = torch.tensor([-3.0, -9.0], requires_grad=True)
+    lengths = torch.tensor([2, 2])
+    loss = nll_loss(logps, lengths)
     assert loss.item() == pytest.approx((1 + 2 + 4 + 5) / 4)
     loss.backward()
-    torch.testing.assert_close(logps.grad, torch.tensor([[-0.25, -0.25, 0.0], [0.0, -0.25, -0.25]]))
-    assert nll_loss(torch.zeros(2, 3), torch.zeros(2, 3)).item() == 0.0
-    assert nll_loss(logps.detach().to(torch.bfloat16), mask).dtype == torch.float32
+    torch.testing.assert_close(logps.grad, torch.tensor([-0.25, -0.25]))
+    assert nll_loss(torch.zeros(2), torch.zeros(2, dtype=torch.long)).item() == 0.0
+    assert nll_loss(logps.detach().to(torch.bfloat16), lengths).dtype == torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,7 +531,7 @@ def test_dpo_parity_with_trl_weighted_combination_and_sft():
     losses, _, _ = dpo_loss(seq_logps[:batch_size], seq_logps[batch_size:], rw, rl, beta=beta,
                             loss_type=["sigmoid", "bco_pair", "ipo"], loss_weights=[1.0, 0.3, 0.05],
                             chosen_lengths=len_w, rejected_lengths=len_l)  # fmt: skip
-    ours = losses.mean() + 0.7 * nll_loss(per_token[:batch_size], shift_mask[:batch_size])
+    ours = losses.mean() + 0.7 * nll_loss(seq_logps[:batch_size], shift_mask[:batch_size].sum(1))
     torch.testing.assert_close(ours, trl_loss, rtol=1e-10, atol=1e-10)
 
 

@@ -72,7 +72,7 @@ class PreferenceModule(LightningModule):
         warmup: float = 0.1,
         lr_schedule: Literal["linear", "cosine", "constant"] = "linear",
         optimizer: OptimizerCallable | None = None,
-        lora: LoraSettings | None = None,
+        lora: LoraSettings | dict | None = None,
         gradient_checkpointing: bool = False,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         trust_remote_code: bool = False,
@@ -84,10 +84,14 @@ class PreferenceModule(LightningModule):
             raise ValueError(f"beta must be > 0, got {beta}")
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {warmup}")
-        self.save_hyperparameters(ignore=["optimizer"])
+        # Run-time choices stay out of hparams: LightningCLI lays a checkpoint's hparams over the command line.
+        self.save_hyperparameters(ignore=["optimizer", "predictions_path", "export_hf"])
+        self.predictions_path = predictions_path
+        self.export_hf_after_fit = export_hf
         self.model_name = model
         self.beta = beta
         self.optimizer_factory = optimizer
+        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code)
         self.policy: nn.Module | None = None
         # Keyed "<stage>_metrics": a bare "train" key would shadow ``nn.Module.train``.
@@ -101,8 +105,8 @@ class PreferenceModule(LightningModule):
         policy = load_causal_lm(self.model_name, self.hparams.dtype, self.hparams.trust_remote_code)
         policy.config.use_cache = False
         self.configure_reference(policy)
-        if self.hparams.lora is not None:
-            policy = self._add_lora(policy, self.hparams.lora)
+        if self.lora is not None:
+            policy = self._add_lora(policy, self.lora)
         if self.hparams.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy = policy.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
@@ -222,7 +226,7 @@ class PreferenceModule(LightningModule):
     def configure_callbacks(self):
         from prefmodule.callbacks import FitSummary, PredictionWriter, TokensPerSecond
 
-        return [TokensPerSecond(), FitSummary(), PredictionWriter(self.hparams.predictions_path)]
+        return [TokensPerSecond(), FitSummary(), PredictionWriter(self.predictions_path)]
 
     def export_hf(self, path: str, merge_adapters: bool = True) -> None:
         """Save the policy and tokenizer with ``save_pretrained``; LoRA adapters are merged into a copy."""

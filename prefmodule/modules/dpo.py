@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from prefmodule.hf import load_causal_lm
-from prefmodule.losses import dpo_loss
+from prefmodule.losses import dpo_loss, nll_loss
 from prefmodule.modules.base import PairOutputs, PreferenceModule
 
 
@@ -76,7 +76,7 @@ class DPOModule(PreferenceModule):
         loss = losses.mean()
         extra = {}
         if self.hparams.sft_weight > 0:
-            extra["nll_loss"] = chosen.nll()
+            extra["nll_loss"] = nll_loss(chosen.logps, chosen.lengths)
             loss = loss + self.hparams.sft_weight * extra["nll_loss"]
         return PairOutputs(loss, chosen, rejected, chosen_rewards, rejected_rewards, extra)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefmodule.losses import orpo_loss
+from prefmodule.losses import nll_loss, orpo_loss
 from prefmodule.modules.base import PairOutputs, PreferenceModule
 
 
@@ -25,7 +25,7 @@ class ORPOModule(PreferenceModule):
     def pair_outputs(self, batch: dict[str, Tensor]) -> PairOutputs:
         chosen, rejected = self.sequence_stats(self.policy, batch).split()
         odds_losses, log_odds = orpo_loss(chosen.avg_logps, rejected.avg_logps, beta=self.beta)
-        nll = chosen.nll()
+        nll = nll_loss(chosen.logps, chosen.lengths)
         extra = {
             "nll_loss": nll,
             "log_odds_ratio": F.logsigmoid(log_odds),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from prefmodule.losses import simpo_loss
+from prefmodule.losses import nll_loss, simpo_loss
 from prefmodule.modules.base import PairOutputs, PreferenceModule
 
 
@@ -35,6 +35,6 @@ class SimPOModule(PreferenceModule):
         loss = losses.mean()
         extra = {}
         if self.hparams.sft_weight > 0:
-            extra["nll_loss"] = chosen.nll()
+            extra["nll_loss"] = nll_loss(chosen.logps, chosen.lengths)
             loss = loss + self.hparams.sft_weight * extra["nll_loss"]
         return PairOutputs(loss, chosen, rejected, chosen_rewards.detach(), rejected_rewards.detach(), extra)

@@ -1,0 +1,91 @@
+"""The CLI as a user drives it: every shipped config, print_config, validate/test/predict."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prefmodule.cli import main
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def fit_args(config, root, train, val, *extra):
+    return ["fit", "--config", str(CONFIGS / config), f"--trainer.default_root_dir={root}",
+            f"--data.train={train}", f"--data.val={val}", "--trainer.enable_progress_bar=false",
+            "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=1",
+            "--data.batch_size=4", *extra]
+
+
+@pytest.mark.parametrize("config", ["orpo.yaml", "dpo.yaml", "simpo.yaml"])
+def test_fit_each_config_writes_metrics_checkpoint_and_hf_model(config, tmp_path, small_data):
+    train, val = small_data
+    cli = main(fit_args(config, tmp_path, train, val))
+    log_dir = Path(cli.trainer.log_dir)
+    assert log_dir.is_relative_to(tmp_path)
+    rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
+    columns = set(rows[0])
+    for name in ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "train/logps/chosen",
+                 "train/logits/rejected", "val/loss", "val/rewards/accuracies", "val/rewards/chosen",
+                 "train/tokens_per_sec"):
+        assert name in columns, name
+    val_acc = [float(r["val/rewards/accuracies"]) for r in rows if r["val/rewards/accuracies"]]
+    assert len(val_acc) == 1 and 0.0 <= val_acc[0] <= 1.0
+    assert cli.trainer.global_step == 3
+    assert list((log_dir / "checkpoints").glob("*.ckpt"))
+    assert (log_dir / "hf_model" / "model.safetensors").is_file()
+    assert (log_dir / "hf_model" / "tokenizer_config.json").is_file()
+
+
+def test_orpo_logs_its_own_metrics(tmp_path, small_data):
+    cli = main(fit_args("orpo.yaml", tmp_path, *small_data))
+    metrics = cli.trainer.callback_metrics
+    for name in ("val/nll_loss", "val/log_odds_ratio", "val/log_odds_chosen"):
+        assert name in metrics
+    assert metrics["val/log_odds_ratio"] < 0  # mean log sigmoid(.) is always negative
+
+
+def test_model_chosen_by_flag(tmp_path, small_data):
+    cli = main(fit_args("orpo.yaml", tmp_path, *small_data, "--model=prefmodule.DPOModule",
+                        "--model.beta=0.2", "--trainer.max_steps=1"))
+    from prefmodule import DPOModule
+
+    assert isinstance(cli.model, DPOModule) and cli.model.beta == 0.2
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--model.beta=0.3", "--print_config"])
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert config["model"]["class_path"] == "prefmodule.DPOModule"
+    assert config["model"]["init_args"]["beta"] == 0.3
+    assert config["model"]["init_args"]["lr"] == 3.0e-3  # base-class argument, reached through **kwargs
+    assert config["data"]["batch_size"] == 16
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(saved), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out) == config
+
+
+def test_validate_test_and_predict_from_checkpoint(tmp_path, small_data):
+    train, val = small_data
+    cli = main(fit_args("dpo.yaml", tmp_path, train, val))
+    ckpt = cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path
+    common = ["--config", str(CONFIGS / "dpo.yaml"), f"--trainer.default_root_dir={tmp_path}",
+              f"--data.val={val}", "--trainer.enable_progress_bar=false", f"--ckpt_path={ckpt}"]
+    validated = main(["validate", *common])
+    assert 0.0 <= validated.trainer.callback_metrics["val/rewards/accuracies"] <= 1.0
+    tested = main(["test", *common])
+    assert "test/rewards/margins" in tested.trainer.callback_metrics
+
+    out = tmp_path / "scores.jsonl"
+    main(["predict", *common, f"--model.predictions_path={out}"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(16))
+    for r in rows:
+        assert r["preferred"] == ("chosen" if r["chosen_reward"] > r["rejected_reward"] else "rejected")
+        assert r["chosen_logps"] < 0 and r["rejected_logps"] < 0

@@ -1,0 +1,126 @@
+"""The modules used from Python with a plain Lightning Trainer."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from prefmodule import DPOModule, ORPOModule, PreferenceDataModule, SimPOModule
+from prefmodule.data.collate import PreferenceCollator
+from prefmodule.data.tokenize import tokenize_pair
+from prefmodule.logps import sequence_stats
+
+from conftest import TINY_MODEL
+
+
+def trainer(tmp_path, **kwargs):
+    defaults = dict(default_root_dir=tmp_path, max_steps=2, enable_progress_bar=False, enable_model_summary=False,
+                    val_check_interval=2, log_every_n_steps=1)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def a_batch(module, rows):
+    pairs = [{"index": i, **tokenize_pair(module.tokenizer, r["prompt"], r["chosen"], r["rejected"])}
+             for i, r in enumerate(rows)]
+    return PreferenceCollator(module.tokenizer.pad_token_id)(pairs)
+
+
+@pytest.mark.parametrize("module_class", [DPOModule, ORPOModule, SimPOModule])
+def test_plain_trainer_fit(module_class, tmp_path, small_data):
+    train, val = small_data
+    module = module_class(model=TINY_MODEL, lr=1e-3)
+    data = PreferenceDataModule(train=train, val=val, batch_size=4)
+    trainer(tmp_path).fit(module, datamodule=data)
+    assert data.tokenizer is module.tokenizer  # the datamodule borrowed the model's tokenizer
+    assert (tmp_path / "lightning_logs" / "version_0" / "hf_model" / "config.json").is_file()
+    results = trainer(tmp_path).validate(module, datamodule=data)[0]
+    assert 0.0 <= results["val/rewards/accuracies"] <= 1.0
+    assert results["val/loss"] > 0 and results["val/logps/chosen"] < 0
+
+
+def test_dpo_reference_is_frozen_outside_optimizer_and_checkpoint(tmp_path, small_data):
+    train, val = small_data
+    module = DPOModule(model=TINY_MODEL, lr=1e-2)
+    fit = trainer(tmp_path, max_steps=3)
+    fit.fit(module, datamodule=PreferenceDataModule(train=train, val=val, batch_size=4))
+    start = AutoModelForCausalLM.from_pretrained(module.tokenizer.name_or_path)
+    for (name, ref_param), start_param in zip(module.ref_model.named_parameters(), start.parameters()):
+        assert not ref_param.requires_grad, name
+        torch.testing.assert_close(ref_param, start_param, rtol=0, atol=0)
+    assert not module.ref_model.training and module.policy.training
+    optimised = {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in module.ref_model.parameters()}
+    assert optimised == {id(p) for p in module.policy.parameters()}
+    moved = sum((p - s).abs().sum().item() for p, s in zip(module.policy.parameters(), start.parameters()))
+    assert moved > 0  # the policy trained while the reference stayed put
+    checkpoint = torch.load(fit.checkpoint_callback.best_model_path, weights_only=False)
+    assert not [k for k in checkpoint["state_dict"] if k.startswith("ref_model.")]
+    assert [k for k in checkpoint["state_dict"] if k.startswith("policy.")]
+
+
+def test_checkpoint_resume_continues_step_and_optimizer(tmp_path, small_data):
+    train, val = small_data
+    data = PreferenceDataModule(train=train, val=val, batch_size=4)
+    first = trainer(tmp_path, max_steps=2)
+    first.fit(ORPOModule(model=TINY_MODEL, lr=1e-3), datamodule=data)
+    ckpt = first.checkpoint_callback.best_model_path
+    resumed_module = ORPOModule(model=TINY_MODEL, lr=1e-3)
+    resumed = trainer(tmp_path, max_steps=4)
+    resumed.fit(resumed_module, datamodule=PreferenceDataModule(train=train, val=val, batch_size=4), ckpt_path=ckpt)
+    assert resumed.global_step == 4
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["optimizer_states"][0]["state"]  # Adam moments were saved and restored
+    assert saved["lr_schedulers"][0]["last_epoch"] == 2
+
+
+def test_hf_export_loads_and_gives_same_logps(tmp_path, demo_rows):
+    module = ORPOModule(model=TINY_MODEL)
+    module.configure_model()
+    with torch.no_grad():
+        for p in module.policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # make it differ from the shipped weights
+    module.export_hf(str(tmp_path / "hf"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    batch = a_batch(module, demo_rows[:6])
+    module.policy.eval()
+    with torch.no_grad():
+        ours = module.sequence_stats(module.policy, batch)
+        theirs = sequence_stats(reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                batch["labels"])
+    torch.testing.assert_close(ours.logps, theirs.logps, rtol=1e-6, atol=1e-6)
+    assert (ours.logps < 0).all()
+
+
+def test_lora_trains_only_adapters_and_export_merges(tmp_path, small_data):
+    train, val = small_data
+    module = ORPOModule(model=TINY_MODEL, lr=1e-2, lora={"r": 4, "alpha": 8})
+    trainer(tmp_path).fit(module, datamodule=PreferenceDataModule(train=train, val=val, batch_size=4))
+    trainable = [n for n, p in module.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "lightning_logs" / "version_0" / "hf_model")
+    assert not [n for n, _ in exported.named_parameters() if "lora" in n]
+
+
+def test_dpo_logps_are_sums_and_orpo_averages(demo_rows):
+    dpo, orpo = DPOModule(model=TINY_MODEL), ORPOModule(model=TINY_MODEL)
+    for m in (dpo, orpo):
+        m.configure_model()
+    batch = a_batch(dpo, demo_rows[:4])
+    with torch.no_grad():
+        out_dpo, out_orpo = dpo.pair_outputs(batch), orpo.pair_outputs(batch)
+    torch.testing.assert_close(out_dpo.chosen.logps, out_orpo.chosen.logps)
+    # A fresh DPO policy equals its reference: every implicit reward is exactly zero.
+    assert torch.equal(out_dpo.chosen_rewards, torch.zeros(4))
+    torch.testing.assert_close(out_orpo.chosen_rewards, 0.1 * out_orpo.chosen.logps / out_orpo.chosen.lengths)
+
+
+def test_unknown_loss_type_fails_at_construction():
+    with pytest.raises(ValueError, match="sigmoid"):
+        DPOModule(model=TINY_MODEL, loss_type="sigmod")
+
+
+def test_missing_model_path_says_what_to_do(tmp_path):
+    with pytest.raises(OSError, match="not a local directory"):
+        ORPOModule(model="no-such-org/no-such-model")
