@@ -129,8 +129,16 @@ class PreferenceModule(LightningModule):
 
     # ----- forward ----------------------------------------------------------------------------
     def sequence_stats(self, model: nn.Module, batch: dict[str, Tensor]) -> SequenceStats:
-        """One forward over the concatenated chosen + rejected rows of ``batch``."""
-        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        """One forward over the concatenated chosen + rejected sequences of ``batch`` (padded or packed)."""
+        packed = "sequence_ids" in batch
+        output = model(
+            input_ids=batch["input_ids"],
+            attention_mask=None if packed else batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        )
+        if packed:
+            return sequence_stats(output.logits, batch["labels"], batch["sequence_ids"], 2 * batch["index"].numel())
         return sequence_stats(output.logits, batch["labels"])
 
     def pair_outputs(self, batch: dict[str, Tensor]) -> PairOutputs:
