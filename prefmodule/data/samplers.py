@@ -1,0 +1,93 @@
+"""Batches of pairs for one rank: every pair exactly once per epoch across ranks, optionally grouped by length.
+
+Lightning replaces the sampler inside a batch sampler made in a ``*_dataloader`` hook (with its own
+``DistributedSampler`` under DDP, with the DataLoader's sampler when predicting) and calls ``set_epoch``
+on whatever sampler is there. :class:`PairBatchSampler` therefore shards the pairs itself, from its own
+``num_replicas`` and ``rank`` (without the repeated pairs a ``DistributedSampler`` pads with, yet with
+the same number of batches on every rank), and reads only the epoch from its sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import BatchSampler, DistributedSampler, Sampler, SequentialSampler
+
+MEGABATCHES = 64  # length grouping sorts within windows of this many batches, so shuffling still mixes lengths
+
+
+class EpochSampler(SequentialSampler):
+    """The pairs in order, carrying the epoch Lightning sets: the way ``set_epoch`` reaches a batch sampler."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class PairBatchSampler(BatchSampler):
+    """Index batches of one rank.
+
+    Each step takes ``batch_size * num_replicas`` pairs (a global batch) and deals them out: rank
+    ``r`` gets every ``num_replicas``-th pair from position ``r``. A trailing global batch with fewer
+    pairs than ranks joins the one before it, so all ranks have the same number of batches.
+
+    Args:
+        sampler: an :class:`EpochSampler` over the dataset (or the sampler Lightning puts in its place).
+        batch_size: pairs per batch and rank.
+        drop_last: drop a trailing global batch that is not full.
+        lengths: tokens per pair; when given, batches hold pairs of similar length (less padding).
+        shuffle: a new order every epoch, seeded by ``seed + epoch``; without it, the order is fixed
+            (longest first when grouping by length).
+        seed: seed of the shuffle, the same on every rank.
+        num_replicas, rank: the data-parallel ranks and this one.
+    """
+
+    def __init__(self, sampler: Sampler, batch_size: int, drop_last: bool = False,
+                 lengths: Sequence[int] | None = None, shuffle: bool = False, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.sampler = sampler
+        self.pairs = len(sampler.dataset) if isinstance(sampler, DistributedSampler) else len(sampler)
+        if self.pairs < num_replicas:
+            raise ValueError(f"{self.pairs} pairs cannot be shared among {num_replicas} ranks: "
+                             "every rank needs at least one")
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.pairs, self.batch_size * self.num_replicas)
+        return max(1, full + (rest >= self.num_replicas and not self.drop_last))
+
+    def _global_batches(self) -> list[torch.Tensor]:
+        """This epoch's global batches, identical on every rank."""
+        pairs, ranks = self.pairs, self.num_replicas
+        step = self.batch_size * ranks
+        generator = torch.Generator().manual_seed(self.seed + getattr(self.sampler, "epoch", 0))
+        order = torch.randperm(pairs, generator=generator) if self.shuffle else torch.arange(pairs)
+        if self.lengths is not None:
+            window = step * MEGABATCHES if self.shuffle else pairs
+            order = torch.cat([part[self.lengths[part].argsort(descending=True, stable=True)]
+                               for part in order.split(window)])
+        batches = list(order.split(step))
+        if len(batches) > 1 and (len(batches[-1]) < ranks or (self.drop_last and len(batches[-1]) < step)):
+            last = batches.pop()
+            if not self.drop_last:
+                batches[-1] = torch.cat([batches[-1], last])
+        if self.shuffle and self.lengths is not None:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._global_batches():
+            yield batch[self.rank::self.num_replicas].tolist()
