@@ -48,8 +48,7 @@ class FitSummary(Callback):
         run_dir = log_dir(trainer)
         hf_dir = os.path.join(run_dir, "hf_model")
         if pl_module.export_hf_after_fit:
-            if trainer.is_global_zero:
-                pl_module.export_hf(hf_dir)
+            pl_module.export_hf(hf_dir)  # on every rank: sharded weights are gathered to rank 0, which writes
         else:
             hf_dir = "(export_hf disabled)"
         checkpoint = trainer.checkpoint_callback

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
@@ -27,7 +28,7 @@ class PrefCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> PrefCLI:
     """Run the CLI on ``args`` (default: ``sys.argv``); returns the CLI object (with ``.trainer``, ``.model``)."""
-    return PrefCLI(
+    cli = PrefCLI(
         PreferenceModule,
         PreferenceDataModule,
         subclass_mode_model=True,
@@ -35,3 +36,7 @@ def main(args: list[str] | None = None) -> PrefCLI:
         auto_configure_optimizers=False,
         args=args,
     )
+    if torch.distributed.is_initialized():  # Lightning leaves gloo's open: its threads would abort the exit
+        torch.distributed.barrier()  # every rank done (rank 0 may still be writing the export)
+        torch.distributed.destroy_process_group()
+    return cli

@@ -7,6 +7,10 @@ A *packed* batch (``padding_free``) is one row holding every sequence back to ba
 ``position_ids`` restarting at 0 for each and ``sequence_ids`` naming the sequence (0 .. rows-1)
 each token belongs to. Its first token of every sequence is a prompt token, so no label crosses
 a sequence boundary.
+
+Two ways give the same numbers: :func:`sequence_stats` from the model's full logits, and
+:func:`chunked_sequence_stats` from the final hidden states through the LM head, a chunk of
+response tokens at a time, never holding ``[rows, T, vocab]`` logits.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -49,22 +55,32 @@ def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``log softmax(logits)[target]`` per position in float32 (0 where the target is ignored).
 
-    ``-cross_entropy`` never materialises a second ``[rows, T, vocab]`` tensor of log-probs.
+    ``logits`` is ``[..., vocab]`` for ``targets [...]``. ``-cross_entropy`` never materialises a
+    second vocabulary-sized tensor of log-probs.
     """
     return -F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     ).view_as(targets)
 
 
-def reduce_per_sequence(values: torch.Tensor, mask: torch.Tensor, sequence_ids: torch.Tensor | None,
-                        num_sequences: int) -> torch.Tensor:
-    """Sum ``values`` over the masked positions of each sequence: per row, or per packed sequence id."""
-    values = values * mask
+def response_owners(mask: torch.Tensor, sequence_ids: torch.Tensor | None) -> torch.Tensor:
+    """The sequence each response token (the ``True`` entries of ``mask``, in row-major order) belongs to."""
     if sequence_ids is None:
-        return values.sum(-1)
-    out = torch.zeros(num_sequences, dtype=values.dtype, device=values.device)
-    ids = sequence_ids[:, 1:].clamp(min=0).flatten()  # aligned with the shifted targets
-    return out.index_add(0, ids, values.flatten())
+        return mask.nonzero()[:, 0]
+    return sequence_ids[:, 1:][mask]  # aligned with the shifted targets
+
+
+def per_sequence(token_logps: torch.Tensor, token_mean_logits: torch.Tensor, owners: torch.Tensor,
+                 num_sequences: int) -> SequenceStats:
+    """Sum per-response-token values ``[tokens]`` into their sequences."""
+    def total(values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(num_sequences).index_add(0, owners, values)
+
+    return SequenceStats(
+        logps=total(token_logps),
+        lengths=torch.bincount(owners, minlength=num_sequences),
+        logits=total(token_mean_logits.detach()),
+    )
 
 
 def sequence_stats(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None,
@@ -76,12 +92,54 @@ def sequence_stats(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: tor
     """
     logits = logits[:, :-1]
     targets, mask = shifted_targets(labels)
-    rows = num_sequences if sequence_ids is not None else labels.shape[0]
     logps = token_logps(logits, targets)
     with torch.no_grad():
         mean_logits = logits.mean(-1, dtype=torch.float32)
-    return SequenceStats(
-        logps=reduce_per_sequence(logps, mask, sequence_ids, rows),
-        lengths=reduce_per_sequence(mask.long(), mask, sequence_ids, rows),
-        logits=reduce_per_sequence(mean_logits, mask, sequence_ids, rows),
-    )
+    rows = num_sequences if sequence_ids is not None else labels.shape[0]
+    return per_sequence(logps[mask], mean_logits[mask], response_owners(mask, sequence_ids), rows)
+
+
+def chunked_sequence_stats(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int,
+                           sequence_ids: torch.Tensor | None = None,
+                           num_sequences: int | None = None) -> SequenceStats:
+    """:func:`sequence_stats` from the final hidden states ``[rows, T, hidden]`` and the LM ``head``.
+
+    Only response positions go through the head, ``chunk_size`` tokens at a time; with gradients
+    on, each chunk's logits are dropped after its forward and recomputed in backward, so at most
+    ``chunk_size x vocab`` logits exist at once.
+    """
+    targets, mask = shifted_targets(labels)
+    hidden, targets = hidden[:, :-1][mask], targets[mask]
+    run = _checkpointed_head_stats if torch.is_grad_enabled() else _head_stats
+    chunks = [run(head, hidden[i: i + chunk_size], targets[i: i + chunk_size])
+              for i in range(0, targets.numel(), chunk_size)] or [_head_stats(head, hidden, targets)]
+    logps, mean_logits = (torch.cat(values) for values in zip(*chunks))
+    rows = num_sequences if sequence_ids is not None else labels.shape[0]
+    return per_sequence(logps, mean_logits, response_owners(mask, sequence_ids), rows)
+
+
+def _head_stats(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(hidden)
+    return token_logps(logits, targets), logits.mean(-1, dtype=torch.float32)
+
+
+def _checkpointed_head_stats(head: nn.Module, hidden: torch.Tensor,
+                             targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return checkpoint(_head_stats, head, hidden, targets, use_reentrant=False)
+
+
+def head_gives_logits(model: nn.Module) -> bool:
+    """Whether ``model``'s logits are exactly its output embeddings applied to its decoder's last
+    hidden state, so :func:`chunked_sequence_stats` may stand in for its forward.
+
+    Checked on an 8-token probe rather than a list of architectures: models that scale or soft-cap
+    their logits after the head (Gemma 2, Cohere, Granite, ...) answer ``False``.
+    """
+    try:
+        head, decoder = model.get_output_embeddings(), model.get_decoder()
+        probe = torch.arange(1, 9, device=head.weight.device).remainder(head.weight.shape[0])[None]
+        with torch.no_grad():
+            logits = model(input_ids=probe, use_cache=False).logits
+            return torch.equal(logits, head(decoder(input_ids=probe, use_cache=False).last_hidden_state))
+    except (AttributeError, TypeError, NotImplementedError):  # no separate decoder and head to call
+        return False

@@ -124,3 +124,14 @@ def test_unknown_loss_type_fails_at_construction():
 def test_missing_model_path_says_what_to_do(tmp_path):
     with pytest.raises(OSError, match="not a local directory"):
         ORPOModule(model="no-such-org/no-such-model")
+
+
+def test_dpo_state_leaves_out_the_reference_but_loads_the_policy_strictly():
+    module = DPOModule(model=TINY_MODEL)
+    module.configure_model()
+    state = module.state_dict()
+    assert not [k for k in state if k.startswith("ref_model.")] and [k for k in state if k.startswith("policy.")]
+    module.load_state_dict(state)  # the reference keeps its weights without keys of its own
+    del state[next(k for k in state if k.startswith("policy."))]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        module.load_state_dict(state)

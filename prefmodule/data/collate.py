@@ -28,9 +28,6 @@ class PreferenceCollator:
         sequences += [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
         batch = self._pack(sequences) if self.padding_free else self._pad(sequences)
         batch["index"] = torch.tensor([p["index"] for p in pairs])
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in pairs[0]:
-                batch[key] = torch.tensor([p[key] for p in pairs], dtype=torch.float32)
         return batch
 
     def _pad(self, sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:

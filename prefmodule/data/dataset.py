@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from array import array
 from collections.abc import Iterable
 
@@ -57,6 +58,18 @@ class PairDataset(Dataset):
     def lengths(self) -> np.ndarray:
         """Tokens in each pair's longer sequence (prompt + longer response): its padded width."""
         return self.part_lengths("prompt") + np.maximum(self.part_lengths("chosen"), self.part_lengths("rejected"))
+
+    def fingerprint(self) -> str:
+        """A hash of every pair's ``index`` and token ids, in order (no per-pair Python work)."""
+        digest = hashlib.sha256(self.arrays["index"][self.positions].tobytes())
+        for part in PARTS:
+            starts = self.arrays[f"{part}_offsets"][self.positions]
+            lengths = self.part_lengths(part)
+            # flat positions of the selected pairs' tokens, back to back
+            flat = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+            digest.update(lengths.tobytes())
+            digest.update(self.arrays[f"{part}_tokens"][flat].tobytes())
+        return digest.hexdigest()
 
     def select(self, positions: np.ndarray) -> PairDataset:
         """The pairs at ``positions`` (of this dataset)."""

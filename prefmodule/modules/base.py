@@ -10,11 +10,13 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from prefmodule.hf import load_causal_lm, load_tokenizer
-from prefmodule.logps import SequenceStats, sequence_stats
+from prefmodule.logps import SequenceStats, chunked_sequence_stats, head_gives_logits, sequence_stats
 from prefmodule.metrics import PreferenceMetrics
+from prefmodule.strategies import gather_unsharded, is_sharded, shard
 
 STAGES = ("train", "val", "test")
 PROGRESS_BAR_METRICS = ("loss", "rewards/accuracies")
@@ -55,12 +57,16 @@ class PreferenceModule(LightningModule):
         optimizer: any optimizer class (``class_path`` in YAML); called with the trainable parameters.
         lora: train LoRA adapters instead of the full policy.
         gradient_checkpointing: recompute the policy's activations in backward.
+        logps_chunk_size: response tokens per chunk when computing log-probs from the final hidden states
+            through the LM head, never materialising ``[batch, seq, vocab]`` logits; 0 takes the full logits.
         dtype: dtype the weights are loaded in; keep float32 and use ``--trainer.precision`` for mixed precision.
         predictions_path: where ``predict`` writes one JSON line per pair (default ``<log dir>/predictions.jsonl``).
         export_hf: save the policy and tokenizer in Hugging Face format at ``<log dir>/hf_model`` after ``fit``.
     """
 
     length_normalized = False  # log ``logps/*`` as per-token averages (ORPO, SimPO) or sums (DPO)
+    # Run-time choices stay out of hparams: LightningCLI lays a checkpoint's hparams over the command line.
+    runtime_args = ("optimizer", "predictions_path", "export_hf", "logps_chunk_size")
 
     def __init__(
         self,
@@ -74,6 +80,7 @@ class PreferenceModule(LightningModule):
         optimizer: OptimizerCallable | None = None,
         lora: LoraSettings | dict | None = None,
         gradient_checkpointing: bool = False,
+        logps_chunk_size: int = 512,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         trust_remote_code: bool = False,
         predictions_path: str | None = None,
@@ -84,8 +91,11 @@ class PreferenceModule(LightningModule):
             raise ValueError(f"beta must be > 0, got {beta}")
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {warmup}")
-        # Run-time choices stay out of hparams: LightningCLI lays a checkpoint's hparams over the command line.
-        self.save_hyperparameters(ignore=["optimizer", "predictions_path", "export_hf"])
+        if logps_chunk_size < 0:
+            raise ValueError(f"logps_chunk_size must be >= 0 (0 = full logits), got {logps_chunk_size}")
+        self.save_hyperparameters(ignore=list(self.runtime_args))
+        self.logps_chunk_size = logps_chunk_size
+        self.chunked_logps = False  # decided in ``configure_model``: does the model allow it
         self.predictions_path = predictions_path
         self.export_hf_after_fit = export_hf
         self.model_name = model
@@ -99,17 +109,26 @@ class PreferenceModule(LightningModule):
 
     # ----- model construction ---------------------------------------------------------------
     def configure_model(self) -> None:
-        """Load the policy (idempotent: Lightning may call it more than once)."""
+        """Load the policy, and shard it under FSDP2 (idempotent: Lightning may call it more than once)."""
         if self.policy is not None:
             return
         policy = load_causal_lm(self.model_name, self.hparams.dtype, self.hparams.trust_remote_code)
         policy.config.use_cache = False
+        self.chunked_logps = self.logps_chunk_size > 0 and head_gives_logits(policy)
+        if self.logps_chunk_size > 0 and not self.chunked_logps:
+            rank_zero_warn(f"{self.model_name}: its logits are not its LM head applied to its decoder's last hidden "
+                           "state (scaled, soft-capped, ...): log-probs come from the full logits (logps_chunk_size "
+                           "ignored).")
         self.configure_reference(policy)
         if self.lora is not None:
             policy = self._add_lora(policy, self.lora)
         if self.hparams.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy = policy.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        for child in self.children():  # the policy and a reference model, each sharded on its own
+            if next(child.parameters(), None) is not None:
+                shard(child, strategy)
 
     def configure_reference(self, policy: nn.Module) -> None:
         """Hook for objectives with a reference model, called with the freshly loaded policy."""
@@ -129,17 +148,23 @@ class PreferenceModule(LightningModule):
 
     # ----- forward ----------------------------------------------------------------------------
     def sequence_stats(self, model: nn.Module, batch: dict[str, Tensor]) -> SequenceStats:
-        """One forward over the concatenated chosen + rejected sequences of ``batch`` (padded or packed)."""
+        """One forward over the concatenated chosen + rejected sequences of ``batch`` (padded or packed).
+
+        With ``logps_chunk_size`` the decoder and the LM head run separately (see ``chunked_sequence_stats``).
+        """
         packed = "sequence_ids" in batch
-        output = model(
+        inputs = dict(
             input_ids=batch["input_ids"],
             attention_mask=None if packed else batch["attention_mask"],
             position_ids=batch.get("position_ids"),
             use_cache=False,
         )
-        if packed:
-            return sequence_stats(output.logits, batch["labels"], batch["sequence_ids"], 2 * batch["index"].numel())
-        return sequence_stats(output.logits, batch["labels"])
+        sequences = dict(sequence_ids=batch["sequence_ids"], num_sequences=2 * batch["index"].numel()) if packed else {}
+        if self.chunked_logps:
+            hidden = model.get_decoder()(**inputs).last_hidden_state
+            return chunked_sequence_stats(hidden, model.get_output_embeddings(), batch["labels"],
+                                          self.logps_chunk_size, **sequences)
+        return sequence_stats(model(**inputs).logits, batch["labels"], **sequences)
 
     def pair_outputs(self, batch: dict[str, Tensor]) -> PairOutputs:
         raise NotImplementedError
@@ -181,11 +206,14 @@ class PreferenceModule(LightningModule):
             "logits/rejected": rejected.logits / rejected.lengths.clamp(min=1),
             **{name: value.detach() for name, value in outputs.extra.items()},
         }
-        # Token-weighted logits means, as TRL's; the batch loss weighs by its number of pairs.
+        # Token-weighted logits means, as TRL's; the batch loss weighs by its number of pairs. The NLL
+        # (a token mean over the batch) weighs by its tokens: its epoch value is then the token mean of
+        # all pairs, however they were batched or split across ranks.
         weights = {
             "loss": torch.tensor(float(pairs), device=chosen.logps.device),
             "logits/chosen": chosen.lengths.float(),
             "logits/rejected": rejected.lengths.float(),
+            "nll_loss": chosen.lengths.sum().float(),
         }
         return values, weights
 
@@ -237,12 +265,18 @@ class PreferenceModule(LightningModule):
         return [TokensPerSecond(), FitSummary(), PredictionWriter(self.predictions_path)]
 
     def export_hf(self, path: str, merge_adapters: bool = True) -> None:
-        """Save the policy and tokenizer with ``save_pretrained``; LoRA adapters are merged into a copy."""
-        model = self.policy
+        """Save the policy and tokenizer with ``save_pretrained``; LoRA adapters are merged into a copy.
+
+        Global rank 0 writes. Sharded (FSDP) weights are gathered to it first: then every rank must call this.
+        """
+        sharded = is_sharded(self.policy)
+        model = gather_unsharded(self, "policy", self.hparams.trust_remote_code) if sharded else self.policy
+        if self.global_rank != 0:
+            return
         if merge_adapters and hasattr(model, "merge_and_unload"):
             import copy
 
-            model = copy.deepcopy(model).merge_and_unload()
+            model = (model if sharded else copy.deepcopy(model)).merge_and_unload()
         model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
 

@@ -1,0 +1,117 @@
+"""Sharding for Lightning's FSDP strategies, one unit per decoder layer, the layer class taken from
+the model itself (the names in its ``_no_split_modules``).
+
+- ``ModelParallelStrategy`` (PyTorch's FSDP2, ``fully_shard``; ``configs/strategies/fsdp2.yaml``):
+  the module shards its models in ``configure_model`` with :func:`shard`. Runs on GPUs and on CPU.
+- ``FSDPStrategy`` (FSDP1, ``--trainer.strategy=fsdp``; ``configs/strategies/fsdp.yaml``): Lightning
+  wraps the module; :func:`decoder_layer_policy` is its auto-wrap and activation-checkpointing policy.
+  Lightning runs it on CUDA only.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+from torch import nn
+
+
+def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP1 policy (``auto_wrap_policy``, ``activation_checkpointing_policy``): wrap every decoder layer."""
+    return recurse or type(module).__name__ in _no_split_names(type(module).__module__)
+
+
+@functools.cache
+def _no_split_names(python_module: str) -> frozenset[str]:
+    """The ``_no_split_modules`` named by the model classes defined next to a layer class."""
+    namespace = vars(sys.modules[python_module]) if python_module in sys.modules else {}
+    return frozenset(
+        name for value in namespace.values() if isinstance(value, type)
+        for name in getattr(value, "_no_split_modules", None) or ()
+    )
+
+
+def decoder_layer_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
+    """The classes of ``model``'s repeated blocks: those its ``_no_split_modules`` names."""
+    names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+    classes = tuple({type(module) for module in model.modules() if type(module).__name__ in names})
+    if not classes:
+        raise ValueError(f"{type(model).__name__} names no decoder-layer class of its own in `_no_split_modules`: "
+                         "FSDP cannot shard it per layer.")
+    return classes
+
+
+def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:
+    """Under ``ModelParallelStrategy``, shard a causal LM with FSDP2 in place (and return it); otherwise
+    leave it as is.
+
+    Units: each decoder layer, the rest of the decoder (embeddings, final norm) and the LM head. Each
+    may be called on its own, as log-probs from hidden states through the head in chunks do. A frozen
+    model (the reference) gathers its weights for a forward only.
+    """
+    if not isinstance(strategy, ModelParallelStrategy):
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = strategy.device_mesh
+    if mesh["tensor_parallel"].size() != 1:
+        raise ValueError("prefmodule shards with FSDP2 over `data_parallel` only: set the ModelParallelStrategy's "
+                         f"`tensor_parallel_size: 1` and `data_parallel_size` to the world size (got {mesh}).")
+    mesh = mesh["data_parallel"]
+    frozen = not any(p.requires_grad for p in model.parameters())
+    layers = decoder_layer_classes(model)
+    for module in model.modules():
+        if isinstance(module, layers):
+            fully_shard(module, mesh=mesh)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    # The decoder is a root: it keeps its weights gathered after forward unless frozen, or a tied head follows.
+    fully_shard(decoder, mesh=mesh, reshard_after_forward=frozen and not tied)
+    if head is not None and not tied:
+        # Gathered once per forward, not once per chunk, unless frozen.
+        fully_shard(head, mesh=mesh, reshard_after_forward=frozen)
+    left = [name for name, p in model.named_parameters() if not isinstance(p, torch.distributed.tensor.DTensor)]
+    if left:
+        raise ValueError(f"{type(model).__name__}: weights outside its decoder and LM head ({left[:3]}...) are not "
+                         "supported under FSDP2; use DDP or FSDP1.")
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP (1 or 2) holds any of ``model``'s weights."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules())
+
+
+def gather_unsharded(module: nn.Module, name: str, trust_remote_code: bool = False) -> nn.Module | None:
+    """A plain CPU copy of ``module``'s sharded model ``name`` (e.g. ``"policy"``) on global rank 0,
+    ``None`` elsewhere.
+
+    A collective: every rank must call it. The full weights are gathered once, from the trainer's root
+    model (FSDP1 wraps the whole module there, FSDP2 shards it in place), onto rank 0's CPU, and
+    assigned into a skeleton built on the meta device (no second copy of the weights).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(module.trainer.model, options=options)
+    if torch.distributed.get_rank() != 0:
+        return None
+    prefix = f"{name}."
+    state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    model = getattr(module, name)
+    peft_config = getattr(model, "peft_config", None)
+    base = model.get_base_model() if peft_config else model
+    with torch.device("meta"):
+        copy = AutoModelForCausalLM.from_config(base.config, trust_remote_code=trust_remote_code)
+        if peft_config:
+            from peft import get_peft_model
+
+            copy = get_peft_model(copy, peft_config[model.active_adapter])
+    copy.load_state_dict(state, assign=True)
+    copy.tie_weights()
+    return copy

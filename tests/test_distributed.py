@@ -1,0 +1,263 @@
+"""Lightning's strategies as users launch them: DDP and FSDP2 on 2 CPU processes (gloo) agree with
+1 process; checkpoints leave the reference out and resume; precisions; the strategy configs."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from prefmodule import DPOModule, ORPOModule, PreferenceDataModule, SimPOModule
+from prefmodule.cli import main
+from prefmodule.strategies import decoder_layer_classes, decoder_layer_policy
+
+from conftest import TINY_MODEL, write_jsonl
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1",
+         "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--data.batch_size=4"]
+FSDP1_ON_CPU = "The strategy `fsdp` requires a GPU accelerator"  # Lightning 2.6; torch's FSDP1 needs one too
+
+
+def launch(*args: str, torchrun: bool = False) -> None:
+    """``python -m prefmodule`` on 2 processes, re-launched by Lightning or started by ``torchrun``."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else []
+    command = [sys.executable, *torchrun, "-m", "prefmodule"]
+    tests = str(Path(__file__).parent)  # the launched processes import ShardingReport from here
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([*command, *args, "--trainer.devices=2", *QUIET], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+def logged_val(log_dir: Path) -> dict[str, float]:
+    row = next(r for r in csv.DictReader(open(log_dir / "metrics.csv")) if r["val/loss"])
+    return {k: float(v) for k, v in row.items() if k.startswith("val/") and v}
+
+
+def validate_on_one_process(config: str, val: str, ckpt: Path, root: Path, *extra: str) -> dict[str, float]:
+    cli = main(["validate", "--config", str(CONFIGS / config), f"--data.val={val}", f"--ckpt_path={ckpt}",
+                f"--trainer.default_root_dir={root}", "--trainer.devices=1", *QUIET, *extra])
+    return {k: v.item() for k, v in cli.trainer.callback_metrics.items()}
+
+
+def assert_same_metrics(two: dict[str, float], one: dict[str, float]) -> None:
+    """Per-pair and per-token metrics are sums over all pairs: equal however the pairs are split. The loss
+    is each batch's own mean (as in TRL): with a token-mean NLL inside (ORPO) it depends on the batching."""
+    assert {"val/rewards/accuracies", "val/rewards/margins", "val/loss", "val/logps/chosen"} <= two.keys()
+    assert two.keys() == one.keys()
+    for name, value in two.items():
+        assert value == pytest.approx(one[name], rel=1e-3 if name == "val/loss" else 1e-5, abs=1e-6), name
+
+
+@pytest.mark.parametrize("config, reference, torchrun", [
+    ("dpo.yaml", "copy", False), ("dpo.yaml", "precomputed", False), ("orpo.yaml", None, True),
+])
+def test_ddp_two_processes_train_checkpoint_and_agree_with_one(config, reference, torchrun, tmp_path, small_data):
+    train, val = small_data  # 32 and 16 pairs: 4 train batches per rank, no padded val pairs
+    two_ranks_cache, one_rank_cache = tmp_path / "two_ranks_cache", tmp_path / "one_rank_cache"
+    settings = [f"--model.reference={reference}", f"--model.ref_cache_dir={two_ranks_cache}"] if reference else []
+    launch("fit", "--config", str(CONFIGS / config), f"--trainer.default_root_dir={tmp_path / 'ddp'}",
+           f"--data.train={train}", f"--data.val={val}", "--trainer.strategy=ddp", "--model.lr=1e-3",
+           "--trainer.max_steps=3", "--trainer.val_check_interval=3", *settings, torchrun=torchrun)
+    log_dir = tmp_path / "ddp" / "lightning_logs" / "version_0"
+    (ckpt,) = (log_dir / "checkpoints").glob("*.ckpt")
+    checkpoint = torch.load(ckpt, weights_only=False)
+    assert checkpoint["global_step"] == 3 and checkpoint["optimizer_states"][0]["state"]
+    assert not [k for k in checkpoint["state_dict"] if k.startswith("ref_model.")]
+    assert (log_dir / "hf_model" / "model.safetensors").is_file()
+    # The validation at step 3 ran on the checkpoint's weights, half the pairs on each rank.
+    one = validate_on_one_process(config, val, ckpt, tmp_path / "one",
+                                  *([f"--model.ref_cache_dir={one_rank_cache}"] if reference else []))
+    assert_same_metrics(logged_val(log_dir), one)
+    if reference == "precomputed":  # each rank scored its shard; the gathered table equals one process's
+        (val_table,) = one_rank_cache.glob("*.pt")
+        assert len(list(two_ranks_cache.glob("*.pt"))) == 2  # train and val
+        gathered = torch.load(two_ranks_cache / val_table.name, weights_only=False)["logps"]
+        torch.testing.assert_close(gathered, torch.load(val_table, weights_only=False)["logps"], rtol=0, atol=0)
+        assert gathered.shape == (16, 2) and not gathered.isnan().any()
+
+
+class ShardingReport(L.Callback):
+    """Runs inside the launched processes: what each rank holds when the optimizer steps."""
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        from torch.distributed.tensor import DTensor
+
+        optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        report = {
+            name: {
+                "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
+                "local_fraction": sum(p.to_local().numel() for p in model.parameters())
+                / sum(p.numel() for p in model.parameters()),
+                "with_grad": sum(p.grad is not None for p in model.parameters()),
+                "optimized": sum(id(p) in optimized for p in model.parameters()),
+                "parameters": sum(1 for _ in model.parameters()),
+            }
+            for name, model in (("policy", module.policy), ("reference", module.ref_model))
+        }
+        Path(trainer.default_root_dir, f"sharding_rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def test_fsdp2_two_processes_shard_resume_agree_with_one_and_export(tmp_path, small_data):
+    train, val = small_data
+    common = ["--config", str(CONFIGS / "dpo.yaml"), "--config", str(CONFIGS / "strategies" / "fsdp2.yaml"),
+              "--trainer.strategy.data_parallel_size=2", f"--data.train={train}", f"--data.val={val}",
+              "--model.lr=1e-3", "--trainer.val_check_interval=2"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    launch("fit", *common, f"--trainer.default_root_dir={first}", "--trainer.max_steps=2",
+           "--trainer.callbacks+=test_distributed.ShardingReport")
+    for rank in (0, 1):
+        report = json.loads((first / f"sharding_rank{rank}.json").read_text())
+        policy, reference = report["policy"], report["reference"]
+        assert policy["sharded"] and reference["sharded"]
+        assert 0.4 < policy["local_fraction"] < 0.6  # each rank holds about half of every model
+        assert policy["with_grad"] == policy["optimized"] == policy["parameters"]
+        assert reference["with_grad"] == reference["optimized"] == 0  # no gradient memory, not optimized
+    (sharded,) = (first / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
+    shards = sorted(sharded.glob("*.distcp"))  # one file per rank (save_distributed_checkpoint: true)
+    assert len(shards) == 2 and 0.8 < shards[0].stat().st_size / shards[1].stat().st_size < 1.25
+    saved = FileSystemReader(str(sharded)).read_metadata().state_dict_metadata
+    assert [k for k in saved if "policy." in k] and not [k for k in saved if "ref_model." in k]
+
+    # Resume from the shards; this run gathers one full checkpoint file on rank 0.
+    launch("fit", *common, f"--trainer.default_root_dir={second}", "--trainer.max_steps=4", f"--ckpt_path={sharded}",
+           "--trainer.strategy.save_distributed_checkpoint=false")
+    log_dir = second / "lightning_logs" / "version_0"
+    (ckpt,) = (log_dir / "checkpoints").glob("*.ckpt")
+    checkpoint = torch.load(ckpt, weights_only=False)
+    assert checkpoint["global_step"] == 4 and checkpoint["lr_schedulers"][0]["last_epoch"] == 4
+    assert [state["step"].item() for state in checkpoint["optimizer_states"][0]["state"].values()] == [4.0] * 21
+    assert not [k for k in checkpoint["state_dict"] if k.startswith("ref_model.")]
+    steps = [int(r["step"]) for r in csv.DictReader(open(log_dir / "metrics.csv")) if r["train/loss"]]
+    assert steps == [2, 3]  # the resumed run trained steps 3 and 4 only
+
+    exported = load_file(log_dir / "hf_model" / "model.safetensors")  # gathered from both ranks
+    policy = {k.removeprefix("policy."): v for k, v in checkpoint["state_dict"].items() if k.startswith("policy.")}
+    assert exported.keys() == policy.keys()
+    for name, value in policy.items():
+        torch.testing.assert_close(exported[name], value, rtol=0, atol=0, msg=name)
+    assert_same_metrics(logged_val(log_dir), validate_on_one_process("dpo.yaml", val, ckpt, tmp_path / "one"))
+
+
+class BatchRecorder(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.seen.append((trainer.current_epoch, batch_idx, batch["index"].tolist()))
+
+
+class InterruptAfterEpoch(L.Callback):
+    def on_train_epoch_end(self, trainer, module) -> None:
+        trainer.should_stop = True
+
+
+def test_resume_from_epoch_end_equals_an_uninterrupted_run(tmp_path, demo_rows):
+    """Optimizer, schedule, step and data order all resume: the same batches, the same weights. (The
+    train order is seeded by seed + epoch; a mid-epoch checkpoint resumes its step and epoch, but a plain
+    DataLoader is not stateful, so the rest of that epoch is not the batches it would have had.)"""
+    train = write_jsonl(tmp_path / "train.jsonl", demo_rows[:16])
+
+    def fit(root, ckpt_path=None, interrupt=False):
+        L.seed_everything(0)
+        recorder = BatchRecorder()
+        trainer = L.Trainer(default_root_dir=root, max_epochs=2, logger=False, enable_progress_bar=False,
+                            callbacks=[recorder, *([InterruptAfterEpoch()] if interrupt else [])],
+                            enable_model_summary=False, limit_val_batches=0)
+        module = ORPOModule(model=TINY_MODEL, lr=1e-3, warmup=1, lr_schedule="cosine", export_hf=False)
+        trainer.fit(module, datamodule=PreferenceDataModule(train=train, batch_size=8), ckpt_path=ckpt_path)
+        return trainer, module, recorder.seen
+
+    _, whole, whole_seen = fit(tmp_path / "whole")
+    first, _, first_seen = fit(tmp_path / "parts", interrupt=True)
+    resumed, module, resumed_seen = fit(tmp_path / "parts", first.checkpoint_callback.best_model_path)
+    assert [(e, i) for e, i, _ in first_seen + resumed_seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert first_seen + resumed_seen == whole_seen
+    assert resumed.global_step == 4 and resumed.lr_scheduler_configs[0].scheduler.last_epoch == 4
+    for (name, value), expected in zip(module.policy.named_parameters(), whole.policy.parameters()):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("module_class, precision, weights_dtype", [
+    (DPOModule, "bf16-true", torch.bfloat16),
+    (ORPOModule, "bf16-mixed", torch.float32),
+    (SimPOModule, "16-mixed", torch.float32),  # no fp16 autocast on CPU: Lightning takes bf16-mixed
+])
+def test_precision_flags_train_and_keep_logps_float32(module_class, precision, weights_dtype, tmp_path, small_data):
+    train, val = small_data
+    module = module_class(model=TINY_MODEL, lr=1e-3, export_hf=False)
+    data = PreferenceDataModule(train=train, val=val, batch_size=4)
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=2, precision=precision, logger=False, accelerator="cpu",
+                        enable_progress_bar=False, enable_model_summary=False, val_check_interval=2)
+    trainer.fit(module, datamodule=data)
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
+    assert next(module.policy.parameters()).dtype == weights_dtype
+    batch = next(iter(data.val_dataloader()))
+    with torch.no_grad(), trainer.precision_plugin.forward_context():
+        outputs = module.pair_outputs(batch)
+    assert outputs.chosen.logps.dtype == torch.float32 and torch.isfinite(outputs.chosen.logps).all()
+
+
+@pytest.mark.parametrize("name, strategy", [
+    ("fsdp2", "ModelParallelStrategy"), ("fsdp", "FSDPStrategy"),
+    ("deepspeed_zero2", "DeepSpeedStrategy"), ("deepspeed_zero3", "DeepSpeedStrategy"),
+])
+def test_strategy_configs_parse_on_top_of_any_objective(name, strategy, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "orpo.yaml"), "--config", str(CONFIGS / "strategies" / f"{name}.yaml"),
+              "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["trainer"]["strategy"]["class_path"] == f"lightning.pytorch.strategies.{strategy}"
+    assert config["model"]["class_path"] == "prefmodule.ORPOModule"
+    settings = config["trainer"]["strategy"]["init_args"]
+    if name == "fsdp":
+        assert settings["auto_wrap_policy"] == settings["activation_checkpointing_policy"] == \
+            "prefmodule.strategies.decoder_layer_policy"
+    if name.startswith("deepspeed"):
+        assert settings["stage"] == int(name[-1])
+
+
+def test_decoder_layers_come_from_the_model_itself():
+    module = DPOModule(model=TINY_MODEL)
+    module.configure_model()
+    assert decoder_layer_classes(module.policy) == (LlamaDecoderLayer,)
+    wrapped = [m for m in module.modules() if decoder_layer_policy(module=m, recurse=False, nonwrapped_numel=0)]
+    assert wrapped == list(module.ref_model.model.layers) + list(module.policy.model.layers)
+    assert decoder_layer_policy(module=module, recurse=True, nonwrapped_numel=0)
+    with pytest.raises(ValueError, match="_no_split_modules"):
+        decoder_layer_classes(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_fsdp1_refuses_cpu_with_the_documented_reason():
+    with pytest.raises(ValueError, match=FSDP1_ON_CPU):
+        L.Trainer(accelerator="cpu", devices=2, strategy="fsdp")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=f"needs CUDA: {FSDP1_ON_CPU}")
+@pytest.mark.parametrize("config", ["dpo.yaml", "orpo.yaml"])
+@pytest.mark.parametrize("strategy", [
+    ["--trainer.strategy=ddp"],
+    ["--config", str(CONFIGS / "strategies" / "fsdp.yaml")],
+    ["--config", str(CONFIGS / "strategies" / "fsdp2.yaml"), "--trainer.strategy.data_parallel_size=1"],
+], ids=["ddp", "fsdp", "fsdp2"])
+def test_bf16_on_one_gpu(config, strategy, tmp_path, small_data):
+    train, val = small_data
+    cli = main(["fit", "--config", str(CONFIGS / config), *strategy, f"--trainer.default_root_dir={tmp_path}",
+                f"--data.train={train}", f"--data.val={val}", "--trainer.accelerator=cuda", "--trainer.devices=1",
+                "--trainer.precision=bf16-mixed", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
+                "--data.batch_size=4", "--trainer.enable_progress_bar=false"])
+    assert cli.trainer.global_step == 4
+    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+    assert (Path(cli.trainer.log_dir) / "hf_model" / "model.safetensors").is_file()

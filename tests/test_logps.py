@@ -1,0 +1,116 @@
+"""Log-probs from the final hidden states in chunks equal the full-logits way, values and gradients."""
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from prefmodule import ORPOModule
+from prefmodule.data.collate import PreferenceCollator
+from prefmodule.data.tokenize import tokenize_pair
+from prefmodule.logps import IGNORE_INDEX, head_gives_logits
+
+from conftest import TINY_MODEL
+
+
+def a_batch(module, rows):
+    pairs = [{"index": i, **tokenize_pair(module.tokenizer, r["prompt"], r["chosen"], r["rejected"])}
+             for i, r in enumerate(rows)]
+    return PreferenceCollator(module.tokenizer.pad_token_id)(pairs)
+
+
+def packed(batch):
+    """The padded batch as one row: sequences back to back, positions restarting, ``sequence_ids``."""
+    keep = batch["attention_mask"].bool()
+    lengths = keep.sum(1)
+    return {
+        "input_ids": batch["input_ids"][keep][None],
+        "labels": batch["labels"][keep][None],
+        "attention_mask": torch.ones(1, int(lengths.sum()), dtype=torch.long),
+        "position_ids": torch.cat([torch.arange(n) for n in lengths.tolist()])[None],
+        "sequence_ids": torch.repeat_interleave(torch.arange(len(lengths)), lengths)[None],
+        "index": batch["index"],
+    }
+
+
+def stats_and_grads(module, batch):
+    module.policy.zero_grad()
+    stats = module.sequence_stats(module.policy, batch)
+    (stats.logps * torch.linspace(-1.0, 2.0, len(stats.logps))).sum().backward()  # every sequence weighs differently
+    return stats, {n: p.grad.clone() for n, p in module.policy.named_parameters()}
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def plain_and_chunked():
+    modules = []
+    for chunk_size in (0, 7):  # 7 divides no batch's token count: chunks of every size occur
+        module = ORPOModule(model=TINY_MODEL, logps_chunk_size=chunk_size)
+        module.configure_model()
+        modules.append(module)
+    assert not modules[0].chunked_logps and modules[1].chunked_logps
+    return modules
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_chunked_equals_plain_values_and_gradients(plain_and_chunked, demo_rows, layout):
+    plain, chunked = plain_and_chunked
+    batch = a_batch(plain, demo_rows[:6])
+    batch = packed(batch) if layout == "packed" else batch
+    (expected, expected_grads), (actual, actual_grads) = (stats_and_grads(m, batch) for m in plain_and_chunked)
+    torch.testing.assert_close(actual.logps, expected.logps, rtol=1e-5, atol=0)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=1e-5, atol=1e-6)
+    assert torch.equal(actual.lengths, expected.lengths)
+    assert expected.lengths.min() > 0 and (expected.logps < -1).all()
+    assert expected_grads.keys() == actual_grads.keys()
+    for name, grad in expected_grads.items():
+        assert grad.norm() > 0, name
+        assert relative_error(actual_grads[name], grad) < 1e-5, name
+
+
+def test_chunked_saves_no_vocabulary_sized_tensor_for_backward(plain_and_chunked, demo_rows):
+    batch = a_batch(plain_and_chunked[0], demo_rows[:6])
+    rows, length = batch["input_ids"].shape
+    vocab = plain_and_chunked[0].policy.config.vocab_size
+    saved_vocab_rows = {}
+    for module in plain_and_chunked:
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
+            module.sequence_stats(module.policy, batch)
+        saved_vocab_rows[module.logps_chunk_size] = max(
+            (s.numel() // vocab for s in shapes if s and s[-1] == vocab), default=0)
+    assert saved_vocab_rows == {0: rows * (length - 1), 7: 0}  # chunks are recomputed, not saved
+
+
+def test_model_that_transforms_its_logits_keeps_the_full_logits():
+    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)
+    assert head_gives_logits(LlamaForCausalLM(LlamaConfig(**shape)).eval())
+    assert not head_gives_logits(Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=30.0)).eval())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(plain_and_chunked, demo_rows):
+    module = ORPOModule(model=TINY_MODEL, logps_chunk_size=7, gradient_checkpointing=True)
+    module.configure_model()
+    assert module.policy.is_gradient_checkpointing
+    batch = a_batch(module, demo_rows[:4])
+    (expected, expected_grads), (actual, actual_grads) = (
+        stats_and_grads(m, batch) for m in (plain_and_chunked[1], module))
+    torch.testing.assert_close(actual.logps, expected.logps, rtol=1e-6, atol=0)
+    for name, grad in expected_grads.items():
+        assert relative_error(actual_grads[name], grad) < 1e-6, name
+
+
+def test_negative_chunk_size_fails_at_construction():
+    with pytest.raises(ValueError, match="logps_chunk_size"):
+        ORPOModule(model=TINY_MODEL, logps_chunk_size=-1)
+
+
+def test_labels_all_ignored_give_zero_sums(plain_and_chunked, demo_rows):
+    chunked = plain_and_chunked[1]
+    batch = a_batch(chunked, demo_rows[:2])
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    stats = chunked.sequence_stats(chunked.policy, batch)
+    assert torch.equal(stats.logps, torch.zeros(4)) and torch.equal(stats.lengths, torch.zeros(4, dtype=torch.long))
