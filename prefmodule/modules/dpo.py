@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Literal
 
@@ -23,6 +24,9 @@ from prefmodule.reference import (
 from prefmodule.strategies import shard
 
 REFERENCES = ("copy", "adapter", "precomputed", "sync")
+
+# The frozen reference is in eval mode by design; Lightning's start-of-fit notice about it is noise.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 # Lightning's running stage -> the data split its batches come from.
 STAGE_SPLITS = {"train": "train", "sanity_check": "val", "validate": "val", "test": "test", "predict": "predict"}
 
