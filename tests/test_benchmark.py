@@ -1,0 +1,90 @@
+"""scripts/benchmark.py on a micro shape: real runs of both frameworks, real numbers in the JSON."""
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+import benchmark  # noqa: E402
+
+HAS_TRL = importlib.util.find_spec("trl") is not None
+MICRO = ["--vocab-size", "256", "--hidden-size", "32", "--intermediate-size", "64", "--layers", "1",
+         "--heads", "2", "--kv-heads", "2", "--max-length", "48", "--batch-size", "2", "--steps", "2",
+         "--warmup-steps", "1"]
+
+
+def test_micro_run_reports_real_numbers_for_both_frameworks(tmp_path):
+    out, report = tmp_path / "bench.json", tmp_path / "BENCH.md"
+    report.write_text("# Kept\n\n<!-- benchmark:results:start -->\nold\n<!-- benchmark:results:end -->\n\nAlso kept.\n")
+    benchmark.main([*MICRO, "--objectives", "dpo", "--json", str(out), "--markdown", str(report)])
+    summary = json.loads(out.read_text())
+
+    assert [(r["framework"], r["objective"]) for r in summary["runs"]] == [("prefmodule", "dpo")] + [("trl", "dpo")] * HAS_TRL
+    planned = summary["data"]["non_pad_tokens_per_step"]
+    assert len(planned) == 3 and all(tokens > 0 for tokens in planned)
+    for run in summary["runs"]:
+        assert run["batch_tokens"] == planned  # every framework trained the same batches, in order
+        assert len(run["step_times_s"]) == 2 and all(0 < t < 60 for t in run["step_times_s"])
+        assert run["median_step_s"] == statistics.median(run["step_times_s"])
+        assert run["tokens_per_s"] == pytest.approx(sum(planned[1:]) / sum(run["step_times_s"]))
+        assert 100 < run["peak_memory_mb"] < 20_000  # RSS of a process that imported torch
+        assert run["memory_at_start_mb"] < run["peak_memory_mb"]
+        assert run["total_s"] > sum(run["step_times_s"])
+        assert run["time_vs_floor"] > 1 and 0 < run["mfu"] < 1  # nothing beats the matmul floor
+        assert run["time_vs_scored_floor"] > run["time_vs_floor"]
+    if HAS_TRL:
+        ours, trl = summary["runs"]
+        assert ours["time_vs_trl"] == pytest.approx(ours["median_step_s"] / trl["median_step_s"])
+        assert ours["memory_vs_trl"] == pytest.approx(ours["peak_memory_mb"] / trl["peak_memory_mb"])
+    assert summary["matmul_flops_per_s"] > 1e8 and summary["versions"]["torch"]
+    assert summary["targets"] == []  # the issue's targets are judged at the default shape only
+
+    text = report.read_text()
+    assert text.startswith("# Kept\n") and text.endswith("Also kept.\n") and "\nold\n" not in text
+    assert "| dpo | prefmodule |" in text and "--vocab-size 256" in text
+
+
+def test_forward_flops_count_matmuls_and_causal_attention():
+    config = dict(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1)
+    pair = {"prompt_ids": [5] * 3, "chosen_ids": [6] * 2, "rejected_ids": [7] * 4}
+    layer = 8 * (8 + 4 + 4 + 8) + 3 * 8 * 16  # q, k, v, o (kv heads of size 4) and the gated MLP
+    per_token = 2 * (2 * layer + 8 * 100)
+    attention = sum(2 * 2 * 8 * length**2 for length in (5, 7))
+    assert benchmark.forward_flops(config, [pair]) == (5 + 7) * per_token + attention
+    scored = benchmark.forward_flops(config, [pair], scored_head_only=True)
+    assert benchmark.forward_flops(config, [pair]) - scored == 2 * 8 * 100 * (3 + 3)  # the prompt positions' head
+    assert benchmark.step_flops(config, [pair], live_reference=True) == 4 * benchmark.forward_flops(config, [pair])
+
+
+def test_synthetic_pairs_are_seeded_right_skewed_and_fit():
+    pairs = benchmark.synthetic_pairs(400, vocab_size=1000, max_length=512, seed=3)
+    assert pairs == benchmark.synthetic_pairs(400, vocab_size=1000, max_length=512, seed=3)
+    lengths = [len(p["prompt_ids"]) + len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")]
+    assert max(lengths) <= 512
+    assert statistics.mean(lengths) > statistics.median(lengths)  # log-normal: a long right tail
+    assert all(p["chosen_ids"][-1] == benchmark.EOS_ID and p["rejected_ids"][-1] == benchmark.EOS_ID for p in pairs)
+    assert all(2 < t < 1000 for p in pairs for t in p["prompt_ids"])  # no special ids inside the text
+    assert 50 < statistics.median(len(p["prompt_ids"]) for p in pairs) < 75  # 12% of max_length
+    assert 80 < statistics.median(len(p["chosen_ids"]) for p in pairs) < 105  # 18% of max_length
+
+
+def test_other_objectives_train_the_planned_batches(tmp_path):
+    """In this process, to stay fast: prefmodule's ORPO and SimPO, and TRL's ORPOTrainer when installed."""
+    settings, _ = benchmark.parse_args(MICRO)
+    benchmark.build_model(settings, tmp_path / "model")
+    pairs = benchmark.synthetic_pairs(6, vocab_size=256, max_length=48, seed=0)
+    planned = [sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in batch)
+               for batch in benchmark.batches(pairs, 2)]
+    runs = [benchmark.run_prefmodule(objective, settings, str(tmp_path / "model"), pairs)
+            for objective in ("orpo", "simpo")]
+    if HAS_TRL:
+        runs.append(benchmark.run_trl("orpo", settings, str(tmp_path / "model"), pairs))
+    for run in runs:
+        assert run["batch_tokens"] == planned
+        assert len(run["step_times_s"]) == 2 and all(t > 0 for t in run["step_times_s"])
+        assert run["peak_memory_mb"] > 100
