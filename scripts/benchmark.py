@@ -93,7 +93,9 @@ class Settings:
 def build_model(settings: Settings, directory: Path) -> int:
     """Save a seeded random-init causal LM and the tokenizer whose special ids the data uses; return its size."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     config = dict(settings.model_config())
     config = AutoConfig.for_model(config.pop("model_type"), pad_token_id=0, bos_token_id=1, eos_token_id=EOS_ID,
                                   **config)
@@ -178,8 +180,10 @@ def sync(device: str) -> None:
 
 
 # ----- one run, in its own process ------------------------------------------------------------------
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as handle:
+def current_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/statm") as handle:  # resident pages
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
@@ -295,7 +299,7 @@ def run_prefmodule(objective: str, settings: Settings, model_dir: str, pairs: li
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             steps.ended(non_pad_tokens(batch))
 
-    baseline, start = current_rss_mb(), time.perf_counter()
+    baseline, start = current_memory_mb(settings.device), time.perf_counter()
     module_class = {"dpo": DPOModule, "orpo": ORPOModule, "simpo": SimPOModule}[objective]
     with tempfile.TemporaryDirectory() as cache_dir:
         knobs = {"logps_chunk_size": settings.logps_chunk_size}
@@ -345,7 +349,7 @@ def run_trl(objective: str, settings: Settings, model_dir: str, pairs: list[dict
                 return row
 
         extra = {}
-    baseline, start = current_rss_mb(), time.perf_counter()
+    baseline, start = current_memory_mb(settings.device), time.perf_counter()
     steps = StepRecorder(settings, profile_dir and Path(profile_dir, f"trl-{objective}.txt"))
 
     class StepClock(TrainerCallback):
@@ -386,13 +390,13 @@ def worker(framework: str, objective: str, spec_path: str) -> None:
 
 
 # ----- the whole comparison -------------------------------------------------------------------------
-def benchmark(settings: Settings, profile_dir: str | None = None, log=print) -> dict:
+def benchmark(settings: Settings, profile_dir: str | None = None) -> dict:
     """Build the model and data, run every (objective, framework) in a subprocess, and summarise."""
     if settings.warmup_steps < 1:
         raise ValueError("warmup_steps must be >= 1: the first timed step starts where a previous one ended")
     frameworks = list(settings.frameworks)
     if "trl" in frameworks and util.find_spec("trl") is None:
-        log("benchmark: trl is not installed, so prefmodule runs alone")
+        print("benchmark: trl is not installed, so prefmodule runs alone")
         frameworks.remove("trl")
     pairs = synthetic_pairs((settings.warmup_steps + settings.steps) * settings.batch_size,
                             settings.model_config()["vocab_size"], settings.max_length, settings.seed)
@@ -408,7 +412,7 @@ def benchmark(settings: Settings, profile_dir: str | None = None, log=print) -> 
                 for framework in frameworks:
                     if framework == "trl" and objective not in TRL_OBJECTIVES:
                         continue
-                    log(f"benchmark: {framework} {objective} (repeat {repeat + 1}/{settings.repeats}) ...")
+                    print(f"benchmark: {framework} {objective} (repeat {repeat + 1}/{settings.repeats}) ...", flush=True)
                     result = run_in_subprocess(framework, objective, settings, work, profile_dir)
                     runs.setdefault((framework, objective), []).append(result)
                     throughputs.append(matmul_throughput(settings.device, dtype))
