@@ -23,12 +23,14 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
+def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                   attn_implementation: str | None = None) -> PreTrainedModel:
     """Load a causal LM with float32 weights by default (Lightning's precision flag handles mixed precision)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return _from_pretrained(
-        AutoModelForCausalLM, name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        AutoModelForCausalLM, name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **attention
     )
 
 

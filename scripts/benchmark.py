@@ -80,7 +80,7 @@ class Settings:
     lr: float = 1e-6
     max_grad_norm: float = 1.0  # TRL's default; Lightning's ``gradient_clip_val``
     logps_chunk_size: int | None = None  # passed to prefmodule modules that accept it
-    padding_free: bool = False  # prefmodule packs each batch into one row (same pairs, no pad tokens)
+    padding_free: str = "auto"  # prefmodule's batches: auto (its default: packed when the model allows), on, off
     reference: str | None = None  # prefmodule DPO's ``reference=``; "precomputed" also in TRL
     seed: int = 0
     repeats: int = 1  # runs of each (framework, objective), interleaved; the fastest is kept
@@ -284,11 +284,14 @@ def run_prefmodule(objective: str, settings: Settings, model_dir: str, pairs: li
 
         def __init__(self, pad_token_id: int):
             super().__init__()
-            packing = accepted_knobs(PreferenceCollator, {"padding_free": settings.padding_free or None})
-            self.collate = PreferenceCollator(pad_token_id, **packing)
+            self.pad_token_id = pad_token_id
 
         def train_dataloader(self):
-            return DataLoader(pairs, batch_size=settings.batch_size, shuffle=False, collate_fn=self.collate)
+            # "auto" packs as PreferenceDataModule(padding_free=None) does: when the module's models allow it.
+            packs = {"on": True, "off": None, "auto": getattr(self.trainer.lightning_module, "packed_attention", None)}
+            packing = accepted_knobs(PreferenceCollator, {"padding_free": packs[settings.padding_free] or None})
+            collate = PreferenceCollator(self.pad_token_id, **packing)
+            return DataLoader(pairs, batch_size=settings.batch_size, shuffle=False, collate_fn=collate)
 
     steps = StepRecorder(settings, profile_dir and Path(profile_dir, f"prefmodule-{objective}.txt"))
 
@@ -298,6 +301,9 @@ def run_prefmodule(objective: str, settings: Settings, model_dir: str, pairs: li
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             steps.ended(non_pad_tokens(batch))
+            self.packed = "sequence_ids" in batch
+
+    clock = StepClock()
 
     baseline, start = current_memory_mb(settings.device), time.perf_counter()
     module_class = {"dpo": DPOModule, "orpo": ORPOModule, "simpo": SimPOModule}[objective]
@@ -313,10 +319,10 @@ def run_prefmodule(objective: str, settings: Settings, model_dir: str, pairs: li
             accelerator=settings.device, devices=1, precision="bf16-mixed" if settings.dtype == "bf16" else "32-true",
             max_steps=settings.warmup_steps + settings.steps, gradient_clip_val=settings.max_grad_norm or None,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[StepClock()],
+            callbacks=[clock],
         )
         trainer.fit(module, datamodule=Pairs(module.tokenizer.pad_token_id))
-    return measurements(steps, baseline, time.perf_counter() - start, settings)
+    return {**measurements(steps, baseline, time.perf_counter() - start, settings), "packed": clock.packed}
 
 
 def run_trl(objective: str, settings: Settings, model_dir: str, pairs: list[dict], profile_dir: str | None = None) -> dict:
@@ -557,7 +563,8 @@ def markdown(summary: dict, command: str) -> str:
     ]
     for run in runs:
         lines.append(
-            f"| {run['objective']} | {run['framework']} | {run['median_step_s'] * 1e3:.0f} "
+            f"| {run['objective']} | {run['framework']}{' (packed)' if run.get('packed') else ''} "
+            f"| {run['median_step_s'] * 1e3:.0f} "
             f"| {run['median_step_cpu_s'] * 1e3:.0f} | {run['tokens_per_s']:.0f} | {run['peak_memory_mb']:.0f} "
             f"| {run['memory_above_start_mb']:.0f} | {ratio(run.get('time_vs_trl'))} "
             f"| {ratio(run.get('cpu_time_vs_trl'))} | {ratio(run.get('memory_vs_trl'))} "
@@ -625,7 +632,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--logps-chunk-size", type=int, help="prefmodule modules' logps_chunk_size, if they take it")
-    parser.add_argument("--padding-free", action="store_true", help="prefmodule packs each batch into one row")
+    parser.add_argument("--padding-free", choices=["auto", "on", "off"], default="auto",
+                        help="prefmodule packs each batch into one row: auto (its default), on or off")
     parser.add_argument("--reference", help="prefmodule DPOModule's reference= (copy, precomputed, ...); "
                         "'precomputed' also sets TRL's precompute_ref_log_probs")
     parser.add_argument("--seed", type=int, default=0)

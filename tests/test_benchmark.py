@@ -40,12 +40,13 @@ def test_micro_run_reports_real_numbers_for_both_frameworks(tmp_path):
         ours, trl = summary["runs"]
         assert ours["time_vs_trl"] == pytest.approx(ours["median_step_s"] / trl["median_step_s"])
         assert ours["memory_vs_trl"] == pytest.approx(ours["peak_memory_mb"] / trl["peak_memory_mb"])
+    assert summary["runs"][0]["packed"] is True  # prefmodule's default on a sdpa Llama: packed rows
     assert summary["matmul_flops_per_s"] > 1e8 and summary["versions"]["torch"]
     assert summary["targets"] == []  # the targets are judged at the default shape only
 
     text = report.read_text()
     assert text.startswith("# Kept\n") and text.endswith("Also kept.\n") and "\nold\n" not in text
-    assert "| dpo | prefmodule |" in text and "--vocab-size 256" in text
+    assert "| dpo | prefmodule (packed) |" in text and "--vocab-size 256" in text
 
 
 def test_forward_flops_count_matmuls_and_causal_attention():

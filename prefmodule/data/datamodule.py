@@ -64,7 +64,8 @@ class PreferenceDataModule(LightningDataModule):
             stays first) or ``keep_start``.
         group_by_length: batch pairs of similar length together (less padding); still shuffled every epoch.
         padding_free: pack each batch into one row without padding (``position_ids`` restart per sequence);
-            same log-probs as padded batches.
+            same log-probs as padded batches, less compute and memory. ``None`` (default): pack when the
+            module's models attend to packed rows per sequence (``sdpa`` and flash-attention models), else pad.
         pad_to_multiple_of: round the padded width up to a multiple of this.
         cache_dir: where tokenised data is cached (default ``~/.cache/prefmodule/data``), keyed by the data's
             content, the tokenizer and these settings.
@@ -90,7 +91,7 @@ class PreferenceDataModule(LightningDataModule):
         max_prompt_length: int | None = None,
         truncation_mode: TruncationMode = "keep_end",
         group_by_length: bool = False,
-        padding_free: bool = False,
+        padding_free: bool | None = None,
         pad_to_multiple_of: int | None = None,
         cache_dir: str | None = None,
     ):
@@ -273,6 +274,13 @@ class PreferenceDataModule(LightningDataModule):
             return template
         return Path(resolve(template)).read_text()
 
+    def packs(self) -> bool:
+        """Whether batches are packed: ``padding_free``, or when unset, what the trained module's models allow."""
+        if self.hparams.padding_free is not None:
+            return self.hparams.padding_free
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return bool(getattr(module, "packed_attention", False))
+
     def _loader(self, split: str) -> DataLoader:
         hp = self.hparams
         dataset = self.datasets[split]
@@ -284,7 +292,7 @@ class PreferenceDataModule(LightningDataModule):
         )
         return DataLoader(
             dataset, batch_sampler=batches, num_workers=hp.num_workers,
-            collate_fn=PreferenceCollator(self.tokenizer.pad_token_id, hp.pad_to_multiple_of, hp.padding_free),
+            collate_fn=PreferenceCollator(self.tokenizer.pad_token_id, hp.pad_to_multiple_of, self.packs()),
             persistent_workers=hp.num_workers > 0,
         )
 

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from prefmodule.attention import enable_packed_attention, packed_inputs
 from prefmodule.hf import load_causal_lm, load_tokenizer
 from prefmodule.logps import SequenceStats, chunked_sequence_stats, head_gives_logits, sequence_stats
 from prefmodule.metrics import PreferenceMetrics
@@ -60,13 +61,15 @@ class PreferenceModule(LightningModule):
         logps_chunk_size: response tokens per chunk when computing log-probs from the final hidden states
             through the LM head, never materialising ``[batch, seq, vocab]`` logits; 0 takes the full logits.
         dtype: dtype the weights are loaded in; keep float32 and use ``--trainer.precision`` for mixed precision.
+        attn_implementation: Hugging Face's ``attn_implementation`` (``sdpa``, ``flash_attention_2``, ``eager``, ...);
+            default: the model's own choice. Same values either way; packed batches need ``sdpa`` or flash attention.
         predictions_path: where ``predict`` writes one JSON line per pair (default ``<log dir>/predictions.jsonl``).
         export_hf: save the policy and tokenizer in Hugging Face format at ``<log dir>/hf_model`` after ``fit``.
     """
 
     length_normalized = False  # log ``logps/*`` as per-token averages (ORPO, SimPO) or sums (DPO)
     # Run-time choices stay out of hparams: LightningCLI lays a checkpoint's hparams over the command line.
-    runtime_args = ("optimizer", "predictions_path", "export_hf", "logps_chunk_size")
+    runtime_args = ("optimizer", "predictions_path", "export_hf", "logps_chunk_size", "attn_implementation")
 
     def __init__(
         self,
@@ -83,6 +86,7 @@ class PreferenceModule(LightningModule):
         logps_chunk_size: int = 512,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
         predictions_path: str | None = None,
         export_hf: bool = True,
     ):
@@ -96,9 +100,11 @@ class PreferenceModule(LightningModule):
         self.save_hyperparameters(ignore=list(self.runtime_args))
         self.logps_chunk_size = logps_chunk_size
         self.chunked_logps = False  # decided in ``configure_model``: does the model allow it
+        self.packed_attention = False  # likewise: do packed rows reach its attention as separate sequences
         self.predictions_path = predictions_path
         self.export_hf_after_fit = export_hf
         self.model_name = model
+        self.attn_implementation = attn_implementation
         self.beta = beta
         self.optimizer_factory = optimizer
         self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
@@ -112,13 +118,16 @@ class PreferenceModule(LightningModule):
         """Load the policy, and shard it under FSDP2 (idempotent: Lightning may call it more than once)."""
         if self.policy is not None:
             return
-        policy = load_causal_lm(self.model_name, self.hparams.dtype, self.hparams.trust_remote_code)
+        policy = load_causal_lm(self.model_name, self.hparams.dtype, self.hparams.trust_remote_code,
+                                self.attn_implementation)
         policy.config.use_cache = False
         self.chunked_logps = self.logps_chunk_size > 0 and head_gives_logits(policy)
         if self.logps_chunk_size > 0 and not self.chunked_logps:
             rank_zero_warn(f"{self.model_name}: its logits are not its LM head applied to its decoder's last hidden "
                            "state (scaled, soft-capped, ...): log-probs come from the full logits (logps_chunk_size "
                            "ignored).")
+        # Read by the datamodule (``padding_free=None``): pack batches when attention takes packed rows cheaply.
+        self.packed_attention = enable_packed_attention(policy)
         self.configure_reference(policy)
         if self.lora is not None:
             policy = self._add_lora(policy, self.lora)
@@ -153,12 +162,11 @@ class PreferenceModule(LightningModule):
         With ``logps_chunk_size`` the decoder and the LM head run separately (see ``chunked_sequence_stats``).
         """
         packed = "sequence_ids" in batch
-        inputs = dict(
-            input_ids=batch["input_ids"],
-            attention_mask=None if packed else batch["attention_mask"],
-            position_ids=batch.get("position_ids"),
-            use_cache=False,
-        )
+        inputs = dict(input_ids=batch["input_ids"], use_cache=False)
+        if packed:
+            inputs.update(packed_inputs(model, batch["position_ids"], batch["sequence_ids"]))
+        else:
+            inputs["attention_mask"] = batch["attention_mask"]
         sequences = dict(sequence_ids=batch["sequence_ids"], num_sequences=2 * batch["index"].numel()) if packed else {}
         if self.chunked_logps:
             hidden = model.get_decoder()(**inputs).last_hidden_state

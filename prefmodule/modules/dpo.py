@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
+from prefmodule.attention import enable_packed_attention
 from prefmodule.hf import load_causal_lm
 from prefmodule.losses import dpo_loss, nll_loss
 from prefmodule.modules.base import PairOutputs, PreferenceModule
@@ -114,7 +115,10 @@ class DPOModule(PreferenceModule):
 
     def _load_reference(self) -> nn.Module:
         source = self.hparams.ref_model or self.model_name
-        return self._frozen(load_causal_lm(source, self.hparams.dtype, self.hparams.trust_remote_code))
+        reference = load_causal_lm(source, self.hparams.dtype, self.hparams.trust_remote_code,
+                                   self.attn_implementation)
+        self.packed_attention &= enable_packed_attention(reference)
+        return self._frozen(reference)
 
     @staticmethod
     def _frozen(model: nn.Module) -> nn.Module:

@@ -1,0 +1,112 @@
+"""Packed rows attend per sequence: the same values as separate rows, no tokens x tokens mask."""
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from prefmodule import ORPOModule, PreferenceDataModule
+from prefmodule.attention import VARLEN_SDPA, enable_packed_attention, packed_inputs
+from prefmodule.paths import resolve
+
+TINY_MODEL = "asset://tiny-llama"
+
+
+def packed_row(rows):
+    position_ids = torch.cat([torch.arange(len(r)) for r in rows])[None]
+    sequence_ids = torch.cat([torch.full((len(r),), k) for k, r in enumerate(rows)])[None]
+    return torch.cat(rows)[None], position_ids, sequence_ids
+
+
+def logits_packed_and_apart(model, rows):
+    input_ids, position_ids, sequence_ids = packed_row(rows)
+    together = model(input_ids=input_ids, use_cache=False, **packed_inputs(model, position_ids, sequence_ids)).logits[0]
+    apart = torch.cat([model(input_ids=r[None], use_cache=False).logits[0] for r in rows])
+    return together, apart
+
+
+def test_llama_packed_logits_and_gradients_equal_separate_rows():
+    model = AutoModelForCausalLM.from_pretrained(resolve(TINY_MODEL))  # 4 query heads over 2 kv heads
+    assert enable_packed_attention(model) and model.config._attn_implementation == VARLEN_SDPA
+    rows = [torch.randint(3, 1000, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 30, 1, 12)]
+    together, apart = logits_packed_and_apart(model, rows)
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
+    grads = []
+    for logits in (together, apart):
+        model.zero_grad()
+        logits.logsumexp(-1).sum().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for packed, separate in zip(*grads):
+        torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-6)
+
+
+def test_sliding_window_longer_than_the_window_matches_separate_rows():
+    config = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert enable_packed_attention(model)
+    rows = [torch.arange(3, 3 + n) for n in (9, 3, 6)]  # two rows longer than the window of 4
+    together, apart = logits_packed_and_apart(model, rows)
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
+    plain = AutoModelForCausalLM.from_config(config).eval()
+    plain.load_state_dict(model.state_dict())
+    full_row = plain(input_ids=rows[0][None], use_cache=False).logits[0]  # sdpa's own sliding-window mask
+    torch.testing.assert_close(apart[:9], full_row, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_attention_builds_no_mask(monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(resolve(TINY_MODEL))
+    enable_packed_attention(model)
+    masks, sdpa = [], F.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    input_ids, position_ids, sequence_ids = packed_row([torch.arange(3, 10), torch.arange(3, 20)])
+    model(input_ids=input_ids, use_cache=False, **packed_inputs(model, position_ids, sequence_ids))
+    assert len(masks) == 2 * model.config.num_hidden_layers and all(m is None for m in masks)
+
+
+def test_model_that_drops_the_bounds_keeps_sdpa_and_the_block_mask(monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def bounds_lost(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+        for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+            kwargs.pop(name, None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, VARLEN_SDPA, bounds_lost)
+    model = AutoModelForCausalLM.from_pretrained(resolve(TINY_MODEL))
+    with pytest.warns(UserWarning, match="packed rows do not reach its attention"):
+        assert not enable_packed_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+    rows = [torch.arange(3, 10), torch.arange(3, 20)]
+    assert packed_inputs(model, *packed_row(rows)[1:])["attention_mask"] is None  # HF builds the block mask
+    together, apart = logits_packed_and_apart(model, rows)
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)  # right, only slower
+
+
+@pytest.mark.parametrize(("attention", "padding_free", "packed"), [
+    ("sdpa", None, True), ("eager", None, False), ("sdpa", False, False), ("eager", True, True),
+])
+def test_fit_packs_by_default_when_the_model_allows(attention, padding_free, packed, tmp_path):
+    seen = []
+
+    class BatchKinds(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append("sequence_ids" in batch)
+
+    module = ORPOModule(model=TINY_MODEL, attn_implementation=attention, export_hf=False)
+    data = PreferenceDataModule(train="asset://demo/train.jsonl", padding_free=padding_free, batch_size=4,
+                                cache_dir=str(tmp_path / "cache"))
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[BatchKinds()], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert module.packed_attention is (attention == "sdpa")
+    assert seen == [packed, packed]
