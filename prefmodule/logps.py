@@ -106,16 +106,24 @@ def chunked_sequence_stats(hidden: torch.Tensor, head: nn.Module, labels: torch.
 
     Only response positions go through the head, ``chunk_size`` tokens at a time; with gradients
     on, each chunk's logits are dropped after its forward and recomputed in backward, so at most
-    ``chunk_size x vocab`` logits exist at once.
+    ``chunk_size x vocab`` logits exist at once. A plain ``nn.Linear`` head takes the fused
+    :class:`LinearLogSoftmax`; any other head (LoRA, FSDP2-sharded, ...) is called as a module.
     """
     targets, mask = shifted_targets(labels)
     hidden, targets = hidden[:, :-1][mask], targets[mask]
-    run = _checkpointed_head_stats if torch.is_grad_enabled() else _head_stats
+    run = _fused_head_stats if is_plain_linear(head) else _checkpointed_head_stats
     chunks = [run(head, hidden[i: i + chunk_size], targets[i: i + chunk_size])
               for i in range(0, targets.numel(), chunk_size)] or [_head_stats(head, hidden, targets)]
     logps, mean_logits = (torch.cat(values) for values in zip(*chunks))
     rows = num_sequences if sequence_ids is not None else labels.shape[0]
     return per_sequence(logps, mean_logits, response_owners(mask, sequence_ids), rows)
+
+
+def is_plain_linear(head: nn.Module) -> bool:
+    """Whether calling ``head`` is exactly ``F.linear`` on its own parameters: no wrapper class (LoRA,
+    FSDP2) and no hooks that gather or swap its weights (FSDP2, DeepSpeed ZeRO-3)."""
+    return (type(head) is nn.Linear and not head._forward_pre_hooks and not head._forward_hooks
+            and type(head.weight) is nn.Parameter)
 
 
 def _head_stats(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +133,52 @@ def _head_stats(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) ->
 
 def _checkpointed_head_stats(head: nn.Module, hidden: torch.Tensor,
                              targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not torch.is_grad_enabled():
+        return _head_stats(head, hidden, targets)
     return checkpoint(_head_stats, head, hidden, targets, use_reentrant=False)
+
+
+def _fused_head_stats(head: nn.Linear, hidden: torch.Tensor,
+                      targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return LinearLogSoftmax.apply(hidden, head.weight, head.bias, targets)
+
+
+class LinearLogSoftmax(torch.autograd.Function):
+    """``log softmax(hidden @ weight.T + bias)[target]`` per row, and the row's mean logit, keeping
+    only ``hidden`` and a log-sum-exp per row for backward.
+
+    Backward recomputes the logits ``z`` and uses ``d logp / dz = onehot(target) - softmax(z)``
+    directly, in place on the one ``[rows, vocab]`` buffer: no log-softmax recompute, no zeros to
+    scatter into. Under autocast the logits are computed in the autocast dtype, both ways.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        logits = F.linear(hidden, weight, bias)
+        accumulate = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 weights
+        logps_all = torch.log_softmax(logits.to(accumulate), dim=-1)
+        logps = logps_all.gather(-1, targets[:, None]).squeeze(-1)
+        log_norm = logits.gather(-1, targets[:, None]).squeeze(-1).to(accumulate) - logps
+        mean_logits = logits.mean(-1, dtype=torch.float32)
+        ctx.compute_dtype = logits.dtype
+        ctx.save_for_backward(hidden, weight, bias, targets, log_norm)
+        ctx.mark_non_differentiable(mean_logits)
+        return logps, mean_logits
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_mean_logits):
+        hidden, weight, bias, targets, log_norm = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            logits = F.linear(h, w, None if bias is None else bias.to(dtype)).to(log_norm.dtype)
+            grad_logits = logits.sub_(log_norm[:, None]).exp_().mul_(-grad_logps[:, None])  # -g * softmax
+            grad_logits[torch.arange(targets.numel(), device=targets.device), targets] += grad_logps
+            grad_logits = grad_logits.to(dtype)
+            grad_hidden = (grad_logits @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            grad_weight = (grad_logits.T @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            grad_bias = grad_logits.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None
 
 
 def head_gives_logits(model: nn.Module) -> bool:

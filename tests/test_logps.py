@@ -7,7 +7,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 from prefmodule import ORPOModule
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.tokenize import tokenize_pair
-from prefmodule.logps import IGNORE_INDEX, head_gives_logits
+from prefmodule.logps import IGNORE_INDEX, LinearLogSoftmax, head_gives_logits, is_plain_linear
 
 from conftest import TINY_MODEL
 
@@ -114,3 +114,58 @@ def test_labels_all_ignored_give_zero_sums(plain_and_chunked, demo_rows):
     batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
     stats = chunked.sequence_stats(chunked.policy, batch)
     assert torch.equal(stats.logps, torch.zeros(4)) and torch.equal(stats.lengths, torch.zeros(4, dtype=torch.long))
+
+
+def reference_head_logps(head, hidden, targets):
+    logits = head(hidden).float()
+    return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1), logits.mean(-1)
+
+
+def test_fused_head_passes_gradcheck_with_a_bias():
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 3, 10, 3, 7])
+    assert torch.autograd.gradcheck(lambda h, w, b: LinearLogSoftmax.apply(h, w, b, targets)[0],
+                                    (hidden, weight, bias))
+    head = torch.nn.Linear(6, 11).double()
+    with torch.no_grad():
+        head.weight.copy_(weight), head.bias.copy_(bias)
+    logps, mean_logits = LinearLogSoftmax.apply(hidden, weight, bias, targets)
+    expected_logps, expected_mean = reference_head_logps(head, hidden, targets)
+    torch.testing.assert_close(logps, expected_logps.double())
+    torch.testing.assert_close(mean_logits, expected_mean.float())
+    assert logps.max() < 0 and not mean_logits.requires_grad
+
+
+def test_fused_head_under_bf16_autocast_matches_the_module_path():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 500, bias=False)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    targets = torch.randint(0, 500, (40,))
+    weights = torch.linspace(-1.0, 2.0, 40)
+    results = []
+    for run in (lambda: LinearLogSoftmax.apply(hidden, head.weight, None, targets)[0],
+                lambda: reference_head_logps(head, hidden, targets)[0]):
+        hidden.grad, head.weight.grad = None, None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps = run()
+        (logps * weights).sum().backward()
+        assert logps.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+        results.append((logps.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+    for fused, module_path in zip(*results):
+        torch.testing.assert_close(fused, module_path, rtol=2e-2, atol=2e-2)
+
+
+def test_only_a_plain_linear_head_is_fused():
+    head = torch.nn.Linear(4, 8)
+    assert is_plain_linear(head)
+    hooked = torch.nn.Linear(4, 8)
+    hooked.register_forward_pre_hook(lambda module, args: None)  # what FSDP2 / ZeRO-3 do to gather weights
+    assert not is_plain_linear(hooked)
+
+    class Wrapped(torch.nn.Linear):  # a LoRA layer, an FSDP2-sharded class
+        pass
+
+    assert not is_plain_linear(Wrapped(4, 8))
