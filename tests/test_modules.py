@@ -75,6 +75,38 @@ def test_checkpoint_resume_continues_step_and_optimizer(tmp_path, small_data):
     assert saved["lr_schedulers"][0]["last_epoch"] == 2
 
 
+class BatchLog(L.Callback):
+    def __init__(self):
+        self.indices = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.indices.append(batch["index"].tolist())
+
+
+def test_mid_epoch_resume_trains_the_rest_of_the_epoch_as_if_never_stopped(tmp_path, small_data):
+    train, val = small_data  # 32 pairs in batches of 4: 8 a epoch; stop after 3, resume to 11 (into epoch 2)
+    data = lambda: PreferenceDataModule(train=train, val=val, batch_size=4)  # noqa: E731
+    straight_log, first_log, resumed_log = BatchLog(), BatchLog(), BatchLog()
+    straight = ORPOModule(model=TINY_MODEL, lr=1e-3)
+    trainer(tmp_path / "a", max_steps=11, val_check_interval=3, callbacks=[straight_log]).fit(straight, datamodule=data())
+    class StopAt3(L.Callback):  # an interruption: the run is planned for 11 steps (its LR schedule too)
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.global_step == 3
+
+    first = trainer(tmp_path / "b", max_steps=11, val_check_interval=3, callbacks=[first_log, StopAt3()])
+    first.fit(ORPOModule(model=TINY_MODEL, lr=1e-3), datamodule=data())
+    ckpt = first.checkpoint_callback.best_model_path
+    assert "step=3" in ckpt and torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"][
+        "combined_loader"] == [{"epoch": 0, "batches": 3}]
+    resumed = ORPOModule(model=TINY_MODEL, lr=1e-3)
+    trainer(tmp_path / "b", max_steps=11, val_check_interval=3, callbacks=[resumed_log]).fit(
+        resumed, datamodule=data(), ckpt_path=ckpt)
+    assert first_log.indices + resumed_log.indices == straight_log.indices
+    assert len({i for batch in straight_log.indices[:8] for i in batch}) == 32  # epoch 1: every pair once
+    for name, weight in straight.policy.named_parameters():
+        torch.testing.assert_close(dict(resumed.policy.named_parameters())[name], weight, rtol=1e-5, atol=1e-6)
+
+
 def test_hf_export_loads_and_gives_same_logps(tmp_path, demo_rows):
     module = ORPOModule(model=TINY_MODEL)
     module.configure_model()

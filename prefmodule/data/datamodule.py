@@ -17,7 +17,7 @@ from prefmodule.data import cache
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.dataset import PairDataset
 from prefmodule.data.formats import BadRow, DataValidationError, Format, check_settings, describe, read_rows
-from prefmodule.data.samplers import EpochSampler, PairBatchSampler
+from prefmodule.data.samplers import EpochSampler, PairBatchSampler, ResumableLoader
 from prefmodule.data.sources import find_sources
 from prefmodule.data.tokenize import TruncationMode, tokenize_pairs
 from prefmodule.hf import load_tokenizer
@@ -144,6 +144,13 @@ class PreferenceDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Count the training batches that reach the model: the position a mid-epoch checkpoint resumes from."""
+        loader = self.trainer.train_dataloader if self.trainer is not None and self.trainer.training else None
+        if isinstance(loader, ResumableLoader):
+            loader.trained = getattr(loader, "trained", 0) + 1
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val") if self.datasets.get("val") else []
@@ -290,7 +297,7 @@ class PreferenceDataModule(LightningDataModule):
             EpochSampler(dataset), size, lengths=dataset.lengths() if hp.group_by_length else None,
             shuffle=split == "train", seed=hp.seed, num_replicas=shard.get("num_replicas", 1), rank=shard.get("rank", 0),
         )
-        return DataLoader(
+        return ResumableLoader(
             dataset, batch_sampler=batches, num_workers=hp.num_workers,
             collate_fn=PreferenceCollator(self.tokenizer.pad_token_id, hp.pad_to_multiple_of, self.packs()),
             persistent_workers=hp.num_workers > 0,

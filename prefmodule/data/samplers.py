@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import BatchSampler, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler, SequentialSampler
 
 MEGABATCHES = 64  # length grouping sorts within windows of this many batches, so shuffling still mixes lengths
 
@@ -61,6 +61,11 @@ class PairBatchSampler(BatchSampler):
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
+        self.skip = 0  # batches of this epoch already trained before a resume: the next pass starts after them
+
+    @property
+    def epoch(self) -> int:
+        return getattr(self.sampler, "epoch", 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -89,5 +94,30 @@ class PairBatchSampler(BatchSampler):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._global_batches():
+        batches, self.skip = self._global_batches()[self.skip:], 0
+        for batch in batches:
             yield batch[self.rank::self.num_replicas].tolist()
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning can resume mid-epoch (it saves ``state_dict`` in every checkpoint).
+
+    Its state is the epoch and how many of its batches were trained (``trained``, counted by whoever
+    consumes them: :class:`PreferenceDataModule` counts in ``on_before_batch_transfer``, not here,
+    since Lightning fetches a batch ahead). Resumed in the same epoch, the rest of that epoch's
+    batches come in their original order, as if training had never stopped.
+    """
+
+    def __iter__(self):
+        sampler = self.batch_sampler
+        resume, self._resume = getattr(self, "_resume", None), None
+        if isinstance(sampler, PairBatchSampler):
+            sampler.skip = resume["batches"] if resume is not None and resume["epoch"] == sampler.epoch else 0
+            self.trained = sampler.skip
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": getattr(self.batch_sampler, "epoch", 0), "batches": getattr(self, "trained", 0)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = state
