@@ -1,4 +1,4 @@
-"""Peak memory and step time of DPO (full logits, chunked log-probs, precomputed reference) and ORPO.
+"""Peak memory and step time of DPO (full logits, chunked log-probs padded and packed, precomputed reference) and ORPO.
 
 A randomly initialised Llama-shaped model (vocab 32000, hidden 256, 4 layers) trains on synthetic
 pre-tokenised pairs of up to 512 tokens, 8 pairs a step, float32 on CPU. Each configuration runs
@@ -29,8 +29,9 @@ import torch
 TOKENIZER = Path(__file__).resolve().parent.parent / "prefmodule" / "assets" / "tiny-llama"
 SHAPE = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
-CONFIGS = {  # name: (module class, arguments)
+CONFIGS = {  # name: (module class, arguments; "padding_free" goes to the collator, default: as the datamodule)
     "dpo plain": ("DPOModule", dict(logps_chunk_size=0)),
+    "dpo chunked padded": ("DPOModule", dict(padding_free=False)),
     "dpo chunked": ("DPOModule", dict()),
     "dpo precomputed": ("DPOModule", dict(reference="precomputed")),
     "orpo": ("ORPOModule", dict()),
@@ -40,6 +41,8 @@ RATIOS = [  # (what, numerator, denominator, measure, target)
     ("peak memory, DPO precomputed / ORPO", "dpo precomputed", "orpo", "peak_mib", 1.1),
     ("step time, DPO precomputed / ORPO", "dpo precomputed", "orpo", "step_s", 1.15),
     ("step time, DPO chunked / plain", "dpo chunked", "dpo plain", "step_s", None),
+    ("DPO peak memory, packed / padded", "dpo chunked", "dpo chunked padded", "peak_mib", None),
+    ("DPO step time, packed / padded", "dpo chunked", "dpo chunked padded", "step_s", None),
 ]
 
 
@@ -68,10 +71,15 @@ def run_one(name: str, workdir: Path, batch_size: int, steps: int, chunk_size: i
 
     pairs = json.loads((workdir / "pairs.json").read_text())
 
+    class_name, kwargs = CONFIGS[name]
+    kwargs = dict(kwargs)
+    padding_free = kwargs.pop("padding_free", None)
+
     class Pairs(L.LightningDataModule):  # pre-tokenised pairs through prefmodule's collator
-        def train_dataloader(self):
+        def train_dataloader(self):  # packed unless told otherwise, as PreferenceDataModule(padding_free=None)
+            packs = padding_free if padding_free is not None else self.trainer.lightning_module.packed_attention
             return torch.utils.data.DataLoader(pairs, batch_size=batch_size, shuffle=True,
-                                               collate_fn=PreferenceCollator(pad_token_id=0))
+                                               collate_fn=PreferenceCollator(pad_token_id=0, padding_free=packs))
 
     class StepTimes(L.Callback):
         def __init__(self):
@@ -80,7 +88,6 @@ def run_one(name: str, workdir: Path, batch_size: int, steps: int, chunk_size: i
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.ends.append(time.perf_counter())
 
-    class_name, kwargs = CONFIGS[name]
     if class_name == "DPOModule":  # an empty cache: ``precomputed`` pays its reference pass
         kwargs = {"ref_cache_dir": tempfile.mkdtemp(dir=workdir), **kwargs}
     if chunk_size is not None:
