@@ -165,8 +165,7 @@ class InterruptAfterEpoch(L.Callback):
 
 def test_resume_from_epoch_end_equals_an_uninterrupted_run(tmp_path, demo_rows):
     """Optimizer, schedule, step and data order all resume: the same batches, the same weights. (The
-    train order is seeded by seed + epoch; a mid-epoch checkpoint resumes its step and epoch, but a plain
-    DataLoader is not stateful, so the rest of that epoch is not the batches it would have had.)"""
+    train order is seeded by seed + epoch; mid-epoch resume: ``test_modules.py``.)"""
     train = write_jsonl(tmp_path / "train.jsonl", demo_rows[:16])
 
     def fit(root, ckpt_path=None, interrupt=False):
