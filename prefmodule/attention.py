@@ -19,15 +19,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 VARLEN_SDPA = "prefmodule_varlen_sdpa"
-VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def varlen_sdpa_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                         attention_mask: Tensor | None, cu_seq_lens_q: Tensor | None = None,
-                        **kwargs) -> tuple[Tensor, None]:
-    """``sdpa_attention_forward``, one sequence at a time when ``cu_seq_lens_q`` bounds a packed row."""
-    for name in VARLEN_KWARGS[1:]:
-        kwargs.pop(name, None)
+                        cu_seq_lens_k: Tensor | None = None, max_length_q: int | None = None,
+                        max_length_k: int | None = None, **kwargs) -> tuple[Tensor, None]:
+    """``sdpa_attention_forward``, one sequence at a time when ``cu_seq_lens_q`` bounds a packed row
+    (self-attention: the key bounds and the flash-attention lengths add nothing)."""
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if query.shape[0] != 1:
@@ -53,18 +52,26 @@ AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_forward)
 AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)  # padded batches get sdpa's own masks
 
 
+def _implementation(model: nn.Module) -> str:
+    return str(getattr(model.config, "_attn_implementation", None))
+
+
+def takes_sequence_bounds(model: nn.Module) -> bool:
+    """Whether ``model``'s attention runs the sequences of a packed row apart, given their bounds."""
+    implementation = _implementation(model)
+    return implementation == VARLEN_SDPA or implementation.startswith("flash_attention")
+
+
 def packed_inputs(model: nn.Module, position_ids: Tensor, sequence_ids: Tensor) -> dict:
     """Keyword arguments for ``model`` on a packed row: its sequence bounds, and the attention mask
     that lets the attention use them (all ones for :data:`VARLEN_SDPA`, ``None`` otherwise, so a
     model that cannot take bounds falls back to Hugging Face's block-diagonal mask: right, slower)."""
+    if not takes_sequence_bounds(model):
+        return dict(position_ids=position_ids, attention_mask=None)
     lengths = torch.bincount(sequence_ids[0])
     bounds = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     longest = int(lengths.max())
-    implementation = getattr(model.config, "_attn_implementation", None)
-    takes_bounds = implementation == VARLEN_SDPA or str(implementation).startswith("flash_attention")
-    if not takes_bounds:
-        return dict(position_ids=position_ids, attention_mask=None)
-    mask = torch.ones_like(position_ids) if implementation == VARLEN_SDPA else None
+    mask = torch.ones_like(position_ids) if _implementation(model) == VARLEN_SDPA else None
     return dict(position_ids=position_ids, attention_mask=mask, cu_seq_lens_q=bounds, cu_seq_lens_k=bounds,
                 max_length_q=longest, max_length_k=longest)
 
@@ -76,10 +83,9 @@ def enable_packed_attention(model: nn.Module) -> bool:
     :data:`VARLEN_SDPA` if a packed probe gives what separate rows give: checked on the model rather
     than trusted, since a model that does not pass the bounds through would attend across sequences.
     """
-    implementation = str(getattr(model.config, "_attn_implementation", None))
-    if implementation == VARLEN_SDPA or implementation.startswith("flash_attention"):
+    if takes_sequence_bounds(model):
         return True
-    if implementation != "sdpa":
+    if _implementation(model) != "sdpa":
         return False
     model.set_attn_implementation(VARLEN_SDPA)
     if _packed_matches_separate(model):

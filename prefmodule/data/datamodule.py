@@ -149,7 +149,7 @@ class PreferenceDataModule(LightningDataModule):
         """Count the training batches that reach the model: the position a mid-epoch checkpoint resumes from."""
         loader = self.trainer.train_dataloader if self.trainer is not None and self.trainer.training else None
         if isinstance(loader, ResumableLoader):
-            loader.trained = getattr(loader, "trained", 0) + 1
+            loader.trained += 1
         return batch
 
     def val_dataloader(self) -> DataLoader | list:

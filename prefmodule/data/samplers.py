@@ -108,16 +108,20 @@ class ResumableLoader(DataLoader):
     batches come in their original order, as if training had never stopped.
     """
 
+    # Class defaults, not ``__init__``: Lightning rebuilds DataLoaders from their constructor arguments.
+    trained = 0
+    _resume: dict[str, int] | None = None
+
     def __iter__(self):
         sampler = self.batch_sampler
-        resume, self._resume = getattr(self, "_resume", None), None
+        resume, self._resume = self._resume, None
         if isinstance(sampler, PairBatchSampler):
             sampler.skip = resume["batches"] if resume is not None and resume["epoch"] == sampler.epoch else 0
             self.trained = sampler.skip
         return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": getattr(self.batch_sampler, "epoch", 0), "batches": getattr(self, "trained", 0)}
+        return {"epoch": getattr(self.batch_sampler, "epoch", 0), "batches": self.trained}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = state

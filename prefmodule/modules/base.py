@@ -13,7 +13,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from prefmodule.attention import enable_packed_attention, packed_inputs
+from prefmodule.attention import enable_packed_attention, packed_inputs, takes_sequence_bounds
 from prefmodule.hf import load_causal_lm, load_tokenizer
 from prefmodule.logps import SequenceStats, chunked_sequence_stats, head_gives_logits, sequence_stats
 from prefmodule.metrics import PreferenceMetrics
@@ -100,7 +100,6 @@ class PreferenceModule(LightningModule):
         self.save_hyperparameters(ignore=list(self.runtime_args))
         self.logps_chunk_size = logps_chunk_size
         self.chunked_logps = False  # decided in ``configure_model``: does the model allow it
-        self.packed_attention = False  # likewise: do packed rows reach its attention as separate sequences
         self.predictions_path = predictions_path
         self.export_hf_after_fit = export_hf
         self.model_name = model
@@ -126,8 +125,7 @@ class PreferenceModule(LightningModule):
             rank_zero_warn(f"{self.model_name}: its logits are not its LM head applied to its decoder's last hidden "
                            "state (scaled, soft-capped, ...): log-probs come from the full logits (logps_chunk_size "
                            "ignored).")
-        # Read by the datamodule (``padding_free=None``): pack batches when attention takes packed rows cheaply.
-        self.packed_attention = enable_packed_attention(policy)
+        enable_packed_attention(policy)
         self.configure_reference(policy)
         if self.lora is not None:
             policy = self._add_lora(policy, self.lora)
@@ -155,19 +153,25 @@ class PreferenceModule(LightningModule):
         )
         return get_peft_model(policy, config)
 
+    @property
+    def packed_attention(self) -> bool:
+        """Whether every model this module runs attends to packed rows per sequence, with no quadratic
+        mask; the datamodule (``padding_free=None``) packs batches then."""
+        models = [child for child in self.children() if hasattr(child, "config")]
+        return bool(models) and all(takes_sequence_bounds(model) for model in models)
+
     # ----- forward ----------------------------------------------------------------------------
     def sequence_stats(self, model: nn.Module, batch: dict[str, Tensor]) -> SequenceStats:
         """One forward over the concatenated chosen + rejected sequences of ``batch`` (padded or packed).
 
         With ``logps_chunk_size`` the decoder and the LM head run separately (see ``chunked_sequence_stats``).
         """
-        packed = "sequence_ids" in batch
-        inputs = dict(input_ids=batch["input_ids"], use_cache=False)
-        if packed:
-            inputs.update(packed_inputs(model, batch["position_ids"], batch["sequence_ids"]))
+        if "sequence_ids" in batch:  # packed
+            inputs = packed_inputs(model, batch["position_ids"], batch["sequence_ids"])
+            sequences = dict(sequence_ids=batch["sequence_ids"], num_sequences=2 * batch["index"].numel())
         else:
-            inputs["attention_mask"] = batch["attention_mask"]
-        sequences = dict(sequence_ids=batch["sequence_ids"], num_sequences=2 * batch["index"].numel()) if packed else {}
+            inputs, sequences = dict(attention_mask=batch["attention_mask"]), {}
+        inputs.update(input_ids=batch["input_ids"], use_cache=False)
         if self.chunked_logps:
             hidden = model.get_decoder()(**inputs).last_hidden_state
             return chunked_sequence_stats(hidden, model.get_output_embeddings(), batch["labels"],

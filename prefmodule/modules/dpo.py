@@ -117,7 +117,7 @@ class DPOModule(PreferenceModule):
         source = self.hparams.ref_model or self.model_name
         reference = load_causal_lm(source, self.hparams.dtype, self.hparams.trust_remote_code,
                                    self.attn_implementation)
-        self.packed_attention &= enable_packed_attention(reference)
+        enable_packed_attention(reference)
         return self._frozen(reference)
 
     @staticmethod
