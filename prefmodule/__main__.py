@@ -1,4 +1,4 @@
-from prefmodule.cli import main
+from prefmodule.cli import console
 
 if __name__ == "__main__":
-    main()
+    console()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from prefmodule.data import PreferenceDataModule
+from prefmodule.errors import UserError, show_traceback
 from prefmodule.modules import PreferenceModule
 
 
@@ -27,16 +29,35 @@ class PrefCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> PrefCLI:
-    """Run the CLI on ``args`` (default: ``sys.argv``); returns the CLI object (with ``.trainer``, ``.model``)."""
-    cli = PrefCLI(
-        PreferenceModule,
-        PreferenceDataModule,
-        subclass_mode_model=True,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-    )
+    """Run the CLI on ``args`` (default: ``sys.argv``); returns the CLI object (with ``.trainer``, ``.model``).
+
+    A configuration or data mistake (:class:`~prefmodule.errors.UserError`) prints one message and exits
+    with code 2; ``--traceback`` or ``PREFMODULE_TRACEBACK=1`` shows its traceback instead.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    traceback = show_traceback(argv)
+    if "--traceback" in argv:
+        argv.remove("--traceback")
+    try:
+        cli = PrefCLI(
+            PreferenceModule,
+            PreferenceDataModule,
+            subclass_mode_model=True,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            args=argv,
+        )
+    except UserError as error:
+        if traceback:
+            raise
+        print(f"prefmodule: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     if torch.distributed.is_initialized():  # Lightning leaves gloo's open: its threads would abort the exit
         torch.distributed.barrier()  # every rank done (rank 0 may still be writing the export)
         torch.distributed.destroy_process_group()
     return cli
+
+
+def console() -> None:
+    """The installed ``prefmodule`` command: exit code 0 on success (``main``'s return value is for Python)."""
+    main()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from prefmodule.data.sources import BrokenJSON, Source
+from prefmodule.errors import DataError
 
 Format = Literal["auto", "standard", "conversational", "implicit"]
 FORMATS = Format.__args__
@@ -40,7 +41,7 @@ class BadRow:
         return f"{where}: field {self.field!r}: {self.reason}" if self.field else f"{where}: {self.reason}"
 
 
-class DataValidationError(ValueError):
+class DataValidationError(DataError):
     """Raised when rows are malformed and ``on_bad_rows`` is ``"error"``."""
 
     def __init__(self, bad: list[BadRow], total: int):
