@@ -32,6 +32,10 @@ class SequenceStats:
     logps: torch.Tensor  # sum_t log pi(y_t | x, y_<t)
     lengths: torch.Tensor  # number of response tokens
     logits: torch.Tensor  # sum over response tokens of the vocabulary-mean logit (detached)
+    # Per response token, sequence after sequence in order (a batch's stats, not a split's): log pi(y_t | x, y_<t)
+    token_logps: torch.Tensor | None = None
+    # On request (``sum_sq_probs``): sum_t log sum_v pi(v | x, y_<t)^2 per sequence (detached; WPO's weights)
+    log_sum_sq_probs: torch.Tensor | None = None
 
     @property
     def avg_logps(self) -> torch.Tensor:
@@ -41,9 +45,22 @@ class SequenceStats:
     def split(self) -> tuple[SequenceStats, SequenceStats]:
         """Split the concatenated batch into its chosen (first half) and rejected sequences."""
         half = self.logps.shape[0] // 2
-        first = SequenceStats(self.logps[:half], self.lengths[:half], self.logits[:half])
-        second = SequenceStats(self.logps[half:], self.lengths[half:], self.logits[half:])
-        return first, second
+
+        def part(rows: slice) -> SequenceStats:
+            sum_sq = self.log_sum_sq_probs
+            return SequenceStats(self.logps[rows], self.lengths[rows], self.logits[rows],
+                                 log_sum_sq_probs=None if sum_sq is None else sum_sq[rows])
+
+        return part(slice(None, half)), part(slice(half, None))
+
+    def prefix_logps(self, prefix_lengths: torch.Tensor) -> torch.Tensor:
+        """``[sequences]``: the log-prob of each sequence's first ``prefix_lengths`` response tokens."""
+        owners = torch.repeat_interleave(torch.arange(len(self.lengths), device=self.lengths.device), self.lengths,
+                                         output_size=self.token_logps.numel())
+        starts = self.lengths.cumsum(0) - self.lengths
+        position = torch.arange(owners.numel(), device=owners.device) - starts[owners]
+        in_prefix = position < prefix_lengths.to(owners.device)[owners]
+        return self.token_logps.new_zeros(len(self.lengths)).index_add(0, owners, self.token_logps * in_prefix)
 
 
 def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +88,7 @@ def response_owners(mask: torch.Tensor, sequence_ids: torch.Tensor | None) -> to
 
 
 def per_sequence(token_logps: torch.Tensor, token_mean_logits: torch.Tensor, owners: torch.Tensor,
-                 num_sequences: int) -> SequenceStats:
+                 num_sequences: int, token_log_sum_sq: torch.Tensor | None = None) -> SequenceStats:
     """Sum per-response-token values ``[tokens]`` into their sequences."""
     def total(values: torch.Tensor) -> torch.Tensor:
         return values.new_zeros(num_sequences).index_add(0, owners, values)
@@ -80,15 +97,24 @@ def per_sequence(token_logps: torch.Tensor, token_mean_logits: torch.Tensor, own
         logps=total(token_logps),
         lengths=torch.bincount(owners, minlength=num_sequences),
         logits=total(token_mean_logits.detach()),
+        token_logps=token_logps,
+        log_sum_sq_probs=None if token_log_sum_sq is None else total(token_log_sum_sq),
     )
 
 
+def log_sum_sq_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``log sum_v softmax(logits)_v^2`` over the last dimension, in float32, without gradient."""
+    with torch.no_grad():
+        logits = logits.float()
+        return torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
+
+
 def sequence_stats(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None,
-                   num_sequences: int | None = None) -> SequenceStats:
+                   num_sequences: int | None = None, sum_sq_probs: bool = False) -> SequenceStats:
     """Reduce ``logits [rows, T, vocab]`` for ``labels [rows, T]`` to per-sequence response sums.
 
     Padded batches need only ``logits`` and ``labels``; packed batches also pass ``sequence_ids``
-    and ``num_sequences``.
+    and ``num_sequences``. ``sum_sq_probs`` also sums ``log sum_v p_v^2`` (WPO's weights).
     """
     logits = logits[:, :-1]
     targets, mask = shifted_targets(labels)
@@ -96,18 +122,20 @@ def sequence_stats(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: tor
     with torch.no_grad():
         mean_logits = logits.mean(-1, dtype=torch.float32)
     rows = num_sequences if sequence_ids is not None else labels.shape[0]
-    return per_sequence(logps[mask], mean_logits[mask], response_owners(mask, sequence_ids), rows)
+    sum_sq = log_sum_sq_probs(logits[mask]) if sum_sq_probs else None
+    return per_sequence(logps[mask], mean_logits[mask], response_owners(mask, sequence_ids), rows, sum_sq)
 
 
 def chunked_sequence_stats(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int,
                            sequence_ids: torch.Tensor | None = None,
-                           num_sequences: int | None = None) -> SequenceStats:
+                           num_sequences: int | None = None, sum_sq_probs: bool = False) -> SequenceStats:
     """:func:`sequence_stats` from the final hidden states ``[rows, T, hidden]`` and the LM ``head``.
 
     Only response positions go through the head, ``chunk_size`` tokens at a time; with gradients
     on, each chunk's logits are dropped after its forward and recomputed in backward, so at most
     ``chunk_size x vocab`` logits exist at once. A plain ``nn.Linear`` head takes the fused
     :class:`LinearLogSoftmax`; any other head (LoRA, FSDP2-sharded, ...) is called as a module.
+    ``sum_sq_probs`` runs the chunks through the head once more, without gradient, for ``log sum_v p_v^2``.
     """
     targets, mask = shifted_targets(labels)
     hidden, targets = hidden[:, :-1][mask], targets[mask]
@@ -116,7 +144,12 @@ def chunked_sequence_stats(hidden: torch.Tensor, head: nn.Module, labels: torch.
               for i in range(0, targets.numel(), chunk_size)] or [_head_stats(head, hidden, targets)]
     logps, mean_logits = (torch.cat(values) for values in zip(*chunks))
     rows = num_sequences if sequence_ids is not None else labels.shape[0]
-    return per_sequence(logps, mean_logits, response_owners(mask, sequence_ids), rows)
+    sum_sq = None
+    if sum_sq_probs:  # one more pass through the head, without gradient, a chunk at a time
+        with torch.no_grad():
+            sum_sq = torch.cat([log_sum_sq_probs(head(hidden[i: i + chunk_size]))
+                                for i in range(0, max(1, targets.numel()), chunk_size)])
+    return per_sequence(logps, mean_logits, response_owners(mask, sequence_ids), rows, sum_sq)
 
 
 def is_plain_linear(head: nn.Module) -> bool:

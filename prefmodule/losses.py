@@ -1,11 +1,11 @@
-"""Preference-optimisation losses as pure functions of per-pair log-probabilities.
+"""Preference-optimisation losses as pure functions of per-pair (or, for KTO, per-row) log-probabilities.
 
-Every function here takes tensors of shape ``[B]`` (one value per preference pair) and returns
-tensors of shape ``[B]``; nothing here knows about models, data or Lightning. Inputs are upcast to
+Every function here takes tensors of shape ``[B]`` (one value per preference pair or unpaired row) and
+returns tensors of shape ``[B]``; nothing here knows about models, data or Lightning. Inputs are upcast to
 at least float32 (float64 stays float64, so ``torch.autograd.gradcheck`` works), whatever the
 model's precision.
 
-Notation (SPEC.md §3-5). For a pair ``(x, y_w, y_l)``:
+Notation. For a pair ``(x, y_w, y_l)``:
 
 * ``logp_w = log pi_theta(y_w|x)`` and ``logp_l`` are **summed** response log-probs (DPO family);
   ``ref_logp_w``, ``ref_logp_l`` the same under the frozen reference model.
@@ -13,6 +13,7 @@ Notation (SPEC.md §3-5). For a pair ``(x, y_w, y_l)``:
   ``delta = chosen_logratio - rejected_logratio`` and ``logits = beta * delta``.
 * ``a = avg log P(y_w|x)``, ``b = avg log P(y_l|x)`` are **length-normalised** log-probs (ORPO,
   SimPO), i.e. the log of the geometric-mean token probability.
+* KTO's rows ``(x, y, desirable)`` have ``r = log pi_theta(y|x) - log pi_ref(y|x)``.
 
 DPO loss types live in a registry (``DPO_LOSSES``) filled by ``@register_dpo_loss(name)``; their
 semantics and defaults follow Hugging Face TRL 1.16's ``DPOTrainer`` (``_compute_loss``), with the
@@ -30,15 +31,29 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "CPO_LOSS_TYPES",
     "DPO_LOSSES",
     "DPO_LOSS_TYPES",
+    "F_DIVERGENCES",
+    "KTO_LOSS_TYPES",
     "PairLogps",
+    "SCORE_LOSS_TYPES",
+    "alphapo_rewards",
+    "beta_dpo_beta",
+    "beta_dpo_filter",
+    "beta_dpo_running_stats",
+    "cpo_loss",
     "dpo_loss",
+    "f_divergence_score",
+    "kto_kl",
+    "kto_loss",
+    "ld_logps",
     "log1mexp",
     "nll_loss",
     "orpo_loss",
     "register_dpo_loss",
     "simpo_loss",
+    "wpo_weights",
 ]
 
 
@@ -52,12 +67,44 @@ def _upcast(x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+SCORE_LOSS_TYPES = frozenset({"sigmoid", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm"})
+"""The loss types built on the chosen-minus-rejected score ``delta``: the only ones an f-divergence or the
+DPO-Positive penalty changes (as TRL, which rejects ``f_divergence_type`` for the others)."""
+
+
+def f_divergence_score(logratios: Tensor, f_divergence: str, alpha: float = 0.5) -> Tensor:
+    """``f'(u)`` at the likelihood ratio ``u = pi / pi_ref`` (f-DPO, Wang et al., 2023, arXiv 2309.16240),
+    from ``logratios = log u``, as TRL 1.16's ``DPOTrainer``:
+
+        reverse_kl:        log u
+        forward_kl:        1 - 1/u
+        js_divergence:     log(2u / (1 + u)) = log 2 + log sigmoid(log u)
+        alpha_divergence:  (u^(alpha - 1) - 1) / (alpha - 1)     (log u at alpha = 1)
+
+    For ``alpha_divergence`` the exponent ``(alpha - 1) log u`` is clamped to <= 80 (TRL's float32 bound),
+    so ``exp`` stays finite.
+    """
+    if f_divergence == "reverse_kl":
+        return logratios
+    if f_divergence == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if f_divergence == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:  # the limit is log u
+            return logratios
+        return torch.expm1(((alpha - 1.0) * logratios).clamp(max=80.0)) / (alpha - 1.0)
+    raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {f_divergence!r}")
+
+
 @dataclass(frozen=True)
 class PairLogps:
     """Summed log-probs of one batch of pairs under the policy and the reference, shape ``[B]``.
 
     ``chosen_lengths`` / ``rejected_lengths`` count the response tokens of each sequence; only the
-    length-normalised types (``ipo``, ``sigmoid_norm``) need them.
+    length-normalised types (``ipo``, ``sigmoid_norm``) need them. ``f_divergence`` (with ``f_alpha``)
+    and ``dpop_lambda`` shape the scores the margin ``delta`` is built from.
     """
 
     policy_chosen: Tensor
@@ -66,6 +113,9 @@ class PairLogps:
     ref_rejected: Tensor
     chosen_lengths: Tensor | None = None
     rejected_lengths: Tensor | None = None
+    f_divergence: str = "reverse_kl"
+    f_alpha: float = 0.5
+    dpop_lambda: float = 0.0
 
     @property
     def chosen_logratios(self) -> Tensor:
@@ -76,12 +126,26 @@ class PairLogps:
         return self.policy_rejected - self.ref_rejected
 
     @property
+    def chosen_scores(self) -> Tensor:
+        """``f'(pi/pi_ref)`` of the chosen response (its log-ratio for standard DPO), less DPO-Positive's
+        penalty ``lambda * max(0, ref_logp_w - logp_w)``."""
+        score = f_divergence_score(self.chosen_logratios, self.f_divergence, self.f_alpha)
+        if self.dpop_lambda:
+            score = score - self.dpop_lambda * torch.relu(-self.chosen_logratios)
+        return score
+
+    @property
+    def rejected_scores(self) -> Tensor:
+        return f_divergence_score(self.rejected_logratios, self.f_divergence, self.f_alpha)
+
+    @property
     def delta(self) -> Tensor:
-        """``(logp_w - ref_logp_w) - (logp_l - ref_logp_l)``: DPO's ``h / beta``."""
-        return self.chosen_logratios - self.rejected_logratios
+        """``chosen_scores - rejected_scores``: for standard DPO ``(logp_w - ref_logp_w) - (logp_l - ref_logp_l)``,
+        DPO's ``h / beta``."""
+        return self.chosen_scores - self.rejected_scores
 
     def per_token_delta(self, loss_type: str) -> Tensor:
-        """``delta`` with each log-ratio divided by its response length (clamped to >= 1)."""
+        """``delta`` with each score divided by its response length (clamped to >= 1)."""
         if self.chosen_lengths is None or self.rejected_lengths is None:
             raise ValueError(
                 f"loss_type={loss_type!r} averages the log-ratios per token: pass `chosen_lengths` and "
@@ -89,7 +153,7 @@ class PairLogps:
             )
         chosen_len = self.chosen_lengths.to(self.policy_chosen).clamp(min=1.0)
         rejected_len = self.rejected_lengths.to(self.policy_chosen).clamp(min=1.0)
-        return self.chosen_logratios / chosen_len - self.rejected_logratios / rejected_len
+        return self.chosen_scores / chosen_len - self.rejected_scores / rejected_len
 
 
 # A DPO loss type maps (pairs, hyperparameters) to per-pair losses [B]. Every function receives
@@ -127,7 +191,7 @@ def _sigmoid(pairs: PairLogps, *, beta: float, label_smoothing: float, **_) -> T
 
     With ``eps = 0`` this is exactly TRL's ``sigmoid``. Difference from TRL 1.16: TRL's ``sigmoid``
     ignores ``label_smoothing``; here ``eps > 0`` gives conservative DPO (Mitchell, 2023, "A note on
-    DPO with noisy preferences"), as SPEC.md §3 asks.
+    DPO with noisy preferences").
     """
     return _conservative_logistic(beta * pairs.delta, label_smoothing)
 
@@ -265,7 +329,8 @@ def _apo_down(pairs: PairLogps, *, beta: float, **_) -> Tensor:
 
         L = sigmoid(r_w) + (1 - sigmoid(r_w - r_l)),    r = beta * logratio
     """
-    return torch.sigmoid(beta * pairs.chosen_logratios) + (1 - torch.sigmoid(beta * pairs.delta))
+    logratio_margin = pairs.chosen_logratios - pairs.rejected_logratios
+    return torch.sigmoid(beta * pairs.chosen_logratios) + (1 - torch.sigmoid(beta * logratio_margin))
 
 
 @register_dpo_loss("discopop")
@@ -315,13 +380,17 @@ def dpo_loss(
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
     discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    dpop_lambda: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """DPO-family loss per pair, from summed response log-probs of policy and reference (shape ``[B]``).
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``log pi_theta(y|x)`` summed over response tokens.
         ref_chosen_logps, ref_rejected_logps: the same under the frozen reference model.
-        beta: DPO's ``beta`` (strength of the implicit KL penalty; IPO's ``tau``).
+        beta: DPO's ``beta`` (strength of the implicit KL penalty; IPO's ``tau``); a scalar tensor works
+            too (beta-DPO's batch beta).
         loss_type: one name from ``DPO_LOSSES`` (see ``DPO_LOSS_TYPES``), or a list of names whose
             per-pair losses are summed with ``loss_weights`` (e.g. MPO-style combinations).
         loss_weights: one weight per name in ``loss_type`` (default: all 1.0).
@@ -330,6 +399,14 @@ def dpo_loss(
         chosen_lengths, rejected_lengths: response token counts ``[B]``; required by ``ipo`` and
             ``sigmoid_norm``.
         discopop_tau: temperature of the ``discopop`` modulation.
+        f_divergence_type: f-DPO's divergence (Wang et al., 2023, arXiv 2309.16240), one of
+            ``F_DIVERGENCES``: each log-ratio becomes ``f'(pi/pi_ref)`` (see ``f_divergence_score``) in
+            the score-based types (``SCORE_LOSS_TYPES``); ``reverse_kl`` is standard DPO.
+        f_alpha_divergence_coef: ``alpha`` of ``alpha_divergence`` (TRL's default 0.5).
+        dpop_lambda: DPO-Positive (Pal et al., 2024, arXiv 2402.13228, Eq. 3): the chosen score loses
+            ``lambda * max(0, ref_logp_w - logp_w)``, penalising any drop of the chosen likelihood below the
+            reference's; with ``sigmoid``, ``L = -log sigmoid(beta * (delta - lambda * max(0, ref_logp_w - logp_w)))``.
+            The paper uses lambda = 50 (500 for some tasks); 0 turns it off.
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]`` and at least float32.
@@ -338,8 +415,8 @@ def dpo_loss(
         as TRL logs them.
 
     TRL's ``sft`` loss type is not here: it needs per-token log-probs; use ``nll_loss`` on the
-    chosen tokens with a weight (RPO). TRL's ``f_divergence_type``, ``ld_alpha`` and
-    ``use_weighting`` options are not implemented (standard reverse-KL DPO only).
+    chosen tokens with a weight (RPO). TRL's ``use_weighting`` (WPO) multiplies these losses by
+    ``wpo_weights``; its ``ld_alpha`` (LD-DPO) changes the log-probs passed in (``ld_logps``).
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(loss_types) if loss_weights is None else [float(w) for w in loss_weights]
@@ -358,6 +435,14 @@ def dpo_loss(
         raise ValueError(
             f"loss_type='exo_pair' needs 0 < label_smoothing < 1 (the EXO paper recommends 1e-3), got {label_smoothing}"
         )
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {f_divergence_type!r}")
+    for option, changed in (("f_divergence_type", f_divergence_type != "reverse_kl"), ("dpop_lambda", dpop_lambda)):
+        if changed and not set(loss_types) <= SCORE_LOSS_TYPES:
+            raise ValueError(f"{option} shapes the chosen-minus-rejected score: it works with the loss types "
+                             f"{sorted(SCORE_LOSS_TYPES)}, not {sorted(set(loss_types) - SCORE_LOSS_TYPES)}")
+    if dpop_lambda < 0:
+        raise ValueError(f"dpop_lambda must be >= 0, got {dpop_lambda}")
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     shapes = {tuple(t.shape) for t in logps}
     if len(shapes) != 1:
@@ -370,6 +455,9 @@ def dpo_loss(
         ref_rejected=_upcast(ref_rejected_logps),
         chosen_lengths=None if chosen_lengths is None else torch.as_tensor(chosen_lengths),
         rejected_lengths=None if rejected_lengths is None else torch.as_tensor(rejected_lengths),
+        f_divergence=f_divergence_type,
+        f_alpha=f_alpha_divergence_coef,
+        dpop_lambda=dpop_lambda,
     )
     losses = sum(
         weight * DPO_LOSSES[name](pairs, beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau)
@@ -378,6 +466,87 @@ def dpo_loss(
     chosen_rewards = beta * pairs.chosen_logratios.detach()
     rejected_rewards = beta * pairs.rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def wpo_weights(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    chosen_log_sum_sq: Tensor,
+    rejected_log_sum_sq: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+) -> Tensor:
+    """WPO's pair weights (Zhou et al., 2024, arXiv 2406.11827, Eq. 2, with its sampling alignment), as TRL's
+    ``use_weighting``: how likely the policy itself is to generate the pair, per token,
+
+        w(y)      = exp( (1/|y|) sum_t [ log pi(y_t | x, y_<t) - log sum_v pi(v | x, y_<t)^2 ] )
+        weight    = w(y_w) * w(y_l)        (no gradient)
+
+    from each response's summed log-prob, its summed ``log sum_v p_v^2`` (``SequenceStats.log_sum_sq_probs``)
+    and its token count (clamped to >= 1). Multiply the per-pair DPO losses by it. ``[B]``, detached.
+    """
+    def weight(logps: Tensor, log_sum_sq: Tensor, lengths: Tensor) -> Tensor:
+        aligned = _upcast(logps).detach() - _upcast(log_sum_sq).detach()
+        return torch.exp(aligned / lengths.to(aligned).clamp(min=1.0))
+
+    return weight(chosen_logps, chosen_log_sum_sq, chosen_lengths) * weight(rejected_logps, rejected_log_sum_sq,
+                                                                            rejected_lengths)
+
+
+def ld_logps(logps: Tensor, public_logps: Tensor, alpha: float) -> Tensor:
+    """LD-DPO's length-desensitised log-prob (Liu et al., 2024, arXiv 2409.06411), as TRL's ``ld_alpha``:
+
+        logp_LD(y) = logp(y_<=l) + alpha * (logp(y) - logp(y_<=l))
+
+    where ``logp(y_<=l)`` (``public_logps``) sums the first ``l`` response tokens, ``l`` the public length: the
+    shorter of the pair's two responses. ``alpha = 1`` is plain DPO, ``alpha = 0`` ignores tokens past ``l``.
+    Apply it to policy and reference log-probs alike.
+    """
+    return public_logps + alpha * (logps - public_logps)
+
+
+def beta_dpo_running_stats(gaps: Tensor, mean: Tensor, std: Tensor, momentum: float = 0.9) -> tuple[Tensor, Tensor]:
+    """beta-DPO's running estimate of the reward discrepancy (Wu et al., 2024, arXiv 2407.08639, Sec. 4):
+
+        M_0   <- m * M_0   + (1 - m) * mean_i M_i
+        sigma <- m * sigma + (1 - m) * std_i M_i
+
+    over the (all-ranks) batch's margins ``M_i = gaps`` = ``delta``, the log-ratio margins. As the authors'
+    code: both start at 0, each training batch updates them before it is filtered, ``m = 0.9``, and the
+    standard deviation is the unbiased one (the biased one for a single pair). Detached.
+    """
+    gaps = _upcast(gaps).detach()
+    batch_std = gaps.std(correction=1 if gaps.numel() > 1 else 0)
+    return momentum * mean + (1 - momentum) * gaps.mean(), momentum * std + (1 - momentum) * batch_std
+
+
+def beta_dpo_filter(gaps: Tensor, mean: Tensor, std: Tensor, keep: int, uniform: Tensor) -> Tensor:
+    """beta-DPO's data filter: which ``keep`` pairs of the batch train, drawn without replacement with
+
+        p_i  proportional to  exp(-(M_i - M_0)^2 / (2 sigma^2))
+
+    so outliers of the margin distribution, too easy or too hard, rarely train. Drawn by the Gumbel-top-k trick
+    (the ``keep`` largest ``log p_i - log(-log U_i)``, ``U_i = uniform`` in (0, 1)): the same distribution as
+    sequential sampling without replacement (the authors' ``torch.multinomial``), but finite in log space
+    when every ``p_i`` underflows, and uniform when ``sigma = 0`` (all margins equal, as at the first step).
+    Returns a bool mask ``[B]``.
+    """
+    z = (_upcast(gaps) - mean) / std.clamp(min=torch.finfo(torch.float32).tiny)
+    log_p = torch.where(gaps == mean, torch.zeros_like(z), -0.5 * z**2)
+    keys = log_p - torch.log(-torch.log(uniform.to(log_p)))
+    mask = torch.zeros_like(gaps, dtype=torch.bool)
+    mask[keys.topk(keep).indices] = True
+    return mask
+
+
+def beta_dpo_beta(beta: float, alpha: float, gaps: Tensor, selected: Tensor, mean: Tensor) -> Tensor:
+    """beta-DPO's batch beta (Wu et al., 2024, arXiv 2407.08639, Eq. 7):
+
+        beta_batch = beta * (1 + alpha * (mean over the selected pairs of M_i - M_0)),   clamped to >= 1e-3
+
+    larger for batches whose margins run above the running mean (informative pairs), smaller below. Detached.
+    """
+    return (beta * (1 + alpha * (_upcast(gaps)[selected].mean() - mean))).clamp(min=1e-3).detach()
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,6 +606,63 @@ def orpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, *, beta: flo
     return losses, log_odds
 
 
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+
+
+def alphapo_rewards(logps: Tensor, alpha: float) -> Tensor:
+    """AlphaPO's reward shape (Gupta et al., 2025, arXiv 2501.03884): ``r = (1 - p^-alpha) / alpha`` with
+    ``p = exp(logps)``, i.e. ``-expm1(-alpha * logps) / alpha``; ``alpha = 0`` is ``logps`` itself (its limit).
+
+    Difference from TRL 1.16's ``CPOTrainer``: TRL forms ``exp(logps) ** -alpha``, which is ``inf`` once
+    ``exp(logps)`` underflows (summed log-probs below about -100 in float32); this form stays finite.
+    """
+    return logps if alpha == 0 else -torch.expm1(-alpha * logps) / alpha
+
+
+def cpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    gamma: float = 0.5,
+    alpha: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference-free preference losses of TRL's ``CPOTrainer``, per pair, on the policy's own log-probs.
+
+    With ``r = alphapo_rewards(logp, alpha)`` (``r = logp`` for ``alpha = 0``) and ``d = r_w - r_l``:
+
+        sigmoid:  -(1 - eps) log sigmoid(beta * d) - eps log sigmoid(-beta * d)          CPO, Xu et al., 2024,
+                                                                                         arXiv 2401.08417, Eq. 3
+        simpo:    the same with z = beta * d - gamma                                     SimPO, Meng et al., 2024,
+                                                                                         arXiv 2405.14734, Eq. 6
+        hinge:    relu(1 - beta * d)                                                     (SLiC-style)
+        ipo:      (d - 1 / (2 beta))^2                                                   (IPO-style)
+
+    Pass summed log-probs for ``sigmoid`` and ``hinge`` and per-token averages for ``ipo`` and ``simpo``, as
+    TRL does. CPO adds ``cpo_alpha * nll_loss(chosen)`` (see ``nll_loss``); AlphaPO is ``simpo`` with ``alpha``.
+    ``hinge`` and ``ipo`` take no ``label_smoothing`` (TRL ignores it with a warning; here it is an error).
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are ``beta * r``, detached.
+    """
+    if loss_type not in CPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {CPO_LOSS_TYPES}, got {loss_type!r}")
+    if loss_type in ("hinge", "ipo") and label_smoothing:
+        raise ValueError(f"loss_type={loss_type!r} takes no label_smoothing (got {label_smoothing})")
+    chosen_rewards = alphapo_rewards(_upcast(chosen_logps), alpha)
+    rejected_rewards = alphapo_rewards(_upcast(rejected_logps), alpha)
+    margin = chosen_rewards - rejected_rewards
+    if loss_type == "hinge":
+        losses = torch.relu(1 - beta * margin)
+    elif loss_type == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2
+    else:
+        losses = _conservative_logistic(beta * margin - (gamma if loss_type == "simpo" else 0.0), label_smoothing)
+    return losses, beta * chosen_rewards.detach(), beta * rejected_rewards.detach()
+
+
 def simpo_loss(
     chosen_avg_logps: Tensor,
     rejected_avg_logps: Tensor,
@@ -450,17 +676,17 @@ def simpo_loss(
         z = beta * a - beta * b - gamma,    a, b = avg log P(y_w|x), avg log P(y_l|x)
         L = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)
 
-    ``gamma`` is the target reward margin in reward units, the same quantity as TRL ``CPOConfig``'s
-    ``simpo_gamma`` (TRL subtracts ``simpo_gamma / beta`` from ``a - b`` and then multiplies by
-    ``beta``, i.e. exactly this ``z``). The paper's defaults are around ``beta = 2.0``, ``gamma = 0.5``
-    (TRL's CPO ``beta`` default is 0.1, tuned for CPO, not SimPO). ``eps = label_smoothing`` as in TRL.
+    ``cpo_loss(a, b, loss_type="simpo")``. ``gamma`` is the target reward margin in reward units, the same
+    quantity as TRL ``CPOConfig``'s ``simpo_gamma`` (TRL subtracts ``simpo_gamma / beta`` from ``a - b`` and
+    then multiplies by ``beta``, i.e. exactly this ``z``). The paper's defaults are around ``beta = 2.0``,
+    ``gamma = 0.5`` (TRL's CPO ``beta`` default is 0.1, tuned for CPO, not SimPO). ``eps = label_smoothing``
+    as in TRL.
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are ``beta * avg_logp``, detached.
     """
-    a, b = _upcast(chosen_avg_logps), _upcast(rejected_avg_logps)
-    losses = _conservative_logistic(beta * (a - b) - gamma, label_smoothing)
-    return losses, beta * a.detach(), beta * b.detach()
+    return cpo_loss(chosen_avg_logps, rejected_avg_logps, beta=beta, loss_type="simpo", gamma=gamma,
+                    label_smoothing=label_smoothing)
 
 
 def nll_loss(response_logps: Tensor, response_lengths: Tensor) -> Tensor:
@@ -473,3 +699,61 @@ def nll_loss(response_logps: Tensor, response_lengths: Tensor) -> Tensor:
     Used for ORPO's ``L_SFT`` and the RPO term of DPO and SimPO (``sft_weight``).
     """
     return -_upcast(response_logps).sum() / response_lengths.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------------------------
+# KTO: unpaired rows
+# --------------------------------------------------------------------------------------------
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+def kto_kl(policy_kl_logps: Tensor, ref_kl_logps: Tensor, gather: Callable[[Tensor], Tensor] = lambda t: t) -> Tensor:
+    """KTO's reference point (Ethayarajh et al., 2024, arXiv 2402.01306, Eq. 7), estimated as TRL's ``KTOTrainer``:
+
+        z_0 = max(0, mean over ranks of mean_i [log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)])     (no gradient)
+
+    on mismatched pairs: each prompt ``x_i`` with another row's completion ``y'_i`` (the previous row's, within
+    the batch). ``gather`` collects each rank's scalar mean (e.g. ``LightningModule.all_gather``). A scalar.
+    """
+    return gather((_upcast(policy_kl_logps) - _upcast(ref_kl_logps)).mean().detach()).mean().clamp(min=0)
+
+
+def kto_loss(
+    logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl: Tensor | float = 0.0,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "kto",
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """KTO (Ethayarajh et al., 2024, arXiv 2402.01306, Eq. 7) per row of unpaired data, as TRL's ``KTOTrainer``.
+
+    With ``r = log pi(y|x) - log pi_ref(y|x)`` (summed log-probs) and the reference point ``z_0 = kl``
+    (``kto_kl``):
+
+        kto, desirable:                  w_D * (1 - sigmoid(beta * (r - z_0)))
+        kto, undesirable:                w_U * (1 - sigmoid(beta * (z_0 - r)))
+        apo_zero_unpaired, desirable:    w_D * (1 - sigmoid(beta * r))          APO-zero (D'Oosterlinck et al.,
+        apo_zero_unpaired, undesirable:  w_U * sigmoid(beta * r)                2024, arXiv 2408.06266), unpaired
+
+    ``desirable`` is a bool ``[n]`` (the row's label). Reduce with ``.mean()`` over the rows. The paper asks
+    ``w_D * n_D / (w_U * n_U)`` to lie in [1, 4/3] (``n_D``, ``n_U``: desirable and undesirable rows).
+
+    Returns:
+        ``(losses, rewards)``, each ``[n]``; ``rewards = beta * r``, detached.
+    """
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
+    logratios = _upcast(logps) - _upcast(ref_logps)
+    desirable = desirable.to(torch.bool)
+    if loss_type == "kto":
+        margin = torch.where(desirable, logratios - kl, kl - logratios)
+        losses = 1 - torch.sigmoid(beta * margin)
+    else:
+        losses = torch.where(desirable, 1 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios))
+    weights = torch.where(desirable, desirable_weight, undesirable_weight).to(losses)
+    return weights * losses, beta * logratios.detach()

@@ -1,4 +1,4 @@
-"""Preference metrics as ``torchmetrics.Metric``s, logged under TRL's names (SPEC.md §6).
+"""Preference metrics as ``torchmetrics.Metric``s, logged under TRL's names.
 
 Every metric keeps sums, so values accumulate exactly over an epoch and synchronise across
 ranks: an epoch's ``rewards/accuracies`` is the fraction of all its pairs, not a mean of
@@ -50,17 +50,42 @@ class RewardMargin(Metric):
         return self.margin_sum / self.total.clamp(min=1)
 
 
+class RewardGap(Metric):
+    """Mean reward of the desirable rows minus mean reward of the undesirable ones (unpaired data, as TRL's
+    KTO ``rewards/margins``); NaN until both kinds were seen."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for name in ("chosen_sum", "chosen_count", "rejected_sum", "rejected_count"):
+            self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, chosen_rewards: Tensor, rejected_rewards: Tensor) -> None:
+        self.chosen_sum += chosen_rewards.float().sum()
+        self.chosen_count += chosen_rewards.numel()
+        self.rejected_sum += rejected_rewards.float().sum()
+        self.rejected_count += rejected_rewards.numel()
+
+    def compute(self) -> Tensor:
+        return self.chosen_sum / self.chosen_count - self.rejected_sum / self.rejected_count
+
+
 class PreferenceMetrics(nn.Module):
     """All metrics of one stage. ``update`` takes the step's detached per-pair outputs.
 
     Every other value becomes a (weighted) mean, created the first time its name is seen, so an
     objective logs its own metrics (ORPO's ``nll_loss``, ``log_odds_ratio``, ...) by returning them.
+    ``paired=False`` (unpaired rows, KTO): ``rewards/chosen`` and ``rewards/rejected`` hold the desirable
+    and undesirable rows' rewards, ``rewards/margins`` is the difference of their means, and there is no
+    ``rewards/accuracies``.
     """
 
-    def __init__(self):
+    def __init__(self, paired: bool = True):
         super().__init__()
-        self.accuracy = RewardAccuracy()
-        self.margin = RewardMargin()
+        self.accuracy = RewardAccuracy() if paired else None
+        self.margin = RewardMargin() if paired else RewardGap()
         self.means = nn.ModuleDict()
 
     def update(self, values: dict[str, Tensor], weights: dict[str, Tensor] | None = None,
@@ -76,7 +101,8 @@ class PreferenceMetrics(nn.Module):
         def apply(metric: Metric, *args) -> None:
             metric(*args) if per_step else metric.update(*args)
 
-        apply(self.accuracy, values["rewards/chosen"], values["rewards/rejected"])
+        if self.accuracy is not None:
+            apply(self.accuracy, values["rewards/chosen"], values["rewards/rejected"])
         apply(self.margin, values["rewards/chosen"], values["rewards/rejected"])
         for name, value in values.items():
             key = _key(name)
@@ -86,12 +112,14 @@ class PreferenceMetrics(nn.Module):
 
     def reset(self) -> None:
         for metric in (self.accuracy, self.margin, *self.means.values()):
-            metric.reset()
+            if metric is not None:
+                metric.reset()
 
     def metrics(self) -> dict[str, tuple[Metric, str]]:
         """Name -> (metric, its attribute path below this module), for ``LightningModule.log``."""
         named = {_name(k): (m, f"means.{k}") for k, m in self.means.items()}
-        named["rewards/accuracies"] = (self.accuracy, "accuracy")
+        if self.accuracy is not None:
+            named["rewards/accuracies"] = (self.accuracy, "accuracy")
         named["rewards/margins"] = (self.margin, "margin")
         return named
 

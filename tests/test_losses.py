@@ -239,7 +239,7 @@ def test_register_custom_loss_type():
 
 
 def test_sigmoid_dpo_gradient_matches_spec():
-    """SPEC §3: dL/dlogp_w = -beta * sigmoid(r_l - r_w), dL/dlogp_l = +beta * sigmoid(r_l - r_w)."""
+    """DPO (Rafailov et al., 2023): dL/dlogp_w = -beta * sigmoid(r_l - r_w), dL/dlogp_l = +beta * sigmoid(r_l - r_w)."""
     beta = 0.1
     pw = torch.tensor([-12.0, -30.0, -7.5, -50.0], requires_grad=True)
     pl = torch.tensor([-15.0, -20.0, -7.5, -80.0], requires_grad=True)
@@ -255,11 +255,11 @@ def test_sigmoid_dpo_gradient_matches_spec():
 
 
 def test_orpo_gradient_matches_analytic():
-    """SPEC §4 with loss = -beta * log sigmoid(log_odds) (the quantity we minimise):
+    """ORPO (Hong et al., 2024) with loss = -beta * log sigmoid(log_odds) (the quantity we minimise):
 
     delta = sigmoid(-log_odds) = 1 / (1 + odds_w / odds_l),
     dL/da = -beta * delta / (1 - P_w),  dL/db = +beta * delta / (1 - P_l).
-    SPEC writes grad L_OR = delta * h(d) with h = grad a / (1 - P_w) - grad b / (1 - P_l); that is the
+    The paper writes grad L_OR = delta * h(d) with h = grad a / (1 - P_w) - grad b / (1 - P_l); that is the
     ascent direction of log sigmoid(log_odds), i.e. minus the gradient of the loss, hence the signs.
     """
     beta = 0.25

@@ -65,7 +65,7 @@ def test_adapter_reference_equals_a_separate_copy_of_the_base(demo_rows):
 
     batch = a_batch(adapter, demo_rows[:6])
     # In train mode, where LoRA dropout is on: the reference pass runs without it and restores the mode.
-    torch.testing.assert_close(adapter.live_reference_logps(batch), separate.live_reference_logps(batch),
+    torch.testing.assert_close(adapter.reference_logps(batch), separate.reference_logps(batch),
                                rtol=1e-6, atol=0)
     assert adapter.policy.training
     for module in (adapter, separate):
@@ -89,7 +89,7 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path, small_data):
         runs[reference] = module, losses.losses, fit.callback_metrics["val/loss"].item()
     (live, live_losses, live_val), (pre, pre_losses, pre_val) = runs["copy"], runs["precomputed"]
     assert pre.ref_model is None  # released before training
-    assert pre.ref_logps["train"].shape == (32, 2) and not pre.ref_logps["train"].isnan().any()
+    assert pre.reference.tables["train"].shape == (32, 2) and not pre.reference.tables["train"].isnan().any()
     assert len(pre_losses) == 3 and abs(pre_losses[-1] - live_losses[0]) > 1e-3  # the losses moved
     assert pre_losses == pytest.approx(live_losses, rel=1e-5)
     assert pre_val == pytest.approx(live_val, rel=1e-5)
@@ -100,7 +100,7 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path, small_data):
     start = DPOModule(model=TINY_MODEL)
     start.configure_model()
     batch = next(iter(test.test_dataloader()))
-    torch.testing.assert_close(pre.ref_logps["test"][batch["index"]], start.live_reference_logps(batch),
+    torch.testing.assert_close(pre.reference.tables["test"][batch["index"]], start.reference_logps(batch),
                                rtol=1e-5, atol=0)
     assert pre.ref_model is None
 
@@ -114,7 +114,7 @@ def test_cache_is_reused_unless_reference_data_or_tokenisation_change(tmp_path, 
                            ref_cache_dir=str(cache))
         trainer(tmp_path).validate(module, datamodule=PreferenceDataModule(val=val, max_length=max_length,
                                                                             batch_size=4))
-        return module.ref_logps["val"]
+        return module.reference.tables["val"]
 
     first = val_logps()
     (path,) = cache.iterdir()

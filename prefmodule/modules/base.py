@@ -68,6 +68,7 @@ class PreferenceModule(LightningModule):
     """
 
     length_normalized = False  # log ``logps/*`` as per-token averages (ORPO, SimPO) or sums (DPO)
+    unpaired = False  # batches of unpaired rows (KTO) rather than pairs; the datamodule reads it
     # Run-time choices stay out of hparams: LightningCLI lays a checkpoint's hparams over the command line.
     runtime_args = ("optimizer", "predictions_path", "export_hf", "logps_chunk_size", "attn_implementation")
 
@@ -110,7 +111,8 @@ class PreferenceModule(LightningModule):
         self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code)
         self.policy: nn.Module | None = None
         # Keyed "<stage>_metrics": a bare "train" key would shadow ``nn.Module.train``.
-        self.stage_metrics = nn.ModuleDict({f"{s}_metrics": PreferenceMetrics() for s in STAGES})
+        self.stage_metrics = nn.ModuleDict({f"{s}_metrics": PreferenceMetrics(paired=not self.unpaired)
+                                            for s in STAGES})
 
     # ----- model construction ---------------------------------------------------------------
     def configure_model(self) -> None:
@@ -161,22 +163,28 @@ class PreferenceModule(LightningModule):
         return bool(models) and all(takes_sequence_bounds(model) for model in models)
 
     # ----- forward ----------------------------------------------------------------------------
-    def sequence_stats(self, model: nn.Module, batch: dict[str, Tensor]) -> SequenceStats:
+    def sequence_stats(self, model: nn.Module, batch: dict[str, Tensor], sum_sq_probs: bool = False) -> SequenceStats:
         """One forward over the concatenated chosen + rejected sequences of ``batch`` (padded or packed).
 
         With ``logps_chunk_size`` the decoder and the LM head run separately (see ``chunked_sequence_stats``).
+        ``sum_sq_probs`` also sums ``log sum_v p_v^2`` over each response (WPO).
         """
         if "sequence_ids" in batch:  # packed
+            num_sequences = self.sequences_per_index(batch) * batch["index"].numel()
             inputs = packed_inputs(model, batch["position_ids"], batch["sequence_ids"])
-            sequences = dict(sequence_ids=batch["sequence_ids"], num_sequences=2 * batch["index"].numel())
+            sequences = dict(sequence_ids=batch["sequence_ids"], num_sequences=num_sequences)
         else:
             inputs, sequences = dict(attention_mask=batch["attention_mask"]), {}
         inputs.update(input_ids=batch["input_ids"], use_cache=False)
         if self.chunked_logps:
             hidden = model.get_decoder()(**inputs).last_hidden_state
             return chunked_sequence_stats(hidden, model.get_output_embeddings(), batch["labels"],
-                                          self.logps_chunk_size, **sequences)
-        return sequence_stats(model(**inputs).logits, batch["labels"], **sequences)
+                                          self.logps_chunk_size, sum_sq_probs=sum_sq_probs, **sequences)
+        return sequence_stats(model(**inputs).logits, batch["labels"], sum_sq_probs=sum_sq_probs, **sequences)
+
+    def sequences_per_index(self, batch: dict[str, Tensor]) -> int:
+        """How many sequences ``batch`` holds per entry of its ``index``: a pair's chosen and rejected."""
+        return 2
 
     def pair_outputs(self, batch: dict[str, Tensor]) -> PairOutputs:
         raise NotImplementedError
