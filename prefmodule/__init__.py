@@ -1,10 +1,13 @@
-"""prefmodule: Lightning-native preference optimisation (DPO, ORPO, SimPO) for Hugging Face causal LMs."""
+"""prefmodule: Lightning-native preference optimisation (DPO, KTO, ORPO, SimPO, CPO) for Hugging Face causal LMs."""
 
 from prefmodule.data import DataValidationError, PreferenceDataModule
-from prefmodule.modules import DPOModule, LoraSettings, ORPOModule, PreferenceModule, SimPOModule
+from prefmodule.modules import (
+    BetaDPOSettings, CPOModule, DPOModule, KTOModule, LoraSettings, ORPOModule, PreferenceModule, ReferenceModule,
+    SimPOModule,
+)
 
 __version__ = "0.1.0"
 __all__ = [
-    "DPOModule", "DataValidationError", "LoraSettings", "ORPOModule", "PreferenceDataModule",
-    "PreferenceModule", "SimPOModule",
+    "BetaDPOSettings", "CPOModule", "DPOModule", "DataValidationError", "KTOModule", "LoraSettings", "ORPOModule",
+    "PreferenceDataModule", "PreferenceModule", "ReferenceModule", "SimPOModule",
 ]

@@ -417,21 +417,26 @@ class _FakePolicy:
 
     training = True
 
-    def __init__(self, per_token_logps):
+    def __init__(self, per_token_logps, log_sum_sq_probs=None):
         self.per_token_logps = per_token_logps
+        self.log_sum_sq_probs = log_sum_sq_probs
 
     def __call__(self, **kwargs):
         zeros = torch.zeros_like(self.per_token_logps.detach())
         return types.SimpleNamespace(
-            log_probs=self.per_token_logps, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool()
+            log_probs=self.per_token_logps, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(),
+            log_sum_sq_probs=self.log_sum_sq_probs,
         )
 
 
-def _trl_dpo_loss(per_token_logps, completion_mask, ref_w, ref_l, *, loss_types, loss_weights, beta, eps, tau):
-    """Runs TRL's real DPOTrainer._compute_loss with a stand-in `self` and returns its (batch-mean) loss."""
+def _trl_dpo_loss(per_token_logps, completion_mask, ref_w, ref_l, *, loss_types, loss_weights, beta, eps, tau,
+                  log_sum_sq_probs=None, **options):
+    """Runs TRL's real DPOTrainer._compute_loss with a stand-in `self` and returns its (batch-mean) loss.
+
+    ``options`` set TRL's ``ld_alpha``, ``f_divergence_type``, ``f_alpha_divergence_coef``, ``use_weighting``."""
     from trl import DPOTrainer
 
-    model = _FakePolicy(per_token_logps)
+    model = _FakePolicy(per_token_logps, log_sum_sq_probs)
     identity = lambda x: x  # noqa: E731
     trainer = types.SimpleNamespace(
         model=model,
@@ -440,6 +445,7 @@ def _trl_dpo_loss(per_token_logps, completion_mask, ref_w, ref_l, *, loss_types,
         ld_alpha=None,
         precompute_ref_logps=True,
         f_divergence_type="reverse_kl",
+        f_alpha_divergence_coef=0.5,
         loss_types=list(loss_types),
         loss_weights=list(loss_weights),
         beta=beta,
@@ -450,6 +456,7 @@ def _trl_dpo_loss(per_token_logps, completion_mask, ref_w, ref_l, *, loss_types,
         _total_train_tokens=0,
         _tp_size=1,
     )
+    vars(trainer).update(options)
     n, t = completion_mask.shape
     inputs = {
         "input_ids": torch.zeros(n, t, dtype=torch.long),

@@ -1,0 +1,156 @@
+"""KTO (Ethayarajh et al., 2024): unpaired rows, each a desirable or undesirable completion, against a
+frozen reference model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from prefmodule.errors import ConfigError
+from prefmodule.logps import SequenceStats
+from prefmodule.losses import KTO_LOSS_TYPES, kto_kl, kto_loss
+from prefmodule.modules.base import PairOutputs
+from prefmodule.modules.reference import ReferenceModule
+
+
+@dataclass
+class RowScores:
+    """What KTO computes for a batch of rows."""
+
+    losses: Tensor  # [rows], weighted
+    rewards: Tensor  # [rows], beta * (logp - ref_logp), detached
+    completions: SequenceStats  # [rows]
+    desirable: Tensor  # [rows], bool
+    kl: Tensor  # the reference point z0, a scalar
+
+
+class KTOModule(ReferenceModule):
+    """Kahneman-Tversky Optimization on unpaired rows ``(prompt, completion, label)``.
+
+    ``kto``: a desirable row's loss is ``w_D * (1 - sigmoid(beta * (r - z0)))``, an undesirable one's
+    ``w_U * (1 - sigmoid(beta * (z0 - r)))``, with ``r`` the log-ratio to the reference and ``z0`` the
+    batch's KL estimate from each prompt paired with the previous row's completion (see
+    ``prefmodule.losses.kto_loss``, ``kto_kl``). ``apo_zero_unpaired`` drops ``z0`` (no KL completions).
+
+    Batches (built by the datamodule, which reads ``unpaired`` and ``kl_completions`` from this module):
+    sequences ``0..n-1`` are prompt + completion, ``n..2n-1`` (with ``kl_completions``) prompt + KL
+    completion, plus ``label`` (bool ``[n]``, True = desirable) and ``index``. A batch of pairs without
+    ``label`` (``predict`` on a paired file) is scored as its chosen rows (desirable) and rejected rows
+    (undesirable), with no reference point: its predictions say which answer the model prefers.
+
+    Metrics, as TRL's ``KTOTrainer``: ``loss``, ``kl`` (z0), ``rewards/chosen`` / ``rewards/rejected``
+    (mean reward of the desirable / undesirable rows), ``rewards/margins`` (their difference),
+    ``logps/*`` (summed), ``logits/*`` (mean response-token logit).
+
+    Args:
+        beta: scale of the log-ratios (TRL's default 0.1).
+        loss_type: ``kto`` or ``apo_zero_unpaired``.
+        desirable_weight, undesirable_weight: ``w_D``, ``w_U``; keep ``w_D * n_D / (w_U * n_U)`` in [1, 4/3]
+            for ``n_D`` desirable and ``n_U`` undesirable training rows (a warning says when not).
+        **kwargs: see :class:`ReferenceModule` (``reference``, ``ref_model``, ...) and :class:`PreferenceModule`.
+    """
+
+    unpaired = True
+
+    def __init__(
+        self,
+        model: str,
+        beta: float = 0.1,
+        loss_type: Literal["kto", "apo_zero_unpaired"] = "kto",
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        **kwargs,
+    ):
+        super().__init__(model=model, beta=beta, **kwargs)
+        if loss_type not in KTO_LOSS_TYPES:
+            raise ConfigError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
+        if desirable_weight <= 0 or undesirable_weight <= 0:
+            raise ConfigError(f"desirable_weight and undesirable_weight must be > 0, got {desirable_weight}, "
+                              f"{undesirable_weight}")
+
+    @property
+    def kl_completions(self) -> bool:
+        """Whether batches carry a KL completion per row (``kto``'s reference point needs them)."""
+        return self.hparams.loss_type == "kto"
+
+    def sequences_per_index(self, batch: dict[str, Tensor]) -> int:
+        return 2 if self.kl_completions or "label" not in batch else 1
+
+    def score_rows(self, batch: dict[str, Tensor]) -> RowScores:
+        reference = self.reference_logps(batch)  # [rows, 2]: (completion, KL completion), or [rows, 1]
+        stats = self.sequence_stats(self.policy, batch)
+        kl = stats.logps.new_zeros(())
+        if "label" not in batch:  # pairs: the chosen rows, then the rejected ones
+            desirable = torch.arange(len(stats.logps), device=stats.logps.device) < batch["index"].numel()
+            completions, ref_logps = stats, reference.T.reshape(-1)
+        elif self.kl_completions:
+            desirable = batch["label"].bool()
+            completions, kl_rows = stats.split()
+            ref_logps = reference[:, 0]
+            kl = kto_kl(kl_rows.logps, reference[:, 1], self.all_gather)
+        else:
+            desirable, completions, ref_logps = batch["label"].bool(), stats, reference[:, 0]
+        hp = self.hparams
+        losses, rewards = kto_loss(completions.logps, ref_logps, desirable, kl, beta=self.beta, loss_type=hp.loss_type,
+                                   desirable_weight=hp.desirable_weight, undesirable_weight=hp.undesirable_weight)
+        return RowScores(losses, rewards, completions, desirable, kl)
+
+    def pair_outputs(self, batch: dict[str, Tensor]) -> PairOutputs:
+        """The batch's loss; ``chosen`` / ``rejected`` hold its desirable / undesirable rows."""
+        rows = self.score_rows(batch)
+        d = rows.desirable
+        return PairOutputs(rows.losses.mean(), select(rows.completions, d), select(rows.completions, ~d),
+                           rows.rewards[d], rows.rewards[~d], {"kl": rows.kl})
+
+    def _metric_values(self, outputs: PairOutputs) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        values, weights = super()._metric_values(outputs)
+        rows = outputs.chosen_rewards.numel() + outputs.rejected_rewards.numel()
+        weights["loss"] = weights["kl"] = torch.tensor(float(rows), device=outputs.loss.device)  # means over rows
+        return values, weights
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict]:
+        """Pairs: as every objective (``preferred`` by implicit reward). Unpaired rows: each row's reward."""
+        if "label" not in batch:
+            return super().predict_step(batch, batch_idx)
+        rows = self.score_rows(batch)
+        return [
+            {"index": index, "label": label, "logps": logps, "reward": reward}
+            for index, label, logps, reward in zip(batch["index"].tolist(), rows.desirable.tolist(),
+                                                   rows.completions.logps.tolist(), rows.rewards.tolist())
+        ]
+
+    def on_train_start(self) -> None:
+        dataset = self.trainer.train_dataloader.dataset
+        if self.kl_completions and getattr(self.trainer.train_dataloader, "batch_size", None) == 1:
+            raise ConfigError("loss_type='kto' estimates its reference point from the other rows of a batch: "
+                              "use batch_size > 1 (or loss_type='apo_zero_unpaired').")
+        desirable = sum(bool(dataset[i]["label"]) for i in range(len(dataset)))
+        advice = kto_weight_advice(desirable, len(dataset) - desirable, self.hparams.desirable_weight,
+                                   self.hparams.undesirable_weight)
+        if advice:
+            rank_zero_warn(advice)
+
+
+def select(stats: SequenceStats, rows: Tensor) -> SequenceStats:
+    """The per-sequence sums of ``rows`` (a bool mask)."""
+    return SequenceStats(stats.logps[rows], stats.lengths[rows], stats.logits[rows])
+
+
+def kto_weight_advice(desirable: int, undesirable: int, desirable_weight: float,
+                      undesirable_weight: float) -> str | None:
+    """A warning when ``w_D * n_D / (w_U * n_U)`` lies outside [1, 4/3] (Ethayarajh et al., 2024, Eq. 8; TRL
+    warns likewise), with the ranges of either weight that bring it back; ``None`` when it lies inside."""
+    desirable, undesirable = max(desirable, 1), max(undesirable, 1)
+    ratio = desirable_weight * desirable / (undesirable_weight * undesirable)
+    if 1.0 <= ratio <= 4 / 3:
+        return None
+    balance = undesirable_weight * undesirable / desirable  # the desirable_weight at ratio 1
+    return (f"KTO: desirable_weight * desirable rows / (undesirable_weight * undesirable rows) = {desirable_weight} * "
+            f"{desirable} / ({undesirable_weight} * {undesirable}) = {ratio:.3g}, outside the recommended [1, 4/3]. "
+            f"Set EITHER desirable_weight in [{balance:.3g}, {balance * 4 / 3:.3g}] OR undesirable_weight in "
+            f"[{desirable_weight * desirable / undesirable * 3 / 4:.3g}, "
+            f"{desirable_weight * desirable / undesirable:.3g}] (not both).")
