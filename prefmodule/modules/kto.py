@@ -91,7 +91,8 @@ class KTOModule(ReferenceModule):
             desirable = batch["label"].bool()
             completions, kl_rows = stats.split()
             ref_logps = reference[:, 0]
-            kl = kto_kl(kl_rows.logps, reference[:, 1], self.all_gather)
+            gather = self.all_gather if self._trainer is not None else lambda value: value  # all ranks' means
+            kl = kto_kl(kl_rows.logps, reference[:, 1], gather)
         else:
             desirable, completions, ref_logps = batch["label"].bool(), stats, reference[:, 0]
         hp = self.hparams
