@@ -125,15 +125,27 @@ class KTOModule(ReferenceModule):
         ]
 
     def on_train_start(self) -> None:
-        dataset = self.trainer.train_dataloader.dataset
-        if self.kl_completions and getattr(self.trainer.train_dataloader, "batch_size", None) == 1:
+        super().on_train_start()
+        loader = self.trainer.train_dataloader
+        if self.kl_completions and getattr(loader, "batch_size", None) == 1:
             raise ConfigError("loss_type='kto' estimates its reference point from the other rows of a batch: "
                               "use batch_size > 1 (or loss_type='apo_zero_unpaired').")
-        desirable = sum(bool(dataset[i]["label"]) for i in range(len(dataset)))
-        advice = kto_weight_advice(desirable, len(dataset) - desirable, self.hparams.desirable_weight,
-                                   self.hparams.undesirable_weight)
+        labels = training_labels(getattr(loader, "dataset", None))
+        advice = labels and kto_weight_advice(sum(labels), len(labels) - sum(labels), self.hparams.desirable_weight,
+                                              self.hparams.undesirable_weight)
         if advice:
             rank_zero_warn(advice)
+
+
+def training_labels(dataset) -> list[bool] | None:
+    """Each training row's label: the dataset's ``labels`` if it has them, else its items' ``"label"``; ``None``
+    for a dataset that holds neither."""
+    if hasattr(dataset, "labels"):
+        return [bool(label) for label in dataset.labels]
+    try:
+        return [bool(dataset[i]["label"]) for i in range(len(dataset))]
+    except (TypeError, KeyError, IndexError):
+        return None
 
 
 def select(stats: SequenceStats, rows: Tensor) -> SequenceStats:

@@ -80,15 +80,19 @@ class ReferenceModule(PreferenceModule):
 
     # ----- precomputed: one reference pass per split, before its stage --------------------------------
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self.reference.prepare(self, "train", "val")
 
     def on_validation_start(self) -> None:
+        super().on_validation_start()
         self.reference.prepare(self, "val")  # a no-op within fit, done in ``on_fit_start``
 
     def on_test_start(self) -> None:
+        super().on_test_start()
         self.reference.prepare(self, "test")
 
     def on_predict_start(self) -> None:
+        super().on_predict_start()
         self.reference.prepare(self, "predict")
 
     def configure_callbacks(self):
