@@ -2,10 +2,12 @@
 
 import math
 import types
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from prefmodule import CPOModule, PreferenceDataModule
 from prefmodule.errors import ConfigError
@@ -14,6 +16,9 @@ from prefmodule.losses import alphapo_rewards, cpo_loss, nll_loss
 from conftest import TINY_MODEL
 from test_logps import a_batch
 from test_losses import _rand_logps, logsig
+
+
+CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def test_cpo_losses_by_hand():
@@ -110,3 +115,12 @@ def test_module_loss_and_training(loss_type, alpha, tmp_path, small_data, demo_r
     assert math.isfinite(metrics["val/loss"].item()) and metrics["val/nll_loss"] > 0
     with torch.no_grad():
         assert module.pair_outputs(batch).loss < outputs.loss  # two steps at lr 1e-2 lowered it
+
+
+def test_quickstart_config_builds_cpo(capsys):
+    from prefmodule.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "cpo.yaml"), "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["class_path"] == "prefmodule.CPOModule" and model["init_args"]["cpo_alpha"] == 1.0

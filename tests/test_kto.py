@@ -5,10 +5,12 @@ Batches are built here by hand as the unpaired-batch contract says (sequences 0.
 n..2n-1 prompt + the previous row's completion, ``label``, ``index``)."""
 
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -23,6 +25,9 @@ from prefmodule.reference import SoftUpdate
 from conftest import TINY_MODEL
 from test_logps import packed
 from test_losses import sig
+
+
+CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def unpaired_rows(pairs, labels):
@@ -289,3 +294,13 @@ def test_unbalanced_weights_warn_when_training_starts(rows, tmp_path):
     module = KTOModule(model=TINY_MODEL, desirable_weight=3.0, lr=1e-3, export_hf=False)
     with pytest.warns(UserWarning, match=r"desirable_weight in \[1, 1.33\]"):
         fit(module, Rows(module.tokenizer, train, val), tmp_path, steps=1)
+
+
+def test_quickstart_config_builds_kto(capsys):
+    from prefmodule.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "kto.yaml"), "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["class_path"] == "prefmodule.KTOModule"
+    assert model["init_args"]["loss_type"] == "kto" and model["init_args"]["reference"] == "copy"
