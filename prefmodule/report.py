@@ -14,6 +14,7 @@ from datetime import datetime
 
 import yaml
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 # (title, metrics.csv columns): one plot each; train lines, val points
 PLOTS = [
@@ -100,14 +101,19 @@ def _plots(metrics: dict | None) -> str:
 
 
 def _plot(title: str, series: dict[str, list[tuple[int, float]]]) -> str:
-    """One PNG, base64: training series as lines, validation ones as connected points."""
+    """One PNG, base64: training series as lines, validation ones dashed with points; chosen green, rejected red."""
     figure = Figure(figsize=(5.2, 3.4), dpi=100, layout="tight")
     axes = figure.add_subplot()
     for name, points in series.items():
         steps, values = zip(*points)
-        axes.plot(steps, values, marker="o" if name.startswith("val/") else None, markersize=4, label=name)
+        validation = name.startswith("val/")
+        color = "tab:green" if name.endswith("chosen") else "tab:red" if name.endswith("rejected") else \
+            "tab:orange" if validation else "tab:blue"
+        axes.plot(steps, values, color=color, linestyle="--" if validation else "-", marker="o" if validation else None,
+                  markersize=4, label=name)
     axes.set_title(title)
     axes.set_xlabel("step")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     if len(series) > 1:
         axes.legend(fontsize=8)

@@ -200,3 +200,45 @@ def test_lightning_tips_are_silenced(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         L.Trainer(default_root_dir=tmp_path, logger=True, enable_checkpointing=True)
     assert not [r for r in caplog.records if "Tip" in r.getMessage()]
+
+
+class BatchTokens(L.Callback):
+    def __init__(self):
+        self.tokens, self.pairs = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.tokens.append(int(batch["attention_mask"].sum()))
+        self.pairs.append(batch["index"].numel())
+
+
+def test_throughput_counts_pairs_tokens_and_model_flops(tmp_path, small_data):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module, seen = DPOModule(model=TINY_MODEL, samples=None, export_hf=False), BatchTokens()
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=3, log_every_n_steps=1, logger=CSVLogger(tmp_path),
+                        callbacks=[seen], enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=PreferenceDataModule(train=small_data[0], val=small_data[1], batch_size=8))
+    rows = {}
+    for row in csv.DictReader(open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv")):
+        rows.setdefault(int(row["step"]), {}).update({k: float(v) for k, v in row.items() if v and k.startswith("train/")})
+    assert [rows[step]["train/lengths"] for step in range(3)] == [sum(seen.tokens[: i + 1]) for i in range(3)]
+    assert [rows[step]["train/samples"] for step in range(3)] == [8, 16, 24]
+    policy = sum(p.numel() for p in module.policy.parameters())
+    for step in (1, 2):  # rates need two points; DPO: 6N to train the policy plus 2N for the frozen copy's forward
+        row = rows[step]
+        assert row["train/device/flops_per_sec"] / row["train/device/items_per_sec"] == pytest.approx(8 * policy)
+        assert row["train/tokens_per_sec"] == pytest.approx(row["train/device/items_per_sec"])
+    assert trainer.progress_bar_metrics["train/tokens_per_sec"] == pytest.approx(rows[2]["train/tokens_per_sec"])
+
+
+def test_flops_per_token_with_lora_and_an_adapter_reference():
+    from prefmodule.callbacks import flops_per_token
+
+    module = DPOModule(model=TINY_MODEL, lora={"r": 4}, reference="adapter", samples=None)
+    module.configure_model()
+    total = sum(p.numel() for p in module.policy.parameters())
+    adapters = sum(p.numel() for p in module.policy.parameters() if p.requires_grad)
+    assert 0 < adapters < total / 10
+    # forward and backward through everything, weight gradients of the adapters, the reference forward
+    assert flops_per_token(module, training=True) == 2 * total + 2 * total + 2 * adapters + 2 * total
+    assert flops_per_token(module, training=False) == 2 * total + 2 * total
