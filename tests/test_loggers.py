@@ -134,7 +134,7 @@ def finish(name: str) -> None:
 @pytest.mark.parametrize("name", ["tensorboard", "mlflow", "wandb"])
 def test_logger_gets_fit_validate_and_test_next_to_the_csv(name, tmp_path, small_data, caplog):
     train, val = small_data
-    common = ["--config", str(CONFIGS / "dpo.yaml"), f"--trainer.default_root_dir={tmp_path}", f"--data.val={val}",
+    common = ["--config", str(CONFIGS / "orpo.yaml"), f"--trainer.default_root_dir={tmp_path}", f"--data.val={val}",
               *QUICK, *logger_args(name, tmp_path)]
     with caplog.at_level(logging.INFO):
         fit = main(["fit", *common, f"--data.train={train}", "--trainer.max_steps=2", "--trainer.val_check_interval=2",

@@ -118,6 +118,7 @@ def test_sample_settings_are_checked_and_null_turns_samples_off():
     assert ORPOModule(model=TINY_MODEL, samples={"max_new_tokens": 8}).samples == SampleSettings(max_new_tokens=8)
 
 
+@pytest.mark.slow  # ~40 s; CI's DDP and FSDP2 runs (tests/test_distributed.py) generate samples too, unchecked
 def test_fsdp2_two_processes_generate_with_sharded_weights(tmp_path, small_data):
     """Every rank runs each forward (the weights are gathered there); rank 0 writes what one process would."""
     from test_distributed import launch
