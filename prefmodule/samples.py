@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from prefmodule.data.collate import PreferenceCollator
@@ -43,10 +44,12 @@ class SampleSettings:
 def held_out_pairs(trainer: Trainer, count: int) -> list[dict]:
     """``count`` pairs of the datamodule's validation data with distinct prompts, spread evenly over it (the
     same ones at every call); none without validation data."""
-    loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else None
+    datamodule = trainer.datamodule
+    loader = datamodule.val_dataloader() if is_overridden("val_dataloader", datamodule) else None
     dataset = getattr(loader, "dataset", None)
     if not dataset:
         return []
+
     def spread(n: int) -> list[int]:
         return np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int).tolist()
 
