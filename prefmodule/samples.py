@@ -88,7 +88,7 @@ def generate_samples(trainer: Trainer, module: LightningModule, pairs: list[dict
 
 
 def _generate(policy: nn.Module, tokenizer, pairs: list[dict], settings: SampleSettings, synced: bool) -> list[list[int]]:
-    """Completion token ids, each up to and including its first EOS."""
+    """Completion token ids, each up to and including its first end token (the tokenizer's EOS or the model's)."""
     prompts = tokenizer.pad({"input_ids": [pair["prompt_ids"] for pair in pairs]}, padding_side="left",
                             return_tensors="pt").to(next(policy.parameters()).device)
     sampling = {"do_sample": True, "temperature": settings.temperature} if settings.temperature > 0 else {
@@ -96,9 +96,10 @@ def _generate(policy: nn.Module, tokenizer, pairs: list[dict], settings: SampleS
     # synced_gpus: every rank runs the same number of forwards (sharded weights are gathered in each)
     output = policy.generate(**prompts, max_new_tokens=settings.max_new_tokens, use_cache=True, synced_gpus=synced,
                              pad_token_id=tokenizer.pad_token_id, **sampling)
+    stops = {tokenizer.eos_token_id, *np.atleast_1d(policy.generation_config.eos_token_id or []).tolist()}
     completions = []
     for ids in output[:, prompts["input_ids"].shape[1]:].tolist():
-        end = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
+        end = next((i + 1 for i, token in enumerate(ids) if token in stops), len(ids))
         completions.append(ids[:end])
     return completions
 
@@ -114,7 +115,8 @@ def _rewards(trainer: Trainer, module: LightningModule, pairs: list[dict], compl
 
 @contextmanager
 def eval_mode(module: nn.Module):
-    """``module`` and all its submodules in eval mode, each put back in its own mode afterwards."""
+    """``module`` and all its submodules in eval mode, each put back in its own mode afterwards (Lightning's own
+    helper for this is private)."""
     modes = [(child, child.training) for child in module.modules()]
     module.eval()
     try:
