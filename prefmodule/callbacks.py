@@ -162,7 +162,8 @@ class FitSummary(Callback):
             return
         for logger in trainer.loggers:
             logger.save()  # the report reads metrics.csv
-        report = write_report(run_dir)
+        reported = any(os.path.isfile(os.path.join(run_dir, name)) for name in ("metrics.csv", "samples.jsonl"))
+        report = write_report(run_dir) if reported else "(nothing to report: no metrics.csv, no samples)"
         if pl_module.export_hf_after_fit:
             write_model_card(hf_dir, pl_module, trainer)
             if pl_module.push_to_hub is not None:
