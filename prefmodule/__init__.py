@@ -1,10 +1,13 @@
 """prefmodule: Lightning-native preference optimisation (DPO, KTO, ORPO, SimPO, CPO) for Hugging Face causal LMs."""
 
+from prefmodule.callbacks import silence_lightning_tips
 from prefmodule.data import DataValidationError, PreferenceDataModule
 from prefmodule.modules import (
     BetaDPOSettings, CPOModule, DPOModule, KTOModule, LoraSettings, ORPOModule, PreferenceModule, ReferenceModule,
     SimPOModule,
 )
+
+silence_lightning_tips()
 
 __version__ = "0.1.0"
 __all__ = [

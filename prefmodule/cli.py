@@ -1,4 +1,5 @@
-"""``python -m prefmodule {fit,validate,test,predict}``: Lightning's CLI over the prefmodule modules."""
+"""``python -m prefmodule {fit,validate,test,predict}``: Lightning's CLI over the prefmodule modules;
+``python -m prefmodule report <log dir>``: a run's report."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 
 from prefmodule.data import PreferenceDataModule
 from prefmodule.errors import UserError, show_traceback
+from prefmodule.loggers import with_csv
 from prefmodule.modules import PreferenceModule
 
 
@@ -19,12 +20,15 @@ class PrefCLI(LightningCLI):
     """Any :class:`PreferenceModule` subclass as ``model`` (``--model=prefmodule.DPOModule``) and the
     one fixed :class:`PreferenceDataModule` as ``data`` (``--data.train=...``).
 
-    When no logger is configured, metrics go to ``<default_root_dir>/lightning_logs/version_N/metrics.csv``.
+    Metrics always go to ``<default_root_dir>/lightning_logs/version_N/metrics.csv`` (the run's folder), also
+    with other loggers (``--trainer.logger=WandbLogger``, ...), unless ``--trainer.logger=false``.
     """
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
-        if config.get("logger") in (None, True):
-            config["logger"] = CSVLogger(save_dir=config.get("default_root_dir") or os.getcwd())
+        logger = config.get("logger")
+        if logger is not False:
+            loggers = [] if logger in (None, True) else list(logger) if isinstance(logger, (list, tuple)) else [logger]
+            config["logger"] = with_csv(loggers, config.get("default_root_dir") or os.getcwd())
         return super()._instantiate_trainer(config, callbacks)
 
 
@@ -35,6 +39,10 @@ def main(args: list[str] | None = None) -> PrefCLI:
     with code 2; ``--traceback`` or ``PREFMODULE_TRACEBACK=1`` shows its traceback instead.
     """
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["report"]:  # not a Lightning subcommand (LightningCLI's are fixed)
+        from prefmodule.report import main as report
+
+        return report(argv[1:])
     traceback = show_traceback(argv)
     if "--traceback" in argv:
         argv.remove("--traceback")

@@ -3,7 +3,6 @@ optimiser and schedule, predictions and the Hugging Face export."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -12,15 +11,22 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from transformers import get_scheduler
 
 from prefmodule.attention import enable_packed_attention, packed_inputs, takes_sequence_bounds
 from prefmodule.hf import load_causal_lm, load_tokenizer
 from prefmodule.logps import SequenceStats, chunked_sequence_stats, head_gives_logits, sequence_stats
 from prefmodule.metrics import PreferenceMetrics
+from prefmodule.modelcard import HubSettings
+from prefmodule.samples import SampleSettings
 from prefmodule.strategies import gather_unsharded, is_sharded, shard
 
 STAGES = ("train", "val", "test")
 PROGRESS_BAR_METRICS = ("loss", "rewards/accuracies")
+# ``lr_schedule`` -> ``transformers.get_scheduler`` name, and its default ``lr_schedule_kwargs``
+LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup",
+                "cosine_with_min_lr": "cosine_with_min_lr", "warmup_stable_decay": "warmup_stable_decay"}
+LR_SCHEDULE_DEFAULTS = {"cosine_with_min_lr": {"min_lr_rate": 0.1}, "warmup_stable_decay": {"num_decay_steps": 0.1}}
 
 
 @dataclass
@@ -54,7 +60,12 @@ class PreferenceModule(LightningModule):
         beta: the objective's temperature / weight (see each subclass).
         lr, weight_decay: AdamW settings, used unless ``optimizer`` is given.
         warmup: linear warm-up length, a fraction of all steps if < 1, else a step count.
-        lr_schedule: shape after warm-up.
+        lr_schedule: shape after warm-up, through ``transformers.get_scheduler``: ``linear`` or ``cosine`` decay to 0,
+            ``constant``, ``cosine_with_min_lr`` (cosine down to a floor, ``min_lr_rate`` times ``lr``, default 0.1),
+            ``warmup_stable_decay`` (constant, then a cosine decay over the last ``num_decay_steps``, a fraction of
+            all steps if < 1, default 0.1).
+        lr_schedule_kwargs: the schedule's own options (``get_scheduler``'s ``scheduler_specific_kwargs``, TRL's
+            ``lr_scheduler_kwargs``), e.g. ``{min_lr_rate: 0.05}`` or ``{num_decay_steps: 0.2, decay_type: linear}``.
         optimizer: any optimizer class (``class_path`` in YAML); called with the trainable parameters.
         lora: train LoRA adapters instead of the full policy.
         gradient_checkpointing: recompute the policy's activations in backward.
@@ -64,13 +75,20 @@ class PreferenceModule(LightningModule):
         attn_implementation: Hugging Face's ``attn_implementation`` (``sdpa``, ``flash_attention_2``, ``eager``, ...);
             default: the model's own choice. Same values either way; packed batches need ``sdpa`` or flash attention.
         predictions_path: where ``predict`` writes one JSON line per pair (default ``<log dir>/predictions.jsonl``).
-        export_hf: save the policy and tokenizer in Hugging Face format at ``<log dir>/hf_model`` after ``fit``.
+        export_hf: save the policy and tokenizer in Hugging Face format at ``<log dir>/hf_model`` after ``fit``,
+            with a model card (``README.md``).
+        samples: completions of held-out prompts at the start of ``fit`` and at each validation
+            (``{num_prompts, max_new_tokens, temperature}``, see :class:`~prefmodule.samples.SampleSettings`); ``None``
+            turns them off.
+        push_to_hub: upload the exported model to this Hub repository after ``fit`` (``{repo_id, private}``, see
+            :class:`~prefmodule.modelcard.HubSettings`).
     """
 
     length_normalized = False  # log ``logps/*`` as per-token averages (ORPO, SimPO) or sums (DPO)
     unpaired = False  # batches of unpaired rows (KTO) rather than pairs; the datamodule reads it
     # Run-time choices stay out of hparams: LightningCLI lays a checkpoint's hparams over the command line.
-    runtime_args = ("optimizer", "predictions_path", "export_hf", "logps_chunk_size", "attn_implementation")
+    runtime_args = ("optimizer", "predictions_path", "export_hf", "logps_chunk_size", "attn_implementation", "samples",
+                    "push_to_hub")
 
     def __init__(
         self,
@@ -80,7 +98,8 @@ class PreferenceModule(LightningModule):
         lr: float = 1e-6,
         weight_decay: float = 0.0,
         warmup: float = 0.1,
-        lr_schedule: Literal["linear", "cosine", "constant"] = "linear",
+        lr_schedule: Literal["linear", "cosine", "constant", "cosine_with_min_lr", "warmup_stable_decay"] = "linear",
+        lr_schedule_kwargs: dict | None = None,
         optimizer: OptimizerCallable | None = None,
         lora: LoraSettings | dict | None = None,
         gradient_checkpointing: bool = False,
@@ -90,6 +109,8 @@ class PreferenceModule(LightningModule):
         attn_implementation: str | None = None,
         predictions_path: str | None = None,
         export_hf: bool = True,
+        samples: SampleSettings | dict | None = SampleSettings(),
+        push_to_hub: HubSettings | dict | None = None,
     ):
         super().__init__()
         if beta <= 0:
@@ -103,6 +124,8 @@ class PreferenceModule(LightningModule):
         self.chunked_logps = False  # decided in ``configure_model``: does the model allow it
         self.predictions_path = predictions_path
         self.export_hf_after_fit = export_hf
+        self.samples = SampleSettings(**samples) if isinstance(samples, dict) else samples
+        self.push_to_hub = HubSettings(**push_to_hub) if isinstance(push_to_hub, dict) else push_to_hub
         self.model_name = model
         self.attn_implementation = attn_implementation
         self.beta = beta
@@ -274,17 +297,24 @@ class PreferenceModule(LightningModule):
             optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
                                           fused=True)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = self.hparams.warmup
-        warmup_steps = int(warmup * total) if warmup < 1 else int(warmup)
-        schedule = WarmupSchedule(warmup_steps, total, self.hparams.lr_schedule)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        options = {**LR_SCHEDULE_DEFAULTS.get(self.hparams.lr_schedule, {}), **(self.hparams.lr_schedule_kwargs or {})}
+        if "num_decay_steps" in options:
+            options["num_decay_steps"] = steps(options["num_decay_steps"], total)
+        scheduler = get_scheduler(LR_SCHEDULES[self.hparams.lr_schedule], optimizer, steps(self.hparams.warmup, total),
+                                  total, scheduler_specific_kwargs=options)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
     # ----- callbacks, checkpoints, export -------------------------------------------------------
     def configure_callbacks(self):
-        from prefmodule.callbacks import FitSummary, PredictionWriter, TokensPerSecond
+        from lightning.pytorch.callbacks import LearningRateMonitor
 
-        return [TokensPerSecond(), FitSummary(), PredictionWriter(self.predictions_path)]
+        from prefmodule.callbacks import FitSummary, PredictionWriter, SampleWriter, Throughput
+
+        callbacks = [SampleWriter(self.samples)] if self.samples is not None else []  # first: before the clocks start
+        callbacks += [Throughput(), FitSummary(), PredictionWriter(self.predictions_path)]
+        if self._trainer is not None and self._trainer.loggers:  # it refuses to run without a logger
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        return callbacks
 
     def export_hf(self, path: str, merge_adapters: bool = True) -> None:
         """Save the policy and tokenizer with ``save_pretrained``; LoRA adapters are merged into a copy.
@@ -303,21 +333,6 @@ class PreferenceModule(LightningModule):
         self.tokenizer.save_pretrained(path)
 
 
-class WarmupSchedule:
-    """LR multiplier: linear warm-up to 1, then linear or cosine decay to 0, or constant."""
-
-    def __init__(self, warmup_steps: int, total_steps: int, shape: str):
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.shape = shape
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        if self.shape == "constant":
-            return 1.0
-        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, progress)
-        if self.shape == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
+def steps(value: float, total: int) -> int:
+    """A step count given as a fraction of ``total`` steps (< 1) or as a count."""
+    return int(value * total) if value < 1 else int(value)

@@ -1,0 +1,153 @@
+"""The model card of an exported model (``hf_model/README.md``) and its upload to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from lightning.pytorch import LightningModule, Trainer
+
+from prefmodule.errors import ConfigError
+
+# module class -> (objective, paper); DPO's loss types name their own paper
+OBJECTIVES = {
+    "DPOModule": ("DPO", "Rafailov et al., 2023, Direct Preference Optimization", "2305.18290"),
+    "ORPOModule": ("ORPO", "Hong et al., 2024, ORPO: Monolithic Preference Optimization without Reference Model",
+                   "2403.07691"),
+    "SimPOModule": ("SimPO", "Meng et al., 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward",
+                    "2405.14734"),
+}
+DPO_LOSSES = {
+    "robust": ("robust DPO", "Chowdhury et al., 2024, Provably Robust DPO", "2403.00409"),
+    "hinge": ("SLiC hinge", "Zhao et al., 2023, SLiC-HF", "2305.10425"),
+    "ipo": ("IPO", "Azar et al., 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences",
+            "2310.12036"),
+    "exo_pair": ("EXO", "Ji et al., 2024, Towards Efficient Exact Optimization of Language Model Alignment",
+                 "2402.00856"),
+    "nca_pair": ("NCA", "Chen et al., 2024, Noise Contrastive Alignment of Language Models", "2402.05369"),
+    "bco_pair": ("BCO", "Jung et al., 2024, Binary Classifier Optimization", "2404.04656"),
+    "sppo_hard": ("SPPO", "Wu et al., 2024, Self-Play Preference Optimization", "2405.00675"),
+    "aot": ("AOT", "Melnyk et al., 2024, Distributional Preference Alignment of LLMs via Optimal Transport",
+            "2406.05882"),
+    "aot_unpaired": ("AOT", "Melnyk et al., 2024, Distributional Preference Alignment of LLMs via Optimal Transport",
+                     "2406.05882"),
+    "apo_zero": ("APO", "D'Oosterlinck et al., 2024, Anchored Preference Optimization", "2408.06266"),
+    "apo_down": ("APO", "D'Oosterlinck et al., 2024, Anchored Preference Optimization", "2408.06266"),
+    "discopop": ("DiscoPOP", "Lu et al., 2024, Discovering Preference Optimization Algorithms", "2406.08414"),
+}
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    """Where the exported model is uploaded after ``fit``: the repository ``repo_id`` (``owner/name``), created
+    if missing, ``private`` unless set to false. The token comes from ``HF_TOKEN`` or ``hf auth login``."""
+
+    repo_id: str
+    private: bool = True
+
+    def __post_init__(self):
+        try:
+            validate_repo_id(self.repo_id)
+        except HFValidationError as error:
+            raise ConfigError(f"push_to_hub.repo_id: {self.repo_id!r} is not a Hub repository id "
+                              f"(owner/name): {error}") from None
+
+
+def push_to_hub(folder: str, settings: HubSettings) -> str:
+    """Upload ``folder`` (model, tokenizer, card) to the Hub; returns the repository's URL."""
+    api = HfApi()
+    url = api.create_repo(settings.repo_id, private=settings.private, repo_type="model", exist_ok=True)
+    api.upload_folder(repo_id=url.repo_id, folder_path=folder, repo_type="model",
+                      commit_message="Upload model trained with prefmodule")
+    return str(url)
+
+
+def hub_id(name: str | None) -> str | None:
+    """``name`` as a Hub repository id (``owner/name``, any ``?split=...`` dropped), or ``None`` for local paths."""
+    if not name or "://" in name or os.path.exists(name):
+        return None
+    name = name.split("?")[0]
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name if name.count("/") == 1 else None
+
+
+def write_model_card(folder: str, module: LightningModule, trainer: Trainer) -> str:
+    """Write ``<folder>/README.md``: Hub metadata, the objective and its paper, data, hyperparameters, final
+    metrics and how to load the model. Returns its path."""
+    hparams = dict(module.hparams)
+    family, (objective, paper, arxiv) = _objective(module)
+    data = dict(getattr(trainer.datamodule, "hparams", {}) or {})
+    sources = {split: data[split] for split in ("train", "val", "test") if data.get(split)}
+    datasets = sorted({found for value in sources.values() for name in _names(value) if (found := hub_id(name))})
+    tags = ["prefmodule", family.lower()]
+    if isinstance(hparams.get("loss_type"), str) and hparams["loss_type"] != "sigmoid":
+        tags.append(hparams["loss_type"])
+    if hparams.get("lora"):
+        tags.append("lora")
+    card_data = ModelCardData(base_model=hub_id(module.model_name), library_name="transformers", tags=tags,
+                              datasets=datasets or None, pipeline_tag="text-generation")
+    settings = {
+        **{name: value for name, value in hparams.items() if name not in ("model", "tokenizer") and name[0] != "_"},
+        **{f"data.{name}": value for name, value in data.items()
+           if name not in ("train", "val", "test", "predict") and name[0] != "_" and value is not None},
+        "precision": trainer.precision, "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "processes": trainer.world_size, "optimizer steps": trainer.global_step,
+    }
+    metrics = {name: value.item() for name, value in sorted(trainer.callback_metrics.items())
+               if name.startswith("val/") and value.numel() == 1}
+    where = module.push_to_hub.repo_id if module.push_to_hub is not None else os.path.abspath(folder)
+    title = where if module.push_to_hub is not None else f"{os.path.basename(module.model_name.rstrip('/'))}, {objective}"
+    body = "\n".join([
+        f"# {title}",
+        "",
+        f"`{module.model_name}` aligned on preference pairs with **{objective}**"
+        + (f" ({paper}, [arXiv {arxiv}](https://arxiv.org/abs/{arxiv}))" if arxiv else "")
+        + f", trained with prefmodule's `{type(module).__name__}`.",
+        "",
+        "## Data",
+        "",
+        *([f"- {split}: `{value}`" for split, value in sources.items()] or ["- (not recorded)"]),
+        "",
+        "## Hyperparameters",
+        "",
+        "| name | value |",
+        "|---|---|",
+        *[f"| {name} | `{value}` |" for name, value in settings.items()],
+        "",
+        "## Final metrics",
+        "",
+        *(["| metric | value |", "|---|---|", *[f"| {name} | {value:.4f} |" for name, value in metrics.items()]]
+          if metrics else ["(no validation metrics)"]),
+        "",
+        "## How to load it",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{where}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
+        "```",
+        "",
+    ])
+    path = os.path.join(folder, "README.md")
+    ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}").save(path)
+    return path
+
+
+def _objective(module: LightningModule) -> tuple[str, tuple[str, str, str]]:
+    """The module's family (DPO, ORPO, SimPO) and its objective: (name, paper, arXiv id)."""
+    family = next((cls.__name__ for cls in type(module).__mro__ if cls.__name__ in OBJECTIVES), None)
+    if family is None:
+        return type(module).__name__, (type(module).__name__, "", "")
+    loss_type = module.hparams.get("loss_type")
+    objective = DPO_LOSSES.get(loss_type, OBJECTIVES[family]) if isinstance(loss_type, str) else OBJECTIVES[family]
+    return OBJECTIVES[family][0], objective
+
+
+def _names(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])

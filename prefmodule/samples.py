@@ -1,0 +1,126 @@
+"""What the policy writes: completions of a few held-out prompts, generated without disturbing training
+(random state, module modes and gradients as they were), scored with the objective's implicit reward."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+
+from prefmodule.data.collate import PreferenceCollator
+from prefmodule.errors import ConfigError
+
+SEED = 0  # sampling (temperature > 0) draws the same random numbers at every call
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """Completions of held-out prompts, generated at the start of ``fit`` and at each validation.
+
+    Args:
+        num_prompts: prompts taken from the validation data, spread evenly over it (the same ones every time).
+        max_new_tokens: most tokens of a completion.
+        temperature: 0 decodes greedily; above 0 samples at that temperature (seeded).
+    """
+
+    num_prompts: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+
+    def __post_init__(self):
+        if self.num_prompts < 1:
+            raise ConfigError(f"samples.num_prompts must be >= 1, got {self.num_prompts} (samples: null turns them off)")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"samples.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"samples.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+
+
+def held_out_pairs(trainer: Trainer, count: int) -> list[dict]:
+    """``count`` pairs of the datamodule's validation data with distinct prompts, spread evenly over it (the
+    same ones at every call); none without validation data."""
+    datamodule = trainer.datamodule
+    loader = datamodule.val_dataloader() if is_overridden("val_dataloader", datamodule) else None
+    dataset = getattr(loader, "dataset", None)
+    if not dataset:
+        return []
+
+    def spread(n: int) -> list[int]:
+        return np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int).tolist()
+
+    pairs, prompts = [], set()
+    for position in dict.fromkeys(spread(count) + spread(8 * count)):  # the evenly spread ones first
+        pair = dataset[position]
+        if len(pairs) < count and tuple(pair["prompt_ids"]) not in prompts:
+            pairs.append(pair)
+            prompts.add(tuple(pair["prompt_ids"]))
+    return pairs
+
+
+def generate_samples(trainer: Trainer, module: LightningModule, pairs: list[dict], settings: SampleSettings) -> list[dict]:
+    """One row per pair: its prompt, chosen and rejected texts, the policy's completion and that completion's
+    implicit reward (``None`` where the objective cannot score new text).
+
+    Every rank must call it under sharded weights (each forward gathers them); all ranks get the same rows.
+    """
+    tokenizer = module.tokenizer
+    devices = [module.device] if module.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), eval_mode(module), \
+            trainer.precision_plugin.forward_context():
+        torch.manual_seed(SEED)
+        completions = _generate(module.policy, tokenizer, pairs, settings, synced=trainer.world_size > 1)
+        rewards = _rewards(trainer, module, pairs, completions)
+
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    return [
+        {"step": trainer.global_step, "index": pair["index"], "prompt": text(pair["prompt_ids"]),
+         "completion": text(completion), "reward": reward, "chosen": text(pair["chosen_ids"]),
+         "rejected": text(pair["rejected_ids"])}
+        for pair, completion, reward in zip(pairs, completions, rewards)
+    ]
+
+
+def _generate(policy: nn.Module, tokenizer, pairs: list[dict], settings: SampleSettings, synced: bool) -> list[list[int]]:
+    """Completion token ids, each up to and including its first end token (the tokenizer's EOS or the model's)."""
+    prompts = tokenizer.pad({"input_ids": [pair["prompt_ids"] for pair in pairs]}, padding_side="left",
+                            return_tensors="pt").to(next(policy.parameters()).device)
+    sampling = {"do_sample": True, "temperature": settings.temperature} if settings.temperature > 0 else {
+        "do_sample": False}
+    # synced_gpus: every rank runs the same number of forwards (sharded weights are gathered in each)
+    output = policy.generate(**prompts, max_new_tokens=settings.max_new_tokens, use_cache=True, synced_gpus=synced,
+                             pad_token_id=tokenizer.pad_token_id, **sampling)
+    stops = {tokenizer.eos_token_id, *np.atleast_1d(policy.generation_config.eos_token_id or []).tolist()}
+    completions = []
+    for ids in output[:, prompts["input_ids"].shape[1]:].tolist():
+        end = next((i + 1 for i, token in enumerate(ids) if token in stops), len(ids))
+        completions.append(ids[:end])
+    return completions
+
+
+def _rewards(trainer: Trainer, module: LightningModule, pairs: list[dict], completions: list[list[int]]) -> list:
+    """Each completion's implicit reward: the objective run on (completion, rejected) pairs."""
+    if module.hparams.get("reference") == "precomputed":  # reference log-probs exist for the data's responses only
+        return [None] * len(pairs)
+    scored = [{**pair, "chosen_ids": completion} for pair, completion in zip(pairs, completions)]
+    batch = trainer.strategy.batch_to_device(PreferenceCollator(module.tokenizer.pad_token_id)(scored))
+    return module.pair_outputs(batch).chosen_rewards.float().tolist()
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    """``module`` and all its submodules in eval mode, each put back in its own mode afterwards (Lightning's own
+    helper for this is private)."""
+    modes = [(child, child.training) for child in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for child, training in modes:
+            child.training = training
