@@ -4,7 +4,7 @@ optimiser and schedule, predictions and the Hugging Face export."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -14,6 +14,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from prefmodule.attention import enable_packed_attention, packed_inputs, takes_sequence_bounds
+from prefmodule.checks import check_causal_lm, check_settings, check_source
+from prefmodule.errors import writing
+from prefmodule.guard import check_finite_weights, default_guard, step_skipped
 from prefmodule.hf import load_causal_lm, load_tokenizer
 from prefmodule.logps import SequenceStats, chunked_sequence_stats, head_gives_logits, sequence_stats
 from prefmodule.metrics import PreferenceMetrics
@@ -91,12 +94,11 @@ class PreferenceModule(LightningModule):
         export_hf: bool = True,
     ):
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
-        if warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {warmup}")
-        if logps_chunk_size < 0:
-            raise ValueError(f"logps_chunk_size must be >= 0 (0 = full logits), got {logps_chunk_size}")
+        check_settings(beta, lr, weight_decay, warmup, logps_chunk_size, dtype, attn_implementation, lora)
+        check_causal_lm("model", model, trust_remote_code)  # from its config.json, before any weights load
+        if tokenizer is not None:
+            check_source("tokenizer", tokenizer)
+        lora = asdict(lora) if isinstance(lora, LoraSettings) else lora  # hparams of plain data: weights_only loads
         self.save_hyperparameters(ignore=list(self.runtime_args))
         self.logps_chunk_size = logps_chunk_size
         self.chunked_logps = False  # decided in ``configure_model``: does the model allow it
@@ -272,17 +274,24 @@ class PreferenceModule(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        if not step_skipped(self.trainer):  # the non-finite guard dropped this step's update: the schedule waits too
+            super().lr_scheduler_step(scheduler, metric)
+
     # ----- callbacks, checkpoints, export -------------------------------------------------------
     def configure_callbacks(self):
         from prefmodule.callbacks import FitSummary, PredictionWriter, TokensPerSecond
+        from prefmodule.checkpoints import default_checkpoints
 
-        return [TokensPerSecond(), FitSummary(), PredictionWriter(self.predictions_path)]
+        callbacks = [TokensPerSecond(), FitSummary(), PredictionWriter(self.predictions_path)]
+        return callbacks + default_checkpoints(self._trainer) + default_guard(self._trainer)
 
     def export_hf(self, path: str, merge_adapters: bool = True) -> None:
         """Save the policy and tokenizer with ``save_pretrained``; LoRA adapters are merged into a copy.
 
         Global rank 0 writes. Sharded (FSDP) weights are gathered to it first: then every rank must call this.
         """
+        check_finite_weights(self.policy, path)  # never export a diverged policy (every rank agrees)
         sharded = is_sharded(self.policy)
         model = gather_unsharded(self, "policy", self.hparams.trust_remote_code) if sharded else self.policy
         if self.global_rank != 0:
@@ -291,8 +300,9 @@ class PreferenceModule(LightningModule):
             import copy
 
             model = (model if sharded else copy.deepcopy(model)).merge_and_unload()
-        model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        with writing(path, "the Hugging Face export"):
+            model.save_pretrained(path, safe_serialization=True)
+            self.tokenizer.save_pretrained(path)
 
 
 class WarmupSchedule:

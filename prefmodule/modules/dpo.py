@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from prefmodule.attention import enable_packed_attention
+from prefmodule.errors import ConfigError
 from prefmodule.hf import load_causal_lm
 from prefmodule.losses import dpo_loss, nll_loss
 from prefmodule.modules.base import PairOutputs, PreferenceModule
@@ -93,8 +94,10 @@ class DPOModule(PreferenceModule):
         if hp.reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {hp.reference!r}")
         if hp.reference == "adapter" and (self.lora is None or hp.ref_model is not None):
-            raise ValueError("reference='adapter' is the policy's base model with its LoRA adapters disabled: it needs "
-                             "`lora` and takes no `ref_model` (use reference='copy' or 'precomputed' for one).")
+            raise ConfigError(f"model.reference='adapter' with lora={hp.lora!r}, ref_model={hp.ref_model!r}: the "
+                              "adapter reference is the policy with its LoRA adapters disabled, so it needs `lora` "
+                              "(e.g. lora: {r: 8}) and takes no `ref_model`. Without LoRA use reference: copy or "
+                              "precomputed.")
         if hp.reference == "sync" and (self.lora is not None or hp.ref_model is not None):
             raise ValueError("reference='sync' (TR-DPO) mixes the full policy into a copy of its starting weights: it "
                              "works without `lora` and `ref_model`.")
