@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import re
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -282,5 +281,3 @@ def _fsync(path: str) -> None:
         with open(name, "rb") as handle:
             os.fsync(handle.fileno())
 
-
-STEP_IN_NAME = re.compile(r"step=(\d+)")

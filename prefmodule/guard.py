@@ -13,7 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from prefmodule.checkpoints import STEP_IN_NAME, run_checkpoints
+from prefmodule.checkpoints import newest_checkpoint
 from prefmodule.errors import ConfigError, NonFiniteError
 
 
@@ -78,11 +78,9 @@ class NonFiniteGuard(Callback):
     def _stop_message(self, trainer: Trainer, pl_module: LightningModule) -> str:
         first = trainer.global_step + 2 - self.in_a_row  # the first skipped step of the streak (1-based)
         lrs = sorted({group["lr"] for optimizer in trainer.optimizers for group in optimizer.param_groups})
-        good = [(int(STEP_IN_NAME.search(path.name).group(1)), path) for path in run_checkpoints(
-            trainer.default_root_dir) if STEP_IN_NAME.search(path.name)]
-        good = max(((step, path) for step, path in good if step < first), default=None)
-        where = (f"The last checkpoint written before them: {good[1]} (step {good[0]}); after changing the settings, "
-                 f"resume from it with --ckpt_path={good[1]}" if good else "No checkpoint was written before them.")
+        newest = newest_checkpoint(trainer.default_root_dir)
+        where = (f"The newest checkpoint, {newest}, holds these weights; after changing the settings, resume from it "
+                 f"with --ckpt_path={newest}" if newest else "No checkpoint was written yet.")
         return (f"training stopped: the loss or gradient norm was non-finite (NaN or infinite) at {self.in_a_row} "
                 f"optimizer steps in a row (steps {first}-{trainer.global_step + 1}); each was skipped, so the weights "
                 f"are those before step {first}. Try a lower learning rate (now {', '.join(f'{lr:g}' for lr in lrs)}), "

@@ -1,0 +1,100 @@
+"""The non-finite guard: a NaN step changes nothing, is counted and named; a run that keeps diverging stops
+with a message and never exports NaN weights."""
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from prefmodule import ORPOModule, PreferenceDataModule
+from prefmodule.cli import main
+from prefmodule.errors import NonFiniteError
+from prefmodule.guard import NonFiniteGuard
+
+from conftest import TINY_MODEL
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+class PoisonedORPO(ORPOModule):
+    """ORPO whose loss is NaN at the optimizer steps in ``poisoned`` (1-based), on the ranks in ``ranks``."""
+
+    def __init__(self, *args, poisoned: list[int] = (), ranks: list[int] = (0,), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.poisoned, self.ranks = list(poisoned), list(ranks)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        poison = self.global_step + 1 in self.poisoned and self.global_rank in self.ranks
+        return loss * float("nan") if poison else loss
+
+
+class WeightsAfterEachStep(L.Callback):
+    def __init__(self):
+        self.weights, self.lrs, self.pairs = [], [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.weights.append([p.detach().clone() for p in module.policy.parameters()])
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.pairs.append(sorted(batch["index"].tolist()))
+
+
+def test_a_non_finite_step_leaves_weights_optimizer_and_schedule_untouched(tmp_path, small_data, caplog):
+    train, _ = small_data
+    module = PoisonedORPO(model=TINY_MODEL, lr=1e-3, warmup=0, export_hf=False, poisoned=[3])
+    record = WeightsAfterEachStep()
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=5, enable_progress_bar=False, limit_val_batches=0,
+                        enable_model_summary=False, log_every_n_steps=1, callbacks=[record], logger=CSVLogger(tmp_path))
+    trainer.fit(module, datamodule=PreferenceDataModule(train=train, batch_size=4))
+
+    assert all(torch.equal(after, before) for after, before in zip(record.weights[2], record.weights[1]))
+    assert not all(torch.equal(after, before) for after, before in zip(record.weights[3], record.weights[2]))
+    optimizer = trainer.optimizers[0]
+    assert {state["step"].item() for state in optimizer.state.values()} == {4.0}  # 5 steps, 1 skipped
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 4 and record.lrs[2] == record.lrs[1]  # the linear decay waited one step
+    guard = next(cb for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard))
+    assert (guard.skipped, guard.in_a_row) == (1, 0)
+    rows = list(csv.DictReader(open(Path(trainer.log_dir) / "metrics.csv")))
+    assert [float(r["train/skipped_steps"]) for r in rows if r["train/skipped_steps"]] == [0, 0, 1, 1, 1]
+    assert (f"step 3 skipped, its loss is not finite: weights, optimizer and LR schedule unchanged. Its pairs (data "
+            f"rows): {record.pairs[2]}. 1 in a row (training stops at 10).") in caplog.text
+
+
+def test_diverging_fit_stops_non_finite_names_the_last_good_checkpoint_and_exports_nothing(tmp_path, small_data,
+                                                                                          capsys, caplog):
+    train, val = small_data  # SGD with lr 1e30: step 1 blows the weights up, every later loss is NaN
+    args = ["fit", "--config", str(CONFIGS / "orpo.yaml"), f"--trainer.default_root_dir={tmp_path}",
+            f"--data.train={train}", f"--data.val={val}", "--data.batch_size=4", "--trainer.max_steps=20",
+            "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--model.lr_schedule=constant",
+            "--model.warmup=0",
+            "--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=1e30",
+            "--trainer.callbacks+=prefmodule.checkpoints.RunCheckpoint", "--trainer.callbacks.every_steps=1",
+            "--trainer.callbacks+=prefmodule.guard.NonFiniteGuard", "--trainer.callbacks.max_in_a_row=3"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    captured = capsys.readouterr()
+    assert exit_.value.code == 3 and "Traceback" not in captured.err
+    (message,) = [line for line in captured.err.splitlines() if line.startswith("prefmodule: error:")]
+    checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "epoch=0-step=3.ckpt"
+    assert message == (
+        "prefmodule: error: training stopped: the loss or gradient norm was non-finite (NaN or infinite) at 3 optimizer "
+        "steps in a row (steps 2-4); each was skipped, so the weights are those before step 2. Try a lower learning "
+        "rate (now 1e+30), gradient clipping (--trainer.gradient_clip_val=1.0), bf16-mixed instead of 16-mixed "
+        f"precision, or check the pairs named in the warnings above. The newest checkpoint, {checkpoint}, holds these "
+        f"weights; after changing the settings, resume from it with --ckpt_path={checkpoint}")
+    assert caplog.text.count("skipped, its loss is not finite") == 3
+    assert not (tmp_path / "lightning_logs" / "version_0" / "hf_model").exists()
+
+
+def test_export_refuses_non_finite_weights(tmp_path):
+    module = ORPOModule(model=TINY_MODEL)
+    module.configure_model()
+    with torch.no_grad():
+        module.policy.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"non-finite weights \(NaN or infinite: model.layers.1.mlp.up_proj.weight\)"):
+        module.export_hf(str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
