@@ -79,13 +79,14 @@ class NonFiniteGuard(Callback):
         first = trainer.global_step + 2 - self.in_a_row  # the first skipped step of the streak (1-based)
         lrs = sorted({group["lr"] for optimizer in trainer.optimizers for group in optimizer.param_groups})
         newest = newest_checkpoint(trainer.default_root_dir)
-        where = (f"The newest checkpoint, {newest}, holds these weights; after changing the settings, resume from it "
-                 f"with --ckpt_path={newest}" if newest else "No checkpoint was written yet.")
+        where = (f"The newest checkpoint, {newest}, holds these weights (--ckpt_path=last resumes from it)." if newest
+                 else "No checkpoint was written yet.")
         return (f"training stopped: the loss or gradient norm was non-finite (NaN or infinite) at {self.in_a_row} "
                 f"optimizer steps in a row (steps {first}-{trainer.global_step + 1}); each was skipped, so the weights "
-                f"are those before step {first}. Try a lower learning rate (now {', '.join(f'{lr:g}' for lr in lrs)}), "
-                "gradient clipping (--trainer.gradient_clip_val=1.0), bf16-mixed instead of 16-mixed precision, or "
-                f"check the pairs named in the warnings above. {where}")
+                f"are those before step {first}. Try gradient clipping (--trainer.gradient_clip_val=1.0), a lower "
+                f"learning rate in a new fit (now {', '.join(f'{lr:g}' for lr in lrs)}; a resumed fit restores the "
+                "optimizer's), bf16-mixed instead of 16-mixed precision, or check the pairs named in the warnings "
+                f"above. {where}")
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped": self.skipped, "in_a_row": self.in_a_row}

@@ -82,10 +82,10 @@ def test_diverging_fit_stops_non_finite_names_the_last_good_checkpoint_and_expor
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "epoch=0-step=3.ckpt"
     assert message == (
         "prefmodule: error: training stopped: the loss or gradient norm was non-finite (NaN or infinite) at 3 optimizer "
-        "steps in a row (steps 2-4); each was skipped, so the weights are those before step 2. Try a lower learning "
-        "rate (now 1e+30), gradient clipping (--trainer.gradient_clip_val=1.0), bf16-mixed instead of 16-mixed "
-        f"precision, or check the pairs named in the warnings above. The newest checkpoint, {checkpoint}, holds these "
-        f"weights; after changing the settings, resume from it with --ckpt_path={checkpoint}")
+        "steps in a row (steps 2-4); each was skipped, so the weights are those before step 2. Try gradient clipping "
+        "(--trainer.gradient_clip_val=1.0), a lower learning rate in a new fit (now 1e+30; a resumed fit restores the "
+        "optimizer's), bf16-mixed instead of 16-mixed precision, or check the pairs named in the warnings above. The "
+        f"newest checkpoint, {checkpoint}, holds these weights (--ckpt_path=last resumes from it).")
     assert caplog.text.count("skipped, its loss is not finite") == 3
     assert not (tmp_path / "lightning_logs" / "version_0" / "hf_model").exists()
 

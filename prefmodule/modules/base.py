@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from prefmodule.attention import enable_packed_attention, packed_inputs, takes_sequence_bounds
+from prefmodule.checkpoints import restore_data_position
 from prefmodule.checks import check_causal_lm, check_settings, check_source
 from prefmodule.errors import writing
 from prefmodule.guard import check_finite_weights, default_guard, step_skipped
@@ -233,6 +234,9 @@ class PreferenceModule(LightningModule):
 
     def _logged_logps(self, stats: SequenceStats) -> Tensor:
         return stats.avg_logps if self.length_normalized else stats.logps
+
+    def on_train_start(self) -> None:
+        restore_data_position(self.trainer)  # a resumed fit goes on mid-epoch where it stopped
 
     def on_train_epoch_end(self) -> None:
         self.stage_metrics["train_metrics"].reset()

@@ -1,0 +1,154 @@
+"""Resume that resumes: a fit killed with SIGKILL (mid-step, while writing a checkpoint, during the export)
+and resumed with ``--ckpt_path=last`` ends with the weights of an uninterrupted fit, no step trained twice;
+torn, unreadable or code-carrying checkpoints are never used."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from prefmodule.checkpoints import PARTIAL, newest_checkpoint, run_checkpoints
+from prefmodule.cli import main
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+TESTS = Path(__file__).parent
+
+
+class KillAt(L.Callback):
+    """SIGKILLs its own process at ``point`` of optimizer step ``step`` (1-based): ``mid_step`` (gradients
+    computed, weights not yet updated), ``checkpoint`` (the checkpoint written, not yet renamed to its name) or
+    ``export`` (the weights exported, the tokenizer not yet). Also appends each trained step to ``log``."""
+
+    def __init__(self, log: str, point: str | None = None, step: int = 0):
+        self.steps_file, self.point, self.step = log, point, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(self.steps_file, "a") as handle:
+            handle.write(json.dumps([trainer.global_step, batch["index"].tolist()]) + "\n")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.point == "mid_step" and trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self.point == "checkpoint" and trainer.global_step == self.step:
+            sys.setprofile(lambda frame, event, fn: event == "c_call" and fn is os.replace and _kill())
+
+    def on_fit_end(self, trainer, pl_module):
+        if self.point == "export":  # runs before the export (module callbacks come after the trainer's)
+            sys.setprofile(lambda frame, event, fn: event == "call" and frame.f_code.co_name == "save_pretrained"
+                           and "tokenization" in frame.f_code.co_filename and _kill())
+
+
+def _kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fit_args(root, train, *extra):
+    """10 steps over 32 pairs in batches of 4 (into the second epoch), a checkpoint every 3 steps."""
+    return ["fit", "--config", str(CONFIGS / "orpo.yaml"), f"--trainer.default_root_dir={root}", f"--data.train={train}",
+            "--data.batch_size=4", "--trainer.max_steps=10", "--trainer.limit_val_batches=0", "--model.lr=1e-3",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--trainer.callbacks+=prefmodule.checkpoints.RunCheckpoint", "--trainer.callbacks.every_steps=3", *extra]
+
+
+def steps_of(log: Path) -> list:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, demo_rows):
+    from conftest import write_jsonl
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    train = write_jsonl(root / "train.jsonl", demo_rows[:32])
+    log = root / "steps.jsonl"
+    cli = main(fit_args(root / "run", train, "--trainer.callbacks+=test_resume.KillAt",
+                        f"--trainer.callbacks.log={log}"))
+    return train, {k: v.detach().clone() for k, v in cli.model.policy.state_dict().items()}, steps_of(log)
+
+
+@pytest.mark.parametrize("point, step, resumed_from", [
+    ("checkpoint", 6, 3),  # the step-6 checkpoint never got its name: resume from step 3
+    pytest.param("mid_step", 8, 6, marks=pytest.mark.slow),
+    pytest.param("export", 10, 10, marks=pytest.mark.slow),  # the step-10 checkpoint is complete: only the export
+])
+def test_sigkill_then_resume_last_ends_as_if_never_killed(point, step, resumed_from, uninterrupted, tmp_path, caplog):
+    train, expected, expected_steps = uninterrupted
+    log = tmp_path / "steps.jsonl"
+    kill = ["--trainer.callbacks+=test_resume.KillAt", f"--trainer.callbacks.log={log}",
+            f"--trainer.callbacks.point={point}", f"--trainer.callbacks.step={step}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([sys.executable, "-m", "prefmodule", *fit_args(tmp_path, train, *kill)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    if point == "checkpoint":
+        assert (checkpoints / f"epoch=0-step={step}.ckpt{PARTIAL}").is_file()  # written, never renamed
+        assert os.readlink(checkpoints / "last.ckpt") == "epoch=0-step=3.ckpt"
+    if point == "export":
+        exported = tmp_path / "lightning_logs" / "version_0" / "hf_model"
+        assert (exported / "model.safetensors").is_file() and not (exported / "tokenizer.json").exists()
+    trained_before = len(steps_of(log))
+
+    resumed = main(fit_args(tmp_path, train, "--ckpt_path=last", "--trainer.callbacks+=test_resume.KillAt",
+                            f"--trainer.callbacks.log={log}"))
+    assert f"-step={resumed_from}.ckpt: global step {resumed_from}, epoch " in caplog.text
+    steps = steps_of(log)
+    # Steps after the checkpoint were trained again from it, each once more; the resumed fit took up at the next.
+    assert steps[trained_before:] == expected_steps[resumed_from:]
+    assert steps[:resumed_from] == expected_steps[:resumed_from]
+    assert resumed.trainer.global_step == 10
+    for name, weight in resumed.model.policy.state_dict().items():
+        torch.testing.assert_close(weight, expected[name], rtol=0, atol=1e-6, msg=name)
+    assert (Path(resumed.trainer.log_dir) / "hf_model" / "tokenizer.json").is_file()
+    assert all(path.suffix == ".ckpt" and newest_checkpoint(path.parent.parent) for path in run_checkpoints(tmp_path))
+
+
+class Payload:
+    """Runs code when unpickled: what a malicious checkpoint would hold."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_last_skips_torn_and_code_carrying_checkpoints_and_says_what_it_restored(demo_rows, tmp_path, capsys, caplog):
+    from conftest import write_jsonl
+
+    train = write_jsonl(tmp_path / "train.jsonl", demo_rows[:32])
+    main(fit_args(tmp_path, train, "--trainer.max_steps=6", "--model.export_hf=false"))
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"]
+    # The newest is torn (as a crash of a non-atomic writer leaves it); a newer one, in another version folder,
+    # carries code that would run when unpickled.
+    newest = checkpoints / "epoch=0-step=6.ckpt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    marker = tmp_path / "payload_ran"
+    poisoned = torch.load(checkpoints / "epoch=0-step=3.ckpt", weights_only=True)
+    poisoned["hyper_parameters"]["note"] = Payload(str(marker))
+    (tmp_path / "lightning_logs" / "version_1" / "checkpoints").mkdir(parents=True)
+    torch.save(poisoned, tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "epoch=0-step=7.ckpt")
+
+    for explicit, reason in (("version_1/checkpoints/epoch=0-step=7.ckpt", "holds Python objects that are not plain "
+                              "data, refused (weights_only=True)"), ("version_0/checkpoints/epoch=0-step=6.ckpt",
+                                                                     "unreadable (")):
+        with pytest.raises(SystemExit) as exit_:
+            main(fit_args(tmp_path, train, f"--ckpt_path={tmp_path / 'lightning_logs' / explicit}"))
+        assert exit_.value.code == 2 and reason in capsys.readouterr().err
+    resumed = main(fit_args(tmp_path, train, "--ckpt_path=last", "--trainer.max_steps=8", "--model.export_hf=false"))
+    assert not marker.exists()
+    assert "skipping checkpoint" in caplog.text and caplog.text.count("skipping checkpoint") == 2
+    assert (f"prefmodule: resuming {checkpoints / 'epoch=0-step=3.ckpt'}: global step 3, epoch 0, 3 batches of epoch "
+            "0 already trained (continuing after them)") in caplog.text
+    assert resumed.trainer.global_step == 8
+    assert Path(resumed.trainer.log_dir).name == "version_2"  # a resumed fit logs into a new version folder
