@@ -37,6 +37,9 @@ class MissingFileError(UserError, FileNotFoundError):
 class WriteError(UserError, OSError):
     """A file could not be written (disk full, no permission, read-only file system): names the path."""
 
+    def __str__(self) -> str:
+        return self.strerror  # the message alone, not OSError's "[Errno N] message: 'path'"
+
 
 class NonFiniteError(UserError, ArithmeticError):
     """Training diverged: non-finite losses or gradients, or weights that must not be exported."""
