@@ -6,8 +6,9 @@ Lightning's :class:`ModelCheckpoint` does the saving, the rotation and ``last.ck
 - a save after every validation *and* every ``every_minutes`` (or ``every_steps``): Lightning's triggers
   are exclusive, and none fires when fit ends between two of them (``max_steps``, ``max_time``, a stop
   requested by a callback or by SIGTERM);
-- writes under a temporary name, renamed once complete: Lightning writes under the final name, so a kill
-  mid-write leaves a torn file there (a sharded checkpoint is a folder that every rank fills);
+- writes under a temporary name, renamed once complete: Lightning fills a sharded checkpoint's folder in
+  place, and moves a file from the system's temporary folder, a copy a kill can tear when that folder is
+  on another disk;
 - ``ckpt_path="last"`` over the whole run folder: Lightning only looks in the new run's version folder.
 
 A resumed fit logs into a new ``version_N`` folder: Lightning's loggers start their files afresh
@@ -251,18 +252,22 @@ def _sharded_problem(path: Path) -> str | None:
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles a ``.metadata`` file allowing only the classes of ``torch.distributed.checkpoint`` and
-    torch's dtypes, sizes and layouts (the "restricting globals" recipe of Python's pickle docs):
-    PyTorch reads that file with an unrestricted ``pickle.load``."""
+    """Unpickles a ``.metadata`` file allowing only the classes of ``torch.distributed.checkpoint``, torch's
+    sizes, dtypes and layouts, and paths (the "restricting globals" recipe of Python's pickle docs): PyTorch
+    reads that file with an unrestricted ``pickle.load``."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
 
     def find_class(self, module: str, name: str):
-        value = getattr(__import__(module, fromlist=[name]), name, None) if module.startswith("torch") else None
-        allowed = (module.startswith("torch.distributed.checkpoint.")
-                   or isinstance(value, (torch.dtype, torch.layout, torch.memory_format)) or value is torch.Size
-                   or (module, name) in {("collections", "OrderedDict"), ("builtins", "set")})
-        if not allowed:
+        value = super().find_class(module, name) if module.startswith("torch") or (module, name) in self.ALLOWED \
+            else None
+        metadata_class = module == "torch.distributed.checkpoint.metadata" and isinstance(value, type)
+        if not ((module, name) in self.ALLOWED or metadata_class
+                or isinstance(value, (torch.dtype, torch.layout, torch.memory_format))):
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's .metadata")
-        return value if value is not None else super().find_class(module, name)
+        return value
 
 
 def describe(checkpoint: dict) -> str:

@@ -113,14 +113,15 @@ def default_guard(trainer: Trainer | None) -> list[NonFiniteGuard]:
     return [] if given else [NonFiniteGuard()]
 
 
-def check_finite_weights(model: nn.Module, destination: str) -> None:
+def check_finite_weights(model: nn.Module, destination: str, sharded: bool = False) -> None:
     """Raise :class:`~prefmodule.errors.NonFiniteError` if ``model`` holds a NaN or infinite weight. Sharded
-    weights: every rank checks its shards and all agree (call it on every rank)."""
+    weights: every rank checks its shards and all agree (then call it on every rank)."""
     bad = [name for name, p in model.named_parameters()
            if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
-    count = torch.tensor(len(bad))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(count)  # gloo or nccl: the count lives where the backend wants it
+    device = next(model.parameters()).device  # where the backend (gloo, nccl) takes its tensors
+    count = torch.tensor(len(bad), device=device)
+    if sharded:
+        torch.distributed.all_reduce(count)
     if count.item():
         names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
         raise NonFiniteError(f"the policy holds non-finite weights (NaN or infinite: {names or 'on another rank'}); "

@@ -98,3 +98,25 @@ def test_export_refuses_non_finite_weights(tmp_path):
     with pytest.raises(NonFiniteError, match=r"non-finite weights \(NaN or infinite: model.layers.1.mlp.up_proj.weight\)"):
         module.export_hf(str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [
+    ["--trainer.strategy=ddp"],
+    ["--config", str(CONFIGS / "strategies" / "fsdp2.yaml"), "--trainer.strategy.data_parallel_size=2",
+     "--trainer.strategy.save_distributed_checkpoint=false"],
+], ids=["ddp", "fsdp2"])
+def test_all_ranks_skip_together(strategy, tmp_path, small_data):
+    """The loss is NaN on rank 1 only, at step 2: both ranks drop that step, and the fit goes on."""
+    from test_distributed import launch
+
+    launch("fit", "--config", str(CONFIGS / "orpo.yaml"), *strategy, "--model=test_guard.PoisonedORPO",
+           "--model.poisoned=[2]", "--model.ranks=[1]", "--model.lr=1e-3", f"--trainer.default_root_dir={tmp_path}",
+           f"--data.train={small_data[0]}", "--trainer.max_steps=4", "--trainer.limit_val_batches=0")
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
+    assert [float(r["train/skipped_steps"]) for r in rows if r["train/skipped_steps"]] == [0, 1, 1, 1]
+    checkpoint = torch.load(log_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4
+    assert {state["step"].item() for state in checkpoint["optimizer_states"][0]["state"].values()} == {3.0}
+    assert checkpoint["lr_schedulers"][0]["last_epoch"] == 3

@@ -4,6 +4,7 @@ torn, unreadable or code-carrying checkpoints are never used."""
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 
-from prefmodule.checkpoints import PARTIAL, newest_checkpoint, run_checkpoints
+from prefmodule.checkpoints import PARTIAL, checkpoint_problem, newest_checkpoint, run_checkpoints
 from prefmodule.cli import main
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -29,12 +30,14 @@ class KillAt(L.Callback):
         self.steps_file, self.point, self.step = log, point, step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not trainer.is_global_zero:
+            return
         with open(self.steps_file, "a") as handle:
             handle.write(json.dumps([trainer.global_step, batch["index"].tolist()]) + "\n")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self.point == "mid_step" and trainer.global_step + 1 == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            _kill()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         if self.point == "checkpoint" and trainer.global_step == self.step:
@@ -47,7 +50,7 @@ class KillAt(L.Callback):
 
 
 def _kill():
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.killpg(0, signal.SIGKILL)  # every rank, as a lost node would (tests start the run in a session of its own)
 
 
 def fit_args(root, train, *extra):
@@ -87,7 +90,7 @@ def test_sigkill_then_resume_last_ends_as_if_never_killed(point, step, resumed_f
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
     killed = subprocess.run([sys.executable, "-m", "prefmodule", *fit_args(tmp_path, train, *kill)], env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, start_new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     if point == "checkpoint":
@@ -122,6 +125,33 @@ class Payload:
         return open, (self.marker, "w")
 
 
+def test_sharded_checkpoint_folders_are_checked_without_running_code(tmp_path):
+    """A folder of ``torch.distributed.checkpoint`` shards (FSDP2): whole and plain data, or refused."""
+    from torch.distributed.checkpoint import save
+
+    def sharded(name, state):
+        folder = tmp_path / name
+        save(state, checkpoint_id=folder)  # one process: a folder as each rank of a sharded fit writes it
+        torch.save({"global_step": 2}, folder / "meta.pt")
+        return folder
+
+    marker = tmp_path / "payload_ran"
+    whole = sharded("whole.ckpt", {"state_dict": {"w": torch.ones(64, 64)}, "optimizer_0": {"lr": [0.1]}})
+    assert checkpoint_problem(whole) is None
+    carrying = sharded("carrying.ckpt", {"state_dict": {"w": torch.ones(2)}, "note": Payload(str(marker))})
+    assert checkpoint_problem(carrying).startswith("it holds Python objects that are not plain data, refused")
+    (whole / ".metadata").write_bytes(pickle.dumps(Payload(str(marker))))  # PyTorch unpickles it unchecked
+    assert checkpoint_problem(whole) == ("it holds Python objects that are not plain data, refused (weights_only=True): "
+                                         "io.open is not allowed in a checkpoint's .metadata")
+    assert not marker.exists()
+    torn = sharded("torn.ckpt", {"state_dict": {"w": torch.ones(64, 64)}})
+    (shard,) = torn.glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert checkpoint_problem(torn) == f"shard {shard.name} is missing or truncated"
+    os.remove(torn / "meta.pt")
+    assert checkpoint_problem(torn) == "no meta.pt: a sharded checkpoint whose writing did not finish"
+
+
 def test_last_skips_torn_and_code_carrying_checkpoints_and_says_what_it_restored(demo_rows, tmp_path, capsys, caplog):
     from conftest import write_jsonl
 
@@ -152,3 +182,50 @@ def test_last_skips_torn_and_code_carrying_checkpoints_and_says_what_it_restored
             "0 already trained (continuing after them)") in caplog.text
     assert resumed.trainer.global_step == 8
     assert Path(resumed.trainer.log_dir).name == "version_2"  # a resumed fit logs into a new version folder
+
+
+@pytest.mark.slow
+def test_fsdp2_killed_while_writing_a_sharded_checkpoint_resumes_last(tmp_path, small_data):
+    """Sharded checkpoints are folders: one whose writing was cut is never taken, the one before it is."""
+    from test_distributed import QUIET
+    from safetensors.torch import load_file
+
+    train = small_data[0]  # 32 pairs, 4 per rank and step: 4 steps an epoch
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+
+    def launch(root, *extra):
+        args = [*fit_args(root, train, "--trainer.max_steps=6", "--trainer.callbacks.every_steps=2", "--config",
+                          str(CONFIGS / "strategies" / "fsdp2.yaml"), "--trainer.strategy.data_parallel_size=2",
+                          "--trainer.devices=2", "--trainer.callbacks+=test_resume.KillAt",
+                          f"--trainer.callbacks.log={root / 'steps.jsonl'}", *extra), *QUIET]
+        return subprocess.run([sys.executable, "-m", "prefmodule", *args], env=env, capture_output=True, text=True,
+                              timeout=600, start_new_session=True)
+
+    whole = launch(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = launch(tmp_path / "run", "--trainer.callbacks.point=checkpoint", "--trainer.callbacks.step=4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoints = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints"
+    assert (checkpoints / "epoch=0-step=4.ckpt.partial" / "meta.pt").is_file()  # all shards written, never renamed
+    assert os.readlink(checkpoints / "last.ckpt") == "epoch=0-step=2.ckpt"
+    resumed = launch(tmp_path / "run", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {checkpoints / 'epoch=0-step=2.ckpt'}: global step 2" in resumed.stderr
+    assert steps_of(tmp_path / "run" / "steps.jsonl")[4:] == steps_of(tmp_path / "whole" / "steps.jsonl")[2:]
+    exported = load_file(tmp_path / "run" / "lightning_logs" / "version_1" / "hf_model" / "model.safetensors")
+    expected = load_file(tmp_path / "whole" / "lightning_logs" / "version_0" / "hf_model" / "model.safetensors")
+    for name, weight in expected.items():
+        torch.testing.assert_close(exported[name], weight, rtol=0, atol=1e-6, msg=name)
+
+
+def test_checkpoints_hold_plain_data_only(tmp_path, small_data):
+    """LoRA settings given as a dataclass still make a checkpoint that loads with ``weights_only=True``."""
+    from prefmodule import LoraSettings, ORPOModule, PreferenceDataModule
+
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=1, limit_val_batches=0, enable_progress_bar=False,
+                        enable_model_summary=False, logger=False)
+    module = ORPOModule(model="asset://tiny-llama", lora=LoraSettings(r=2), export_hf=False)
+    trainer.fit(module, datamodule=PreferenceDataModule(train=small_data[0], batch_size=4))
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["lora"] == {"r": 2, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}

@@ -99,8 +99,9 @@ class PreferenceModule(LightningModule):
         check_causal_lm("model", model, trust_remote_code)  # from its config.json, before any weights load
         if tokenizer is not None:
             check_source("tokenizer", tokenizer)
-        lora = asdict(lora) if isinstance(lora, LoraSettings) else lora  # hparams of plain data: weights_only loads
         self.save_hyperparameters(ignore=list(self.runtime_args))
+        if isinstance(lora, LoraSettings):
+            self.hparams.lora = asdict(lora)  # plain data: checkpoints load with weights_only=True
         self.logps_chunk_size = logps_chunk_size
         self.chunked_logps = False  # decided in ``configure_model``: does the model allow it
         self.predictions_path = predictions_path
@@ -295,8 +296,8 @@ class PreferenceModule(LightningModule):
 
         Global rank 0 writes. Sharded (FSDP) weights are gathered to it first: then every rank must call this.
         """
-        check_finite_weights(self.policy, path)  # never export a diverged policy (every rank agrees)
         sharded = is_sharded(self.policy)
+        check_finite_weights(self.policy, path, sharded)  # never export a diverged policy
         model = gather_unsharded(self, "policy", self.hparams.trust_remote_code) if sharded else self.policy
         if self.global_rank != 0:
             return
