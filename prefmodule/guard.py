@@ -71,8 +71,8 @@ class NonFiniteGuard(Callback):
             torch.distributed.all_gather_object(gathered, indices)
             indices = [index for part in gathered for index in part]
         what = "loss" if not loss_finite else f"gradient norm ({norm.item()})"
-        rank_zero_info(f"prefmodule: warning: step {trainer.global_step + 1} skipped, its {what} is not finite: weights, "
-                       f"optimizer and LR schedule unchanged. Its pairs (data rows): {sorted(indices)}. "
+        rank_zero_info(f"prefmodule: warning: step {trainer.global_step + 1} skipped, its {what} is not finite: "
+                       f"weights, optimizer and LR schedule unchanged. Its pairs (data rows): {sorted(indices)}. "
                        f"{self.in_a_row} in a row (training stops at {self.max_in_a_row}).")
 
     def _stop_message(self, trainer: Trainer, pl_module: LightningModule) -> str:

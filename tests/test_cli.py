@@ -99,7 +99,7 @@ def test_validate_test_and_predict_from_checkpoint(tmp_path, small_data):
 # ----- exit codes and errors: what a scheduler and a person see ------------------------------------------
 def run_command(command, *args, timeout=300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+        [str(Path(__file__).parent), str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -155,6 +155,22 @@ def test_other_failures_keep_their_traceback(tmp_path, small_data):
 
 
 def test_constructor_value_errors_are_configuration_errors(tmp_path, capsys):
-    code, err = fails_with(capsys, "fit", "--config", str(CONFIGS / "dpo.yaml"), f"--trainer.default_root_dir={tmp_path}",
-                           "--trainer.devices=0")  # refused by Lightning's Trainer
+    code, err = fails_with(capsys, "fit", "--config", str(CONFIGS / "dpo.yaml"),  # devices: refused by Lightning
+                           f"--trainer.default_root_dir={tmp_path}", "--trainer.devices=0")
     assert code == 2 and err.startswith("prefmodule: error: `Trainer(devices='0')` value is not a valid input")
+
+
+@pytest.mark.slow
+def test_an_error_inside_fit_on_every_rank_prints_once(tmp_path, small_data):
+    """Under DDP (ranks launched by Lightning) a user error raised in fit stops every rank with its exit code
+    and one message: here the non-finite guard, stopping at the first NaN step."""
+    from test_distributed import QUIET
+
+    done = run_command([sys.executable, "-m", "prefmodule"], *fit_args(
+        "orpo.yaml", tmp_path, *small_data, "--model=test_guard.PoisonedORPO", "--model.poisoned=[2]",
+        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.limit_val_batches=0",
+        "--trainer.callbacks+=prefmodule.guard.NonFiniteGuard", "--trainer.callbacks.max_in_a_row=1"), *QUIET)
+    assert done.returncode == 3, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if "prefmodule: error:" in line]
+    assert line.startswith("prefmodule: error: training stopped: the loss or gradient norm was non-finite")
+    assert "Traceback" not in done.stderr

@@ -68,7 +68,8 @@ class ReadOnlyRunFolder(L.Callback):
 
 
 def fit_args(root, train, *extra):
-    return ["fit", "--config", str(CONFIGS / "orpo.yaml"), f"--trainer.default_root_dir={root}", f"--data.train={train}",
+    return ["fit", "--config", str(CONFIGS / "orpo.yaml"), f"--trainer.default_root_dir={root}",
+            f"--data.train={train}",
             "--data.batch_size=4", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
             "--trainer.enable_progress_bar=false", "--trainer.callbacks+=prefmodule.checkpoints.RunCheckpoint",
             "--trainer.callbacks.every_steps=2", *extra]
@@ -111,7 +112,8 @@ def test_permission_denied_while_writing_the_export(tmp_path, small_data, capsys
     try:
         line = error_line(capsys)
         assert exit_.value.code == 2
-        assert line.startswith(f"prefmodule: error: could not write the Hugging Face export to {log_dir / 'hf_model'}: ")
+        assert line.startswith("prefmodule: error: could not write the Hugging Face export to "
+                               f"{log_dir / 'hf_model'}: ")
         assert line.endswith(("Read-only file system; that file system is read-only: write elsewhere (e.g. "
                               "`--trainer.default_root_dir`).", "Permission denied; you lack permission to write "
                               "there: change the folder's permissions, or write elsewhere."))

@@ -81,11 +81,12 @@ def test_diverging_fit_stops_non_finite_names_the_last_good_checkpoint_and_expor
     (message,) = [line for line in captured.err.splitlines() if line.startswith("prefmodule: error:")]
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "epoch=0-step=3.ckpt"
     assert message == (
-        "prefmodule: error: training stopped: the loss or gradient norm was non-finite (NaN or infinite) at 3 optimizer "
-        "steps in a row (steps 2-4); each was skipped, so the weights are those before step 2. Try gradient clipping "
-        "(--trainer.gradient_clip_val=1.0), a lower learning rate in a new fit (now 1e+30; a resumed fit restores the "
-        "optimizer's), bf16-mixed instead of 16-mixed precision, or check the pairs named in the warnings above. The "
-        f"newest checkpoint, {checkpoint}, holds these weights (--ckpt_path=last resumes from it).")
+        "prefmodule: error: training stopped: the loss or gradient norm was non-finite (NaN or infinite) at 3 "
+        "optimizer steps in a row (steps 2-4); each was skipped, so the weights are those before step 2. Try "
+        "gradient clipping (--trainer.gradient_clip_val=1.0), a lower learning rate in a new fit (now 1e+30; a "
+        "resumed fit restores the optimizer's), bf16-mixed instead of 16-mixed precision, or check the pairs named in "
+        f"the warnings above. The newest checkpoint, {checkpoint}, holds these weights (--ckpt_path=last resumes "
+        "from it).")
     assert caplog.text.count("skipped, its loss is not finite") == 3
     assert not (tmp_path / "lightning_logs" / "version_0" / "hf_model").exists()
 
@@ -95,7 +96,7 @@ def test_export_refuses_non_finite_weights(tmp_path):
     module.configure_model()
     with torch.no_grad():
         module.policy.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
-    with pytest.raises(NonFiniteError, match=r"non-finite weights \(NaN or infinite: model.layers.1.mlp.up_proj.weight\)"):
+    with pytest.raises(NonFiniteError, match=r"weights \(NaN or infinite: model.layers.1.mlp.up_proj.weight\)"):
         module.export_hf(str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
 

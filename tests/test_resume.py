@@ -55,7 +55,8 @@ def _kill():
 
 def fit_args(root, train, *extra):
     """10 steps over 32 pairs in batches of 4 (into the second epoch), a checkpoint every 3 steps."""
-    return ["fit", "--config", str(CONFIGS / "orpo.yaml"), f"--trainer.default_root_dir={root}", f"--data.train={train}",
+    return ["fit", "--config", str(CONFIGS / "orpo.yaml"), f"--trainer.default_root_dir={root}",
+            f"--data.train={train}",
             "--data.batch_size=4", "--trainer.max_steps=10", "--trainer.limit_val_batches=0", "--model.lr=1e-3",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             "--trainer.callbacks+=prefmodule.checkpoints.RunCheckpoint", "--trainer.callbacks.every_steps=3", *extra]
@@ -141,8 +142,8 @@ def test_sharded_checkpoint_folders_are_checked_without_running_code(tmp_path):
     carrying = sharded("carrying.ckpt", {"state_dict": {"w": torch.ones(2)}, "note": Payload(str(marker))})
     assert checkpoint_problem(carrying).startswith("it holds Python objects that are not plain data, refused")
     (whole / ".metadata").write_bytes(pickle.dumps(Payload(str(marker))))  # PyTorch unpickles it unchecked
-    assert checkpoint_problem(whole) == ("it holds Python objects that are not plain data, refused (weights_only=True): "
-                                         "io.open is not allowed in a checkpoint's .metadata")
+    assert checkpoint_problem(whole) == ("it holds Python objects that are not plain data, refused "
+                                         "(weights_only=True): io.open is not allowed in a checkpoint's .metadata")
     assert not marker.exists()
     torn = sharded("torn.ckpt", {"state_dict": {"w": torch.ones(64, 64)}})
     (shard,) = torn.glob("*.distcp")
@@ -228,4 +229,5 @@ def test_checkpoints_hold_plain_data_only(tmp_path, small_data):
     module = ORPOModule(model="asset://tiny-llama", lora=LoraSettings(r=2), export_hf=False)
     trainer.fit(module, datamodule=PreferenceDataModule(train=small_data[0], batch_size=4))
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["hyper_parameters"]["lora"] == {"r": 2, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
+    assert checkpoint["hyper_parameters"]["lora"] == {"r": 2, "alpha": 16, "dropout": 0.0,
+                                                      "target_modules": "all-linear"}
