@@ -103,15 +103,7 @@ def run_command(command, *args, timeout=300):
     return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_installed_command_exits_0_after_a_fit(tmp_path, small_data):
-    command = Path(sys.executable).parent / "prefmodule"  # the console script pip installed next to python
-    done = run_command([str(command)], *fit_args("orpo.yaml", tmp_path, *small_data, "--trainer.max_steps=1",
-                                                 "--trainer.limit_val_batches=0", "--model.export_hf=false"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "prefmodule: fit done" in done.stdout + done.stderr
-    assert "LightningCLI's args parameter" not in done.stderr  # no warning about our own argument passing
-
-
+@pytest.mark.slow  # the same ``console()`` as the installed command; in-process tests check its errors
 def test_python_m_prints_a_config_error_alone_and_exits_2(tmp_path):
     done = run_command([sys.executable, "-m", "prefmodule"], "fit", "--config", str(CONFIGS / "dpo.yaml"),
                        "--model.beta=-1", f"--trainer.default_root_dir={tmp_path}")

@@ -82,7 +82,8 @@ def error_line(capsys) -> str:
     return line
 
 
-def test_disk_full_while_writing_a_checkpoint(tmp_path, small_data, capsys):
+def test_disk_full_while_writing_a_checkpoint_then_a_read_only_folder_for_the_export(tmp_path, small_data, capsys,
+                                                                                     caplog):
     disk = tmp_path / "disk"
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)
     with small_disk(disk) as tmpfs:
@@ -102,22 +103,23 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, small_data, capsys):
             f"prefmodule: error: could not write a checkpoint to {checkpoints / 'epoch=0-step=4.ckpt'}: {reason}")
         assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]  # no torn file
         assert newest_checkpoint(disk) == checkpoints / "epoch=0-step=2.ckpt"
-        assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
 
-
-def test_permission_denied_while_writing_the_export(tmp_path, small_data, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(fit_args(tmp_path, small_data[0], "--trainer.callbacks+=test_disk.ReadOnlyRunFolder"))
-    log_dir = tmp_path / "lightning_logs" / "version_0"
-    try:
-        line = error_line(capsys)
+        # Space freed, the earlier checkpoint resumes; this time the run's folder turns read-only before the export.
+        (disk / "filler").unlink(missing_ok=True)
+        resumed = disk / "lightning_logs" / "version_1"
+        try:
+            with pytest.raises(SystemExit) as exit_:
+                main(fit_args(disk, small_data[0], "--ckpt_path=last",
+                              "--trainer.callbacks+=test_disk.ReadOnlyRunFolder"))
+            line = error_line(capsys)
+        finally:
+            subprocess.run(["umount", str(resumed)], capture_output=True)
+            os.chmod(resumed, 0o755)
+        assert f"resuming {checkpoints / 'epoch=0-step=2.ckpt'}: global step 2" in caplog.text
         assert exit_.value.code == 2
         assert line.startswith("prefmodule: error: could not write the Hugging Face export to "
-                               f"{log_dir / 'hf_model'}: ")
+                               f"{resumed / 'hf_model'}: ")
         assert line.endswith(("Read-only file system; that file system is read-only: write elsewhere (e.g. "
                               "`--trainer.default_root_dir`).", "Permission denied; you lack permission to write "
                               "there: change the folder's permissions, or write elsewhere."))
-        assert torch.load(log_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
-    finally:
-        subprocess.run(["umount", str(log_dir)], capture_output=True)
-        os.chmod(log_dir, 0o755)
+        assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4

@@ -135,7 +135,8 @@ def test_fsdp2_two_processes_shard_resume_agree_with_one_and_export(tmp_path, sm
     launch("fit", *common, f"--trainer.default_root_dir={second}", "--trainer.max_steps=4", f"--ckpt_path={sharded}",
            "--trainer.strategy.save_distributed_checkpoint=false")
     log_dir = second / "lightning_logs" / "version_0"
-    checkpoint = torch.load(log_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = log_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=False)
     assert checkpoint["global_step"] == 4 and checkpoint["lr_schedulers"][0]["last_epoch"] == 4
     assert [state["step"].item() for state in checkpoint["optimizer_states"][0]["state"].values()] == [4.0] * 21
     assert not [k for k in checkpoint["state_dict"] if k.startswith("ref_model.")]

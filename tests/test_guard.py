@@ -2,6 +2,7 @@
 with a message and never exports NaN weights."""
 
 import csv
+import os
 from pathlib import Path
 
 import lightning as L
@@ -89,6 +90,10 @@ def test_diverging_fit_stops_non_finite_names_the_last_good_checkpoint_and_expor
         "from it).")
     assert caplog.text.count("skipped, its loss is not finite") == 3
     assert not (tmp_path / "lightning_logs" / "version_0" / "hf_model").exists()
+    # one checkpoint a step (every_steps=1), the newest two kept, last.ckpt linking to the newest
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt",
+                                                                   "last.ckpt"]
+    assert os.readlink(checkpoint.parent / "last.ckpt") == checkpoint.name
 
 
 def test_export_refuses_non_finite_weights(tmp_path):

@@ -5,6 +5,7 @@ torn, unreadable or code-carrying checkpoints are never used."""
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +14,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from prefmodule.checkpoints import PARTIAL, checkpoint_problem, newest_checkpoint, run_checkpoints
+from prefmodule.checkpoints import PARTIAL, checkpoint_problem, run_checkpoints
 from prefmodule.cli import main
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -75,7 +77,8 @@ def uninterrupted(tmp_path_factory, demo_rows):
     log = root / "steps.jsonl"
     cli = main(fit_args(root / "run", train, "--trainer.callbacks+=test_resume.KillAt",
                         f"--trainer.callbacks.log={log}"))
-    return train, {k: v.detach().clone() for k, v in cli.model.policy.state_dict().items()}, steps_of(log)
+    version = Path(cli.trainer.log_dir)
+    return train, load_file(version / "hf_model" / "model.safetensors"), steps_of(log), version / "checkpoints"
 
 
 @pytest.mark.parametrize("point, step, resumed_from", [
@@ -83,15 +86,16 @@ def uninterrupted(tmp_path_factory, demo_rows):
     pytest.param("mid_step", 8, 6, marks=pytest.mark.slow),
     pytest.param("export", 10, 10, marks=pytest.mark.slow),  # the step-10 checkpoint is complete: only the export
 ])
-def test_sigkill_then_resume_last_ends_as_if_never_killed(point, step, resumed_from, uninterrupted, tmp_path, caplog):
-    train, expected, expected_steps = uninterrupted
+def test_sigkill_then_resume_last_ends_as_if_never_killed(point, step, resumed_from, uninterrupted, tmp_path):
+    """The resumed fit runs the installed ``prefmodule`` command, which must exit with 0."""
+    train, expected, expected_steps, _ = uninterrupted
     log = tmp_path / "steps.jsonl"
-    kill = ["--trainer.callbacks+=test_resume.KillAt", f"--trainer.callbacks.log={log}",
-            f"--trainer.callbacks.point={point}", f"--trainer.callbacks.step={step}"]
+    steps = ["--trainer.callbacks+=test_resume.KillAt", f"--trainer.callbacks.log={log}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
-    killed = subprocess.run([sys.executable, "-m", "prefmodule", *fit_args(tmp_path, train, *kill)], env=env,
-                            capture_output=True, text=True, timeout=600, start_new_session=True)
+    killed = subprocess.run([sys.executable, "-m", "prefmodule", *fit_args(
+        tmp_path, train, *steps, f"--trainer.callbacks.point={point}", f"--trainer.callbacks.step={step}")],
+        env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     if point == "checkpoint":
@@ -102,18 +106,21 @@ def test_sigkill_then_resume_last_ends_as_if_never_killed(point, step, resumed_f
         assert (exported / "model.safetensors").is_file() and not (exported / "tokenizer.json").exists()
     trained_before = len(steps_of(log))
 
-    resumed = main(fit_args(tmp_path, train, "--ckpt_path=last", "--trainer.callbacks+=test_resume.KillAt",
-                            f"--trainer.callbacks.log={log}"))
-    assert f"-step={resumed_from}.ckpt: global step {resumed_from}, epoch " in caplog.text
-    steps = steps_of(log)
+    command = Path(sys.executable).parent / "prefmodule"  # the console script pip installed next to python
+    resumed = subprocess.run([str(command), *fit_args(tmp_path, train, "--ckpt_path=last", *steps)], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"-step={resumed_from}.ckpt: global step {resumed_from}, epoch " in resumed.stderr
     # Steps after the checkpoint were trained again from it, each once more; the resumed fit took up at the next.
-    assert steps[trained_before:] == expected_steps[resumed_from:]
-    assert steps[:resumed_from] == expected_steps[:resumed_from]
-    assert resumed.trainer.global_step == 10
-    for name, weight in resumed.model.policy.state_dict().items():
-        torch.testing.assert_close(weight, expected[name], rtol=0, atol=1e-6, msg=name)
-    assert (Path(resumed.trainer.log_dir) / "hf_model" / "tokenizer.json").is_file()
-    assert all(path.suffix == ".ckpt" and newest_checkpoint(path.parent.parent) for path in run_checkpoints(tmp_path))
+    assert steps_of(log)[trained_before:] == expected_steps[resumed_from:]
+    assert steps_of(log)[:resumed_from] == expected_steps[:resumed_from]
+    version = tmp_path / "lightning_logs" / "version_1"
+    assert torch.load(version / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    exported = load_file(version / "hf_model" / "model.safetensors")
+    for name, weight in expected.items():
+        torch.testing.assert_close(exported[name], weight, rtol=0, atol=1e-6, msg=name)
+    assert (version / "hf_model" / "tokenizer.json").is_file()
+    assert all(checkpoint_problem(path) is None for path in run_checkpoints(tmp_path))  # no torn file under a name
 
 
 class Payload:
@@ -153,35 +160,34 @@ def test_sharded_checkpoint_folders_are_checked_without_running_code(tmp_path):
     assert checkpoint_problem(torn) == "no meta.pt: a sharded checkpoint whose writing did not finish"
 
 
-def test_last_skips_torn_and_code_carrying_checkpoints_and_says_what_it_restored(demo_rows, tmp_path, capsys, caplog):
-    from conftest import write_jsonl
-
-    train = write_jsonl(tmp_path / "train.jsonl", demo_rows[:32])
-    main(fit_args(tmp_path, train, "--trainer.max_steps=6", "--model.export_hf=false"))
+def test_last_skips_torn_and_code_carrying_checkpoints_and_says_what_it_restored(uninterrupted, tmp_path, capsys,
+                                                                                 caplog):
+    train, _, _, written = uninterrupted
     checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"]
+    shutil.copytree(written, checkpoints, symlinks=True)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=1-step=10.ckpt", "epoch=1-step=9.ckpt", "last.ckpt"]
     # The newest is torn (as a crash of a non-atomic writer leaves it); a newer one, in another version folder,
     # carries code that would run when unpickled.
-    newest = checkpoints / "epoch=0-step=6.ckpt"
+    newest = checkpoints / "epoch=1-step=10.ckpt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     marker = tmp_path / "payload_ran"
-    poisoned = torch.load(checkpoints / "epoch=0-step=3.ckpt", weights_only=True)
+    poisoned = torch.load(checkpoints / "epoch=1-step=9.ckpt", weights_only=True)
     poisoned["hyper_parameters"]["note"] = Payload(str(marker))
     (tmp_path / "lightning_logs" / "version_1" / "checkpoints").mkdir(parents=True)
-    torch.save(poisoned, tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "epoch=0-step=7.ckpt")
+    torch.save(poisoned, tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "epoch=1-step=11.ckpt")
 
-    for explicit, reason in (("version_1/checkpoints/epoch=0-step=7.ckpt", "holds Python objects that are not plain "
-                              "data, refused (weights_only=True)"), ("version_0/checkpoints/epoch=0-step=6.ckpt",
-                                                                     "unreadable (")):
+    for explicit, reason in (("version_1/checkpoints/epoch=1-step=11.ckpt", "holds Python objects that are not "
+                              "plain data, refused (weights_only=True)"), ("version_0/checkpoints/epoch=1-step=10.ckpt",
+                                                                           "unreadable (")):
         with pytest.raises(SystemExit) as exit_:
             main(fit_args(tmp_path, train, f"--ckpt_path={tmp_path / 'lightning_logs' / explicit}"))
         assert exit_.value.code == 2 and reason in capsys.readouterr().err
-    resumed = main(fit_args(tmp_path, train, "--ckpt_path=last", "--trainer.max_steps=8", "--model.export_hf=false"))
+    resumed = main(fit_args(tmp_path, train, "--ckpt_path=last", "--model.export_hf=false"))
     assert not marker.exists()
-    assert "skipping checkpoint" in caplog.text and caplog.text.count("skipping checkpoint") == 2
-    assert (f"prefmodule: resuming {checkpoints / 'epoch=0-step=3.ckpt'}: global step 3, epoch 0, 3 batches of epoch "
-            "0 already trained (continuing after them)") in caplog.text
-    assert resumed.trainer.global_step == 8
+    assert caplog.text.count("skipping checkpoint") == 2
+    assert (f"prefmodule: resuming {checkpoints / 'epoch=1-step=9.ckpt'}: global step 9, epoch 1, 1 batches of epoch "
+            "1 already trained (continuing after them)") in caplog.text
+    assert resumed.trainer.global_step == 10
     assert Path(resumed.trainer.log_dir).name == "version_2"  # a resumed fit logs into a new version folder
 
 
@@ -189,7 +195,6 @@ def test_last_skips_torn_and_code_carrying_checkpoints_and_says_what_it_restored
 def test_fsdp2_killed_while_writing_a_sharded_checkpoint_resumes_last(tmp_path, small_data):
     """Sharded checkpoints are folders: one whose writing was cut is never taken, the one before it is."""
     from test_distributed import QUIET
-    from safetensors.torch import load_file
 
     train = small_data[0]  # 32 pairs, 4 per rank and step: 4 steps an epoch
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
