@@ -181,8 +181,11 @@ def restore_data_position(trainer: Trainer) -> None:
 
 # ----- finding the checkpoint to resume from ---------------------------------------------------------
 def run_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """The checkpoints written under a run folder (in any version folder), newest first; links resolved."""
-    found = {path.resolve() for path in Path(root).glob("**/checkpoints/*.ckpt")}
+    """The checkpoints written under a run folder (in any version folder), newest first; links resolved.
+
+    Where Lightning puts them: ``<root>/checkpoints`` without a logger, ``<root>/<name>/<version>/checkpoints``
+    with one (``<root>/lightning_logs/version_N/checkpoints``), and nowhere deeper."""
+    found = {path.resolve() for depth in ("", "*/", "*/*/") for path in Path(root).glob(f"{depth}checkpoints/*.ckpt")}
     return sorted((path for path in found if path.exists()), key=lambda path: path.stat().st_mtime, reverse=True)
 
 

@@ -236,3 +236,41 @@ def test_checkpoints_hold_plain_data_only(tmp_path, small_data):
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"]["lora"] == {"r": 2, "alpha": 16, "dropout": 0.0,
                                                       "target_modules": "all-linear"}
+
+
+def test_the_module_brings_its_checkpoints_unless_the_trainer_has_its_own():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from prefmodule.checkpoints import BestCheckpoint, RunCheckpoint, default_checkpoints
+
+    def kinds(**settings):
+        return [type(cb) for cb in default_checkpoints(L.Trainer(logger=False, **settings))]
+
+    assert kinds() == [BestCheckpoint, RunCheckpoint]  # in place of Lightning's default ModelCheckpoint
+    assert kinds(callbacks=[RunCheckpoint(every_steps=100)]) == [BestCheckpoint]
+    assert kinds(callbacks=[ModelCheckpoint(monitor="val/rewards/accuracies", mode="max")]) == []
+    assert kinds(enable_checkpointing=False) == []
+
+
+class TermAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler preempting the job
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_and_exits_143(uninterrupted, tmp_path, caplog):
+    train, expected, expected_steps, _ = uninterrupted
+    with pytest.raises(SystemExit) as exit_:
+        main(fit_args(tmp_path, train, "--trainer.callbacks+=test_resume.TermAt", "--trainer.callbacks.step=5"))
+    assert exit_.value.code == 143
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert os.readlink(checkpoints / "last.ckpt") == "epoch=0-step=5.ckpt"  # Lightning finished step 5, then stopped
+    resumed = main(fit_args(tmp_path, train, "--ckpt_path=last"))
+    assert "epoch=0-step=5.ckpt: global step 5, epoch 0, 5 batches of epoch 0 already trained" in caplog.text
+    exported = load_file(Path(resumed.trainer.log_dir) / "hf_model" / "model.safetensors")
+    for name, weight in expected.items():
+        torch.testing.assert_close(exported[name], weight, rtol=0, atol=1e-6, msg=name)
