@@ -62,7 +62,7 @@ class NonFiniteGuard(Callback):
             self._report(trainer, loss_finite, norm, pairs)
         pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
         if self.in_a_row >= self.max_in_a_row:
-            raise NonFiniteError(self._stop_message(trainer, pl_module))
+            raise NonFiniteError(self._stop_message(trainer))
 
     def _report(self, trainer: Trainer, loss_finite: bool, norm: Tensor | None, pairs: list[Tensor]) -> None:
         indices = torch.cat(pairs).tolist() if pairs else []
@@ -75,7 +75,7 @@ class NonFiniteGuard(Callback):
                        f"weights, optimizer and LR schedule unchanged. Its pairs (data rows): {sorted(indices)}. "
                        f"{self.in_a_row} in a row (training stops at {self.max_in_a_row}).")
 
-    def _stop_message(self, trainer: Trainer, pl_module: LightningModule) -> str:
+    def _stop_message(self, trainer: Trainer) -> str:
         first = trainer.global_step + 2 - self.in_a_row  # the first skipped step of the streak (1-based)
         lrs = sorted({group["lr"] for optimizer in trainer.optimizers for group in optimizer.param_groups})
         newest = newest_checkpoint(trainer.default_root_dir)
