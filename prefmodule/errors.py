@@ -1,18 +1,25 @@
 """Mistakes in what a user gave (an option, a path, a data file), told apart from bugs.
 
 Every check at the edge (module and datamodule arguments, model and data loading) raises a
-:class:`UserError`. The CLI prints its message alone and exits with code 2; any other exception
-keeps its traceback. ``PREFMODULE_TRACEBACK=1`` (or ``--traceback``) shows the traceback of a
-user error too.
+:class:`UserError`. The CLI prints its message alone and exits with its ``exit_code`` (2; 3 when training
+diverged); any other exception keeps its traceback. ``PREFMODULE_TRACEBACK=1`` (or ``--traceback``)
+shows the traceback of a user error too.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class UserError(Exception):
     """A configuration or data mistake: the message says what, where and how to fix it."""
+
+    exit_code = 2
+    on_every_rank = False  # raised by all ranks together (a reduced decision): the CLI prints it once, on rank 0
 
 
 class ConfigError(UserError, ValueError):
@@ -27,7 +34,76 @@ class MissingFileError(UserError, FileNotFoundError):
     """A path given by the user does not exist."""
 
 
+class WriteError(UserError, OSError):
+    """A file could not be written (disk full, no permission, read-only file system): names the path."""
+
+    def __str__(self) -> str:
+        return self.strerror  # the message alone, not OSError's "[Errno N] message: 'path'"
+
+
+class NonFiniteError(UserError, ArithmeticError):
+    """Training diverged: non-finite losses or gradients, or weights that must not be exported."""
+
+    exit_code = 3
+    on_every_rank = True
+
+
 def show_traceback(argv: list[str] | None = None) -> bool:
     """Whether user errors keep their traceback: ``PREFMODULE_TRACEBACK=1`` or ``--traceback``."""
     flag = os.environ.get("PREFMODULE_TRACEBACK", "").lower() not in ("", "0", "false", "no")
     return flag or "--traceback" in (argv or [])
+
+
+def find_user_error(error: BaseException) -> UserError | None:
+    """The :class:`UserError` behind ``error``: itself, or one it was raised from (a parser or a
+    launcher may wrap it)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+WRITE_HINTS = {
+    errno.ENOSPC: "free space on that disk, or write elsewhere (e.g. `--trainer.default_root_dir`)",
+    errno.EDQUOT: "your disk quota is used up: free space, or write elsewhere (e.g. `--trainer.default_root_dir`)",
+    errno.EFBIG: "the file exceeds the size limit for this process (`ulimit -f`) or file system",
+    errno.EACCES: "you lack permission to write there: change the folder's permissions, or write elsewhere",
+    errno.EPERM: "you lack permission to write there: change the folder's permissions, or write elsewhere",
+    errno.EROFS: "that file system is read-only: write elsewhere (e.g. `--trainer.default_root_dir`)",
+}
+
+
+@contextmanager
+def writing(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn a failure to write ``what`` at ``path`` (disk full, no permission, read-only) into a
+    :class:`WriteError` naming both; anything else passes through."""
+    try:
+        yield
+    except Exception as error:
+        code = None if isinstance(error, UserError) else _write_errno(error)
+        if code is None:
+            raise
+        raise WriteError(code, f"could not write {what} to {os.fspath(path)}: {os.strerror(code)}; "
+                               f"{WRITE_HINTS[code]}.", os.fspath(path)) from error
+
+
+def _write_errno(error: BaseException) -> int | None:
+    """The operating system's error code behind ``error``: an ``OSError`` it holds or was raised from, or
+    the code in its message (safetensors and torch.distributed.checkpoint report it there)."""
+    pending, seen = [error], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in WRITE_HINTS:
+            return error.errno
+        match = re.search(r"os error (\d+)|\[Errno (\d+)\]", str(error))
+        if match and int(match.group(1) or match.group(2)) in WRITE_HINTS:
+            return int(match.group(1) or match.group(2))
+        failures = getattr(error, "failures", None)  # torch.distributed.checkpoint's CheckpointException: per rank
+        pending += [error.__cause__, error.__context__, *(failures.values() if isinstance(failures, dict) else ())]
+    return None

@@ -7,6 +7,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from prefmodule.errors import ConfigError
 from prefmodule.paths import resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -18,7 +19,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token is None:
-        raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; preference training needs one.")
+        raise ConfigError(f"the tokenizer of {name_or_path!r} has no EOS token: preference training ends every "
+                          "response with it. Use a tokenizer that has one (model.tokenizer), or set its eos_token "
+                          "and save it with save_pretrained.")
     tokenizer.padding_side = "right"
     return tokenizer
 

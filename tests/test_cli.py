@@ -2,12 +2,17 @@
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import yaml
 
 from prefmodule.cli import main
+from prefmodule.errors import ConfigError, find_user_error
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -89,3 +94,75 @@ def test_validate_test_and_predict_from_checkpoint(tmp_path, small_data):
     for r in rows:
         assert r["preferred"] == ("chosen" if r["chosen_reward"] > r["rejected_reward"] else "rejected")
         assert r["chosen_logps"] < 0 and r["rejected_logps"] < 0
+
+
+# ----- exit codes and errors: what a scheduler and a person see ------------------------------------------
+def run_command(command, *args, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parent), str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow  # the same ``console()`` as the installed command; in-process tests check its errors
+def test_python_m_prints_a_config_error_alone_and_exits_2(tmp_path):
+    done = run_command([sys.executable, "-m", "prefmodule"], "fit", "--config", str(CONFIGS / "dpo.yaml"),
+                       "--model.beta=-1", f"--trainer.default_root_dir={tmp_path}")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == ("prefmodule: error: model.beta=-1.0: must be > 0 (the "
+                                                    "objective's temperature or weight; DPO typically 0.1).")
+    assert "Traceback" not in done.stderr
+
+
+def fails_with(capsys, *args) -> tuple[int, str]:
+    """Exit code and error line of the CLI on ``args`` (in this process); exactly one error line is printed."""
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("prefmodule: error:")]
+    assert "Traceback" not in err
+    return exit_.value.code, line
+
+
+def test_traceback_flag_and_variable_show_the_user_error(tmp_path, monkeypatch, capsys):
+    args = ["fit", "--config", str(CONFIGS / "dpo.yaml"), "--model.beta=-1", f"--trainer.default_root_dir={tmp_path}"]
+    assert fails_with(capsys, *args) == (2, "prefmodule: error: model.beta=-1.0: must be > 0 (the objective's "
+                                            "temperature or weight; DPO typically 0.1).")
+    with pytest.raises(Exception) as shown:
+        main([*args, "--traceback"])
+    assert isinstance(find_user_error(shown.value), ConfigError)
+    monkeypatch.setenv("PREFMODULE_TRACEBACK", "1")
+    with pytest.raises(Exception) as shown:
+        main(args)
+    assert "model.beta=-1.0" in str(find_user_error(shown.value))
+
+
+class Crash(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        raise RuntimeError("a bug, not a user error")
+
+
+def test_other_failures_keep_their_traceback(tmp_path, small_data):
+    with pytest.raises(RuntimeError, match="a bug, not a user error"):
+        main(fit_args("orpo.yaml", tmp_path, *small_data, "--trainer.callbacks+=test_cli.Crash"))
+
+
+def test_constructor_value_errors_are_configuration_errors(tmp_path, capsys):
+    code, err = fails_with(capsys, "fit", "--config", str(CONFIGS / "dpo.yaml"),  # devices: refused by Lightning
+                           f"--trainer.default_root_dir={tmp_path}", "--trainer.devices=0")
+    assert code == 2 and err.startswith("prefmodule: error: `Trainer(devices='0')` value is not a valid input")
+
+
+@pytest.mark.slow
+def test_an_error_inside_fit_on_every_rank_prints_once(tmp_path, small_data):
+    """Under DDP (ranks launched by Lightning) a user error raised in fit stops every rank with its exit code
+    and one message: here the non-finite guard, stopping at the first NaN step."""
+    from test_distributed import QUIET
+
+    done = run_command([sys.executable, "-m", "prefmodule"], *fit_args(
+        "orpo.yaml", tmp_path, *small_data, "--model=test_guard.PoisonedORPO", "--model.poisoned=[2]",
+        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.limit_val_batches=0",
+        "--trainer.callbacks+=prefmodule.guard.NonFiniteGuard", "--trainer.callbacks.max_in_a_row=1"), *QUIET)
+    assert done.returncode == 3, done.stderr[-3000:]
+    (line,) = [line for line in done.stderr.splitlines() if "prefmodule: error:" in line]
+    assert line.startswith("prefmodule: error: training stopped: the loss or gradient norm was non-finite")
+    assert "Traceback" not in done.stderr

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from prefmodule import DPOModule, ORPOModule, PreferenceDataModule, SimPOModule
+from prefmodule.checkpoints import newest_checkpoint
 from prefmodule.cli import main
 from prefmodule.strategies import decoder_layer_classes, decoder_layer_policy
 
@@ -71,7 +72,7 @@ def test_ddp_two_processes_train_checkpoint_and_agree_with_one(config, reference
            f"--data.train={train}", f"--data.val={val}", "--trainer.strategy=ddp", "--model.lr=1e-3",
            "--trainer.max_steps=3", "--trainer.val_check_interval=3", *settings, torchrun=torchrun)
     log_dir = tmp_path / "ddp" / "lightning_logs" / "version_0"
-    (ckpt,) = (log_dir / "checkpoints").glob("*.ckpt")
+    ckpt = log_dir / "checkpoints" / "last.ckpt"  # besides the best
     checkpoint = torch.load(ckpt, weights_only=False)
     assert checkpoint["global_step"] == 3 and checkpoint["optimizer_states"][0]["state"]
     assert not [k for k in checkpoint["state_dict"] if k.startswith("ref_model.")]
@@ -124,7 +125,7 @@ def test_fsdp2_two_processes_shard_resume_agree_with_one_and_export(tmp_path, sm
         assert 0.4 < policy["local_fraction"] < 0.6  # each rank holds about half of every model
         assert policy["with_grad"] == policy["optimized"] == policy["parameters"]
         assert reference["with_grad"] == reference["optimized"] == 0  # no gradient memory, not optimized
-    (sharded,) = (first / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
+    sharded = first / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"  # a link to the newest folder
     shards = sorted(sharded.glob("*.distcp"))  # one file per rank (save_distributed_checkpoint: true)
     assert len(shards) == 2 and 0.8 < shards[0].stat().st_size / shards[1].stat().st_size < 1.25
     saved = FileSystemReader(str(sharded)).read_metadata().state_dict_metadata
@@ -134,7 +135,7 @@ def test_fsdp2_two_processes_shard_resume_agree_with_one_and_export(tmp_path, sm
     launch("fit", *common, f"--trainer.default_root_dir={second}", "--trainer.max_steps=4", f"--ckpt_path={sharded}",
            "--trainer.strategy.save_distributed_checkpoint=false")
     log_dir = second / "lightning_logs" / "version_0"
-    (ckpt,) = (log_dir / "checkpoints").glob("*.ckpt")
+    ckpt = log_dir / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(ckpt, weights_only=False)
     assert checkpoint["global_step"] == 4 and checkpoint["lr_schedulers"][0]["last_epoch"] == 4
     assert [state["step"].item() for state in checkpoint["optimizer_states"][0]["state"].values()] == [4.0] * 21
@@ -180,7 +181,7 @@ def test_resume_from_epoch_end_equals_an_uninterrupted_run(tmp_path, demo_rows):
 
     _, whole, whole_seen = fit(tmp_path / "whole")
     first, _, first_seen = fit(tmp_path / "parts", interrupt=True)
-    resumed, module, resumed_seen = fit(tmp_path / "parts", first.checkpoint_callback.best_model_path)
+    resumed, module, resumed_seen = fit(tmp_path / "parts", str(newest_checkpoint(tmp_path / "parts")))
     assert [(e, i) for e, i, _ in first_seen + resumed_seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert first_seen + resumed_seen == whole_seen
     assert resumed.global_step == 4 and resumed.lr_scheduler_configs[0].scheduler.last_epoch == 4

@@ -87,7 +87,7 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path, small_data):
         fit = trainer(tmp_path / reference, max_steps=3, callbacks=[losses])
         fit.fit(module, datamodule=PreferenceDataModule(train=train, val=val, batch_size=4))
         runs[reference] = module, losses.losses, fit.callback_metrics["val/loss"].item()
-    (live, live_losses, live_val), (pre, pre_losses, pre_val) = runs["copy"], runs["precomputed"]
+    (_, live_losses, live_val), (pre, pre_losses, pre_val) = runs["copy"], runs["precomputed"]
     assert pre.ref_model is None  # released before training
     assert pre.reference.tables["train"].shape == (32, 2) and not pre.reference.tables["train"].isnan().any()
     assert len(pre_losses) == 3 and abs(pre_losses[-1] - live_losses[0]) > 1e-3  # the losses moved

@@ -3,7 +3,7 @@ optimiser and schedule, predictions and the Hugging Face export."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -14,6 +14,10 @@ from torch import Tensor, nn
 from transformers import get_scheduler
 
 from prefmodule.attention import enable_packed_attention, packed_inputs, takes_sequence_bounds
+from prefmodule.checkpoints import restore_data_position
+from prefmodule.checks import check_causal_lm, check_settings, check_source
+from prefmodule.errors import writing
+from prefmodule.guard import check_finite_weights, default_guard, step_skipped
 from prefmodule.hf import load_causal_lm, load_tokenizer
 from prefmodule.logps import SequenceStats, chunked_sequence_stats, head_gives_logits, sequence_stats
 from prefmodule.metrics import PreferenceMetrics
@@ -113,13 +117,13 @@ class PreferenceModule(LightningModule):
         push_to_hub: HubSettings | dict | None = None,
     ):
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
-        if warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {warmup}")
-        if logps_chunk_size < 0:
-            raise ValueError(f"logps_chunk_size must be >= 0 (0 = full logits), got {logps_chunk_size}")
+        check_settings(beta, lr, weight_decay, warmup, logps_chunk_size, dtype, attn_implementation, lora)
+        check_causal_lm("model", model, trust_remote_code)  # from its config.json, before any weights load
+        if tokenizer is not None:
+            check_source("tokenizer", tokenizer)
         self.save_hyperparameters(ignore=list(self.runtime_args))
+        if isinstance(lora, LoraSettings):
+            self.hparams.lora = asdict(lora)  # plain data: checkpoints load with weights_only=True
         self.logps_chunk_size = logps_chunk_size
         self.chunked_logps = False  # decided in ``configure_model``: does the model allow it
         self.predictions_path = predictions_path
@@ -263,6 +267,9 @@ class PreferenceModule(LightningModule):
     def _logged_logps(self, stats: SequenceStats) -> Tensor:
         return stats.avg_logps if self.length_normalized else stats.logps
 
+    def on_train_start(self) -> None:
+        restore_data_position(self.trainer)  # a resumed fit goes on mid-epoch where it stopped
+
     def on_train_epoch_end(self) -> None:
         self.stage_metrics["train_metrics"].reset()
 
@@ -304,17 +311,22 @@ class PreferenceModule(LightningModule):
                                   total, scheduler_specific_kwargs=options)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        if not step_skipped(self.trainer):  # the non-finite guard dropped this step's update: the schedule waits too
+            super().lr_scheduler_step(scheduler, metric)
+
     # ----- callbacks, checkpoints, export -------------------------------------------------------
     def configure_callbacks(self):
         from lightning.pytorch.callbacks import LearningRateMonitor
 
         from prefmodule.callbacks import FitSummary, PredictionWriter, SampleWriter, Throughput
+        from prefmodule.checkpoints import default_checkpoints
 
         callbacks = [SampleWriter(self.samples)] if self.samples is not None else []  # first: before the clocks start
         callbacks += [Throughput(), FitSummary(), PredictionWriter(self.predictions_path)]
         if self._trainer is not None and self._trainer.loggers:  # it refuses to run without a logger
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-        return callbacks
+        return callbacks + default_checkpoints(self._trainer) + default_guard(self._trainer)
 
     def export_hf(self, path: str, merge_adapters: bool = True) -> None:
         """Save the policy and tokenizer with ``save_pretrained``; LoRA adapters are merged into a copy.
@@ -322,6 +334,7 @@ class PreferenceModule(LightningModule):
         Global rank 0 writes. Sharded (FSDP) weights are gathered to it first: then every rank must call this.
         """
         sharded = is_sharded(self.policy)
+        check_finite_weights(self.policy, path, sharded)  # never export a diverged policy
         model = gather_unsharded(self, "policy", self.hparams.trust_remote_code) if sharded else self.policy
         if self.global_rank != 0:
             return
@@ -329,8 +342,9 @@ class PreferenceModule(LightningModule):
             import copy
 
             model = (model if sharded else copy.deepcopy(model)).merge_and_unload()
-        model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+        with writing(path, "the Hugging Face export"):
+            model.save_pretrained(path, safe_serialization=True)
+            self.tokenizer.save_pretrained(path)
 
 
 def steps(value: float, total: int) -> int:

@@ -49,8 +49,10 @@ class ReferenceModule(PreferenceModule):
         if reference not in REFERENCES:
             raise ConfigError(f"reference must be one of {REFERENCES}, got {reference!r}")
         if reference == "adapter" and (self.lora is None or ref_model is not None):
-            raise ConfigError("reference='adapter' is the policy's base model with its LoRA adapters disabled: it "
-                              "needs `lora` and takes no `ref_model` (use reference='copy' or 'precomputed' for one).")
+            raise ConfigError(f"model.reference='adapter' with lora={self.hparams.lora!r}, ref_model={ref_model!r}: the "
+                              "adapter reference is the policy with its LoRA adapters disabled, so it needs `lora` "
+                              "(e.g. lora: {r: 8}) and takes no `ref_model`. Without LoRA use reference: copy or "
+                              "precomputed.")
         if reference == "sync" and (self.lora is not None or ref_model is not None):
             raise ConfigError("reference='sync' (TR-DPO) mixes the full policy into a copy of its starting weights: "
                               "it works without `lora` and `ref_model`.")
