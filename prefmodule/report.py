@@ -12,7 +12,6 @@ import json
 import os
 from datetime import datetime
 
-import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -38,14 +37,14 @@ def write_report(run_dir: str, path: str | None = None) -> str:
     metrics = read_metrics(os.path.join(run_dir, "metrics.csv"))
     samples = read_samples(os.path.join(run_dir, "samples.jsonl"))
     hparams_file = os.path.join(run_dir, "hparams.yaml")
-    hparams = yaml.safe_load(open(hparams_file)) if os.path.isfile(hparams_file) else None
+    hparams = open(hparams_file).read().strip() if os.path.isfile(hparams_file) else None  # as Lightning wrote it
     sections = [
         f"<h1>prefmodule run report</h1><p><code>{html.escape(os.path.abspath(run_dir))}</code>, written "
         f"{datetime.now():%Y-%m-%d %H:%M}</p>",
         _final_metrics(metrics),
         _plots(metrics),
         _samples(samples),
-        f"<h2>Hyperparameters</h2><pre>{html.escape(yaml.safe_dump(hparams, sort_keys=False))}</pre>" if hparams else "",
+        f"<h2>Hyperparameters</h2><pre>{html.escape(hparams)}</pre>" if hparams else "",
     ]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>prefmodule report</title><style>{STYLE}</style>"
             f"</head><body>{''.join(sections)}</body></html>")

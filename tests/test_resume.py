@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefmodule.checkpoints import PARTIAL, checkpoint_problem, run_checkpoints
+from prefmodule.checkpoints import PARTIAL, checkpoint_problem, newest_checkpoint, run_checkpoints
 from prefmodule.cli import main
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -115,7 +115,7 @@ def test_sigkill_then_resume_last_ends_as_if_never_killed(point, step, resumed_f
     assert steps_of(log)[trained_before:] == expected_steps[resumed_from:]
     assert steps_of(log)[:resumed_from] == expected_steps[:resumed_from]
     version = tmp_path / "lightning_logs" / "version_1"
-    assert torch.load(version / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    assert torch.load(newest_checkpoint(tmp_path), weights_only=True)["global_step"] == 10
     exported = load_file(version / "hf_model" / "model.safetensors")
     for name, weight in expected.items():
         torch.testing.assert_close(exported[name], weight, rtol=0, atol=1e-6, msg=name)
