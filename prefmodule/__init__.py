@@ -1,10 +1,10 @@
 """prefmodule: Lightning-native preference optimisation (DPO, ORPO, SimPO) for Hugging Face causal LMs."""
 
 from prefmodule.data import DataValidationError, PreferenceDataModule
-from prefmodule.modules import DPOModule, LoraSettings, ORPOModule, PreferenceModule, SimPOModule
+from prefmodule.modules import DPOModule, ORPOModule, PreferenceModule, SimPOModule
 
 __version__ = "0.1.0"
 __all__ = [
-    "DPOModule", "DataValidationError", "LoraSettings", "ORPOModule", "PreferenceDataModule",
+    "DPOModule", "DataValidationError", "ORPOModule", "PreferenceDataModule",
     "PreferenceModule", "SimPOModule",
 ]

@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
 
+from prefmodule.hf import empty_causal_lm, load_causal_lm, prepare_empty, stream_weights
+
 
 def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
     """FSDP1 policy (``auto_wrap_policy``, ``activation_checkpointing_policy``): wrap every decoder layer."""
@@ -43,15 +45,35 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
     return classes
 
 
-def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:
-    """Under ``ModelParallelStrategy``, shard a causal LM with FSDP2 in place (and return it); otherwise
-    leave it as is.
-
-    Units: each decoder layer, the rest of the decoder (embeddings, final norm) and the LM head. Each
-    may be called on its own, as log-probs from hidden states through the head in chunks do. A frozen
-    model (the reference) gathers its weights for a forward only.
+def load_model(name_or_path: str, strategy: Strategy | None, dtype: str = "float32", trust_remote_code: bool = False,
+               attn_implementation: str | None = None, frozen: bool = False) -> nn.Module:
+    """A causal LM ready for ``strategy``. Under FSDP2 (``ModelParallelStrategy``) it is built on the meta
+    device, sharded, and each rank reads only its shards from the safetensors files, so no rank holds the
+    whole model (:func:`prefmodule.hf.empty_causal_lm`; a checkpoint whose names need converting is loaded
+    whole, then sharded). Otherwise it is loaded whole, for Lightning's strategy to place. ``frozen``: no
+    gradients, eval mode (a reference model).
     """
-    if not isinstance(strategy, ModelParallelStrategy):
+    model = None
+    if isinstance(strategy, ModelParallelStrategy):
+        model = empty_causal_lm(name_or_path, dtype, trust_remote_code, attn_implementation)
+    if model is None:
+        model = load_causal_lm(name_or_path, dtype, trust_remote_code, attn_implementation)
+    if frozen:
+        model.requires_grad_(False).eval()
+    return shard(model, strategy)
+
+
+def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:
+    """Under ``ModelParallelStrategy``, shard a causal LM with FSDP2 in place (and return it); otherwise,
+    or if it is sharded already, leave it as is. A model built on the meta device is then filled from its
+    safetensors files, each rank its own shards (:func:`prefmodule.hf.stream_weights`).
+
+    Units: each decoder layer, the rest of the decoder (final norm, and the embeddings unless tied) and the
+    LM head; a head tied to the input embeddings shares one unit with them, so the tie holds. Each may be
+    called on its own, as log-probs from hidden states through the head in chunks do. A frozen model (the
+    reference) gathers its weights for a forward only.
+    """
+    if not isinstance(strategy, ModelParallelStrategy) or is_sharded(model):
         return model
     from torch.distributed.fsdp import fully_shard
 
@@ -60,18 +82,24 @@ def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:
         raise ValueError("prefmodule shards with FSDP2 over `data_parallel` only: set the ModelParallelStrategy's "
                          f"`tensor_parallel_size: 1` and `data_parallel_size` to the world size (got {mesh}).")
     mesh = mesh["data_parallel"]
+    empty = any(p.is_meta for p in model.parameters())
+    if empty:
+        prepare_empty(model)
     frozen = not any(p.requires_grad for p in model.parameters())
     layers = decoder_layer_classes(model)
     for module in model.modules():
         if isinstance(module, layers):
             fully_shard(module, mesh=mesh)
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    tied = head is not None and head.weight is model.get_input_embeddings().weight
-    # The decoder is a root: it keeps its weights gathered after forward unless frozen, or a tied head follows.
-    fully_shard(decoder, mesh=mesh, reshard_after_forward=frozen and not tied)
-    if head is not None and not tied:
-        # Gathered once per forward, not once per chunk, unless frozen.
+    decoder, head, embeddings = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is embeddings.weight
+    # The head is gathered once per forward, not once per chunk, unless frozen.
+    if tied:  # one unit for the shared weight (FSDP2 keeps both modules pointing at it)
+        fully_shard([embeddings, head], mesh=mesh, reshard_after_forward=frozen)
+    elif head is not None:
         fully_shard(head, mesh=mesh, reshard_after_forward=frozen)
+    fully_shard(decoder, mesh=mesh, reshard_after_forward=frozen)  # a root: keeps its weights gathered until backward
+    if empty:
+        stream_weights(model, strategy.root_device)
     left = [name for name, p in model.named_parameters() if not isinstance(p, torch.distributed.tensor.DTensor)]
     if left:
         raise ValueError(f"{type(model).__name__}: weights outside its decoder and LM head ({left[:3]}...) are not "
@@ -95,7 +123,6 @@ def gather_unsharded(module: nn.Module, name: str, trust_remote_code: bool = Fal
     assigned into a skeleton built on the meta device (no second copy of the weights).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import AutoModelForCausalLM
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(module.trainer.model, options=options)
@@ -103,7 +130,21 @@ def gather_unsharded(module: nn.Module, name: str, trust_remote_code: bool = Fal
         return None
     prefix = f"{name}."
     state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-    model = getattr(module, name)
+    return rebuilt(getattr(module, name), state, trust_remote_code)
+
+
+def cpu_copy(model: nn.Module, trust_remote_code: bool = False) -> nn.Module:
+    """``model`` (unsharded) as a model whose weights are on the CPU: its own tensors when they already are
+    (shared, not copied), else one CPU copy of each; the device holds nothing more."""
+    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    return rebuilt(model, state, trust_remote_code)
+
+
+def rebuilt(model: nn.Module, state: dict[str, torch.Tensor], trust_remote_code: bool = False) -> nn.Module:
+    """A new model of ``model``'s class, config, generation config and LoRA adapters, built on the meta
+    device and given the tensors of ``state`` (``model``'s names); tied weights tied again."""
+    from transformers import AutoModelForCausalLM
+
     peft_config = getattr(model, "peft_config", None)
     base = model.get_base_model() if peft_config else model
     with torch.device("meta"):
@@ -113,5 +154,6 @@ def gather_unsharded(module: nn.Module, name: str, trust_remote_code: bool = Fal
 
             copy = get_peft_model(copy, peft_config[model.active_adapter])
     copy.load_state_dict(state, assign=True)
-    copy.tie_weights()
+    (copy.get_base_model() if peft_config else copy).tie_weights()
+    copy.generation_config = base.generation_config
     return copy
