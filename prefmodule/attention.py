@@ -103,6 +103,8 @@ def _packed_matches_separate(model: nn.Module) -> bool:
     packed = torch.cat(rows)[None]
     position_ids = torch.cat([torch.arange(len(row), device=device) for row in rows])[None]
     sequence_ids = torch.cat([torch.full_like(row, k) for k, row in enumerate(rows)])[None]
+    training = model.training
+    model.eval()  # no dropout
     try:
         with torch.no_grad():
             together = model(input_ids=packed, use_cache=False,
@@ -110,5 +112,7 @@ def _packed_matches_separate(model: nn.Module) -> bool:
             apart = torch.cat([model(input_ids=row[None], use_cache=False).logits[0] for row in rows])
     except (TypeError, ValueError, RuntimeError):
         return False
+    finally:
+        model.train(training)
     tolerance = 1e-4 if together.dtype == torch.float32 else 3e-2
     return torch.allclose(together.float(), apart.float(), rtol=tolerance, atol=tolerance)

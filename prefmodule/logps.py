@@ -232,6 +232,8 @@ def head_logits_transform(model: nn.Module) -> LogitsTransform | None:
     The transform its config names (:meth:`LogitsTransform.of`) is checked on an 8-token probe rather
     than trusted: a model that changes its logits some other way answers ``None``.
     """
+    training = model.training
+    model.eval()  # no dropout
     try:
         head, decoder = model.get_output_embeddings(), model.get_decoder()
         transform = LogitsTransform.of(model.config)
@@ -243,4 +245,6 @@ def head_logits_transform(model: nn.Module) -> LogitsTransform | None:
             same = torch.allclose(logits, transform(head(hidden)), rtol=1e-6, atol=0)
     except (AttributeError, TypeError, NotImplementedError):  # no separate decoder and head to call
         return None
+    finally:
+        model.train(training)
     return transform if same else None

@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
 
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
 from prefmodule.hf import empty_causal_lm, load_causal_lm, prepare_empty, stream_weights
 
 
@@ -98,6 +100,8 @@ def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:
     elif head is not None:
         fully_shard(head, mesh=mesh, reshard_after_forward=frozen)
     fully_shard(decoder, mesh=mesh, reshard_after_forward=frozen)  # a root: keeps its weights gathered until backward
+    # transformers looks up what a model may record (router logits, ...) by its class name, which FSDP2 changed.
+    _CAN_RECORD_REGISTRY[decoder] = type(decoder)._can_record_outputs
     if empty:
         stream_weights(model, strategy.root_device)
     left = [name for name, p in model.named_parameters() if not isinstance(p, torch.distributed.tensor.DTensor)]
@@ -105,6 +109,31 @@ def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:
         raise ValueError(f"{type(model).__name__}: weights outside its decoder and LM head ({left[:3]}...) are not "
                          "supported under FSDP2; use DDP or FSDP1.")
     return model
+
+
+def finish_forward(model: nn.Module) -> None:
+    """Close the forward of a sharded model's tied embeddings + head unit after the head ran on its own.
+
+    FSDP2 ends a unit's forward once each of its modules ran. The head runs after the decoder (and per
+    chunk), so the unit stays open, its weights gathered, until the next backward resets it; a pass
+    without one (the reference, validation, the probes) leaves it open, and it could not be resharded or
+    moved. An empty lookup in the embeddings, the module it still waits for, closes it.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    embeddings = model.get_input_embeddings()
+    if isinstance(embeddings, FSDPModule) and embeddings in fully_shard.state(embeddings)._modules_to_run_forward:
+        embeddings(torch.zeros(0, dtype=torch.long, device=embeddings.weight.device))
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered weights FSDP2 keeps after a forward that no backward followed (a probe)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    finish_forward(model)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -21,7 +21,7 @@ from prefmodule.hf import (
 )
 from prefmodule.logps import SequenceStats, chunked_sequence_stats, head_logits_transform, sequence_stats
 from prefmodule.metrics import PreferenceMetrics
-from prefmodule.strategies import cpu_copy, gather_unsharded, is_sharded, shard
+from prefmodule.strategies import cpu_copy, finish_forward, gather_unsharded, is_sharded, reshard, shard
 
 STAGES = ("train", "val", "test")
 PROGRESS_BAR_METRICS = ("loss", "rewards/accuracies")
@@ -150,6 +150,8 @@ class PreferenceModule(LightningModule):
             rank_zero_warn(f"{self.model_name}: its logits are not its LM head applied to its decoder's last hidden "
                            "state (or a scale or soft-cap of that): log-probs come from the full logits "
                            "(logps_chunk_size ignored).")
+        for model in models:
+            reshard(model)  # the probes' gathered weights
 
     def _streams(self, strategy) -> bool:
         """Whether the policy is built empty and filled from its files once sharded: under FSDP2, unless a
@@ -201,6 +203,8 @@ class PreferenceModule(LightningModule):
             stats = sequence_stats(outputs.logits, batch["labels"], **sequences)
             aux_loss = outputs.aux_loss if routed else None
         stats.aux_loss = aux_loss
+        if not torch.is_grad_enabled():
+            finish_forward(model)  # no backward will close a sharded tied head's forward
         return stats
 
     def router_loss_weight(self, model: nn.Module) -> float:
