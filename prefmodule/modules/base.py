@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,7 +22,7 @@ from prefmodule.hf import (
 )
 from prefmodule.logps import SequenceStats, chunked_sequence_stats, head_logits_transform, sequence_stats
 from prefmodule.metrics import PreferenceMetrics
-from prefmodule.strategies import cpu_copy, finish_forward, gather_unsharded, is_sharded, reshard, shard
+from prefmodule.strategies import cpu_copy, finish_forward, gather_unsharded, is_sharded, one_unit_at_a_time, shard
 
 STAGES = ("train", "val", "test")
 PROGRESS_BAR_METRICS = ("loss", "rewards/accuracies")
@@ -141,17 +142,16 @@ class PreferenceModule(LightningModule):
         if self.hparams.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy = policy.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
-        models = [child for child in self.children() if hasattr(child, "config")]  # the policy, a reference
-        for model in models:
+        for model in [child for child in self.children() if hasattr(child, "config")]:  # the policy, a reference
             shard(model, strategy)
-            enable_packed_attention(model)
-        self.head_transform = head_logits_transform(self.policy) if self.logps_chunk_size > 0 else None
+            with one_unit_at_a_time(model) if is_sharded(model) else nullcontext():
+                enable_packed_attention(model)
+                if model is self.policy and self.logps_chunk_size > 0:
+                    self.head_transform = head_logits_transform(model)
         if self.logps_chunk_size > 0 and self.head_transform is None:
             rank_zero_warn(f"{self.model_name}: its logits are not its LM head applied to its decoder's last hidden "
                            "state (or a scale or soft-cap of that): log-probs come from the full logits "
                            "(logps_chunk_size ignored).")
-        for model in models:
-            reshard(model)  # the probes' gathered weights
 
     def _streams(self, strategy) -> bool:
         """Whether the policy is built empty and filled from its files once sharded: under FSDP2, unless a
