@@ -100,6 +100,24 @@ def _local_files(name_or_path: str) -> str | None:
         return None
 
 
+def stand_in(model: nn.Module) -> PreTrainedModel | None:
+    """A small random model of ``model``'s architecture and config (two layers, a 256-token vocabulary) on the
+    CPU, for the probes that check what the architecture's code does (packed attention, the head's logits)
+    without gathering a sharded model's weights; ``None`` if the config cannot be cut down so."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.__class__.from_dict(base.config.to_dict())
+    layers = min(2, config.num_hidden_layers)
+    config.num_hidden_layers, config.vocab_size = layers, 256
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    try:
+        with torch.device("cpu"), torch.random.fork_rng(devices=[]):  # leaves the seeded RNG as it was
+            return AutoModelForCausalLM.from_config(config, attn_implementation=base.config._attn_implementation,
+                                                    dtype=base.dtype).eval()
+    except (ValueError, TypeError, IndexError, AttributeError):
+        return None
+
+
 # ----- streaming weights into a sharded model ---------------------------------------------------
 def checkpoint_files(location: str) -> dict[str, str]:
     """Tensor name -> the safetensors file of ``location`` that holds it ({} without safetensors)."""

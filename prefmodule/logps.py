@@ -230,7 +230,8 @@ def head_logits_transform(model: nn.Module) -> LogitsTransform | None:
     state, so that :func:`chunked_sequence_stats` may stand in for its forward; ``None`` if they do not.
 
     The transform its config names (:meth:`LogitsTransform.of`) is checked on an 8-token probe rather
-    than trusted: a model that changes its logits some other way answers ``None``.
+    than trusted: a model that changes its logits some other way answers ``None``. (``model`` may be a
+    small stand-in of the architecture: the answer is a property of its code and config.)
     """
     training = model.training
     model.eval()  # no dropout

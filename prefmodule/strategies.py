@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import sys
-from contextlib import contextmanager
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
@@ -127,26 +126,14 @@ def finish_forward(model: nn.Module) -> None:
         embeddings(torch.zeros(0, dtype=torch.long, device=embeddings.weight.device))
 
 
-@contextmanager
-def one_unit_at_a_time(model: nn.Module):
-    """Within, every FSDP2 unit of ``model`` frees its gathered weights after each forward (the decoder and
-    head of a trained model otherwise keep theirs for the backward): forwards without a backward, such as
-    the probes after loading, hold one unit's full weights at a time. On exit, all are freed."""
+def reshard(model: nn.Module) -> None:
+    """Free the gathered weights FSDP2 keeps after forwards that no backward followed (a probe)."""
     from torch.distributed.fsdp import FSDPModule
 
-    kept = [m for m in (model.get_decoder(), model.get_output_embeddings()) if isinstance(m, FSDPModule)]
-    for unit in kept:
-        unit.set_reshard_after_forward(True, recurse=False)
-    try:
-        yield
-    finally:
-        finish_forward(model)
-        frozen = not any(p.requires_grad for p in model.parameters())
-        for unit in kept:
-            unit.set_reshard_after_forward(frozen, recurse=False)
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+    finish_forward(model)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def is_sharded(model: nn.Module) -> bool:

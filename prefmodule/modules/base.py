@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,11 +17,11 @@ from torch import Tensor, nn
 from prefmodule.attention import enable_packed_attention, packed_inputs, takes_sequence_bounds
 from prefmodule.errors import ConfigError
 from prefmodule.hf import (
-    empty_causal_lm, load_balancing_loss, load_causal_lm, load_tokenizer, lora_config, router_aux_loss_coef,
+    empty_causal_lm, load_balancing_loss, load_causal_lm, load_tokenizer, lora_config, router_aux_loss_coef, stand_in,
 )
 from prefmodule.logps import SequenceStats, chunked_sequence_stats, head_logits_transform, sequence_stats
 from prefmodule.metrics import PreferenceMetrics
-from prefmodule.strategies import cpu_copy, finish_forward, gather_unsharded, is_sharded, one_unit_at_a_time, shard
+from prefmodule.strategies import cpu_copy, finish_forward, gather_unsharded, is_sharded, reshard, shard
 
 STAGES = ("train", "val", "test")
 PROGRESS_BAR_METRICS = ("loss", "rewards/accuracies")
@@ -144,10 +143,12 @@ class PreferenceModule(LightningModule):
         self.policy = policy.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
         for model in [child for child in self.children() if hasattr(child, "config")]:  # the policy, a reference
             shard(model, strategy)
-            with one_unit_at_a_time(model) if is_sharded(model) else nullcontext():
-                enable_packed_attention(model)
-                if model is self.policy and self.logps_chunk_size > 0:
-                    self.head_transform = head_logits_transform(model)
+            # A sharded model is probed through a small stand-in of its architecture: no weights gathered.
+            probe = (stand_in(model) or model) if is_sharded(model) else model
+            enable_packed_attention(model, probe)
+            if model is self.policy and self.logps_chunk_size > 0:
+                self.head_transform = head_logits_transform(probe)
+            reshard(model)  # if the probe ran on the model itself
         if self.logps_chunk_size > 0 and self.head_transform is None:
             rank_zero_warn(f"{self.model_name}: its logits are not its LM head applied to its decoder's last hidden "
                            "state (or a scale or soft-cap of that): log-probs come from the full logits "
