@@ -114,6 +114,12 @@ class ShardingReport(L.Callback):
             for name, model in (("policy", module.policy), ("reference", module.ref_model))
         }
         Path(trainer.default_root_dir, f"sharding_rank{trainer.global_rank}.json").write_text(json.dumps(report))
+        if trainer.global_step == 0:  # the weights each rank read from the files, gathered, before any update
+            start = AutoModelForCausalLM.from_pretrained(resolve(module.model_name))
+            errors = {name: [(p.full_tensor() - expected).abs().max().item() for p, expected in
+                             zip(model.parameters(), start.parameters(), strict=True)]
+                      for name, model in (("policy", module.policy), ("reference", module.ref_model))}
+            Path(trainer.default_root_dir, f"start_rank{trainer.global_rank}.json").write_text(json.dumps(errors))
 
 
 def test_fsdp2_two_processes_shard_resume_agree_with_one_and_export(tmp_path, small_data):
@@ -125,6 +131,9 @@ def test_fsdp2_two_processes_shard_resume_agree_with_one_and_export(tmp_path, sm
     launch("fit", *common, f"--trainer.default_root_dir={first}", "--trainer.max_steps=2",
            "--trainer.callbacks+=test_distributed.ShardingReport")
     for rank in (0, 1):
+        start = json.loads((first / f"start_rank{rank}.json").read_text())  # streamed from the safetensors file
+        assert len(start["policy"]) == len(start["reference"]) == 21
+        assert max(start["policy"]) == max(start["reference"]) == 0.0
         report = json.loads((first / f"sharding_rank{rank}.json").read_text())
         policy, reference = report["policy"], report["reference"]
         assert policy["sharded"] and reference["sharded"]
