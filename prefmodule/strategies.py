@@ -183,6 +183,7 @@ def rebuilt(model: nn.Module, state: dict[str, torch.Tensor], trust_remote_code:
 
             copy = get_peft_model(copy, peft_config[model.active_adapter])
     copy.load_state_dict(state, assign=True)
-    (copy.get_base_model() if peft_config else copy).tie_weights()
-    copy.generation_config = base.generation_config
+    copy_base = copy.get_base_model() if peft_config else copy
+    copy_base.tie_weights()
+    copy_base.generation_config = base.generation_config
     return copy
