@@ -254,11 +254,12 @@ def lora_config(settings) -> "peft.LoraConfig | None":  # noqa: F821
 
 
 # ----- mixture of experts -------------------------------------------------------------------------
-def router_aux_loss_coef(model: nn.Module) -> float:
-    """The weight of the load-balancing loss the model's config sets (0 for a model without routers)."""
+def router_aux_loss_coef(model: nn.Module) -> float | None:
+    """The weight of the load-balancing loss the model's config sets; ``None`` for a model without routers."""
     config = model.config
-    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if hasattr(config, "output_router_logits") \
-        else 0.0
+    if not hasattr(config, "output_router_logits"):
+        return None
+    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
 
 def load_balancing_loss(model: nn.Module, router_logits: tuple[torch.Tensor, ...],

@@ -19,7 +19,8 @@ from torch import nn
 
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
-from prefmodule.hf import empty_causal_lm, load_causal_lm, prepare_empty, stream_weights
+from prefmodule.attention import enable_packed_attention
+from prefmodule.hf import empty_causal_lm, load_causal_lm, prepare_empty, stand_in, stream_weights
 
 
 def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
@@ -49,11 +50,12 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
 
 def load_model(name_or_path: str, strategy: Strategy | None, dtype: str = "float32", trust_remote_code: bool = False,
                attn_implementation: str | None = None, frozen: bool = False) -> nn.Module:
-    """A causal LM ready for ``strategy``. Under FSDP2 (``ModelParallelStrategy``) it is built on the meta
-    device, sharded, and each rank reads only its shards from the safetensors files, so no rank holds the
-    whole model (:func:`prefmodule.hf.empty_causal_lm`; a checkpoint whose names need converting is loaded
-    whole, then sharded). Otherwise it is loaded whole, for Lightning's strategy to place. ``frozen``: no
-    gradients, eval mode (a reference model).
+    """A causal LM ready for ``strategy``, its attention switched to per-sequence SDPA for packed batches
+    when a probe allows it. Under FSDP2 (``ModelParallelStrategy``) it is built on the meta device, sharded,
+    and each rank reads only its shards from the safetensors files, so no rank holds the whole model
+    (:func:`prefmodule.hf.empty_causal_lm`; a checkpoint whose names need converting is loaded whole, then
+    sharded); the probe runs on a small stand-in. Otherwise it is loaded whole, for Lightning's strategy to
+    place. ``frozen``: no gradients, eval mode (a reference model).
     """
     model = None
     if isinstance(strategy, ModelParallelStrategy):
@@ -62,7 +64,10 @@ def load_model(name_or_path: str, strategy: Strategy | None, dtype: str = "float
         model = load_causal_lm(name_or_path, dtype, trust_remote_code, attn_implementation)
     if frozen:
         model.requires_grad_(False).eval()
-    return shard(model, strategy)
+    shard(model, strategy)
+    enable_packed_attention(model, probe=(stand_in(model) or model) if is_sharded(model) else None)
+    reshard(model)  # if the probe ran on the sharded model itself
+    return model
 
 
 def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:

@@ -122,3 +122,20 @@ def test_dpo_and_orpo_train_and_the_export_reloads_the_same(name, saved, demo_ro
         head_saved = any(key.startswith("lm_head") for key in handle.keys())
     assert head_saved is not tied
     assert reloaded.config.use_cache is True  # as the base model had it
+
+
+def test_router_loss_weight_comes_from_the_config_unless_the_module_sets_it(saved, demo_rows):
+    moe = AutoModelForCausalLM.from_pretrained(saved("qwen2-moe"))
+    dense = AutoModelForCausalLM.from_pretrained(saved("llama"))
+    weights = {coef: ORPOModule(model=saved("qwen2-moe"), router_aux_loss_coef=coef).router_loss_weight(moe)
+               for coef in (None, 0.5, 0.0)}
+    assert weights == {None: 0.02, 0.5: 0.5, 0.0: 0.0}
+    assert ORPOModule(model=saved("llama"), router_aux_loss_coef=0.5).router_loss_weight(dense) == 0.0
+    module = ORPOModule(model=saved("qwen2-moe"), router_aux_loss_coef=0.5)
+    module.configure_model()
+    batch = a_batch(module, demo_rows[:2])
+    with torch.no_grad():
+        plain = module.pair_outputs(batch)
+        total = module.with_router_loss(module.pair_outputs(batch))
+    torch.testing.assert_close(total.loss, plain.loss + 0.5 * plain.chosen.aux_loss)
+    assert total.extra["aux_loss"] == plain.chosen.aux_loss and plain.rejected.aux_loss is None

@@ -124,7 +124,7 @@ class PreferenceModule(LightningModule):
 
         Under FSDP2 the policy (and a copy of it as reference) is built on the meta device and each rank
         reads only its own shards from the safetensors files (``strategies.shard``); the probes that
-        follow (packed attention, the LM head) then run on the sharded models.
+        follow (packed attention, the LM head) then run on a small stand-in of the architecture.
         """
         if self.policy is not None:
             return
@@ -148,7 +148,7 @@ class PreferenceModule(LightningModule):
             enable_packed_attention(model, probe)
             if model is self.policy and self.logps_chunk_size > 0:
                 self.head_transform = head_logits_transform(probe)
-            reshard(model)  # if the probe ran on the model itself
+            reshard(model)  # if the probes ran on the sharded model itself
         if self.logps_chunk_size > 0 and self.head_transform is None:
             rank_zero_warn(f"{self.model_name}: its logits are not its LM head applied to its decoder's last hidden "
                            "state (or a scale or soft-cap of that): log-probs come from the full logits "
@@ -211,7 +211,9 @@ class PreferenceModule(LightningModule):
     def router_loss_weight(self, model: nn.Module) -> float:
         """The weight of ``model``'s MoE load-balancing loss in the objective (0: none, or a dense model)."""
         coef = router_aux_loss_coef(model)
-        return coef if coef == 0 or self.hparams.router_aux_loss_coef is None else self.hparams.router_aux_loss_coef
+        if coef is None:
+            return 0.0
+        return coef if self.hparams.router_aux_loss_coef is None else self.hparams.router_aux_loss_coef
 
     def with_router_loss(self, outputs: PairOutputs) -> PairOutputs:
         """Add the policy's load-balancing loss (logged as ``aux_loss``) to the objective's loss, as
