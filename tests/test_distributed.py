@@ -21,7 +21,8 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from prefmodule import DPOModule, ORPOModule, PreferenceDataModule, SimPOModule
 from prefmodule.cli import main
 from prefmodule.paths import resolve
-from prefmodule.strategies import decoder_layer_classes, decoder_layer_policy
+from prefmodule.attention import VARLEN_SDPA
+from prefmodule.strategies import decoder_layer_classes, decoder_layer_policy, is_sharded, load_model
 
 from conftest import TINY_MODEL, write_jsonl
 
@@ -312,6 +313,12 @@ def test_decoder_layers_come_from_the_model_itself():
     assert decoder_layer_policy(module=module, recurse=True, nonwrapped_numel=0)
     with pytest.raises(ValueError, match="_no_split_modules"):
         decoder_layer_classes(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_load_model_gives_a_frozen_reference_that_attends_per_sequence():
+    reference = load_model(TINY_MODEL, None, frozen=True)  # no FSDP2: loaded whole, for Lightning to place
+    assert not reference.training and not any(p.requires_grad for p in reference.parameters())
+    assert reference.config._attn_implementation == VARLEN_SDPA and not is_sharded(reference)
 
 
 def test_fsdp1_refuses_cpu_with_the_documented_reason():
