@@ -182,9 +182,12 @@ def init_adapters(model: nn.Module) -> None:
     for layer in model.modules():
         if not isinstance(layer, LoraLayer):
             continue
-        for adapter, lora_a in layer.lora_A.items():
-            lora_a.to_empty(device="cpu")
-            layer.lora_B[adapter].to_empty(device="cpu")
+        for name, param in list(layer.named_parameters()):
+            if _is_adapter(name) and param.is_meta:  # lora_A/B (Linear), lora_embedding_A/B (Embedding)
+                owner, _, attribute = name.rpartition(".")
+                setattr(layer.get_submodule(owner), attribute,
+                        nn.Parameter(torch.empty_like(param, device="cpu"), requires_grad=param.requires_grad))
+        for adapter in layer.r:
             layer.reset_lora_parameters(adapter, model.peft_config[adapter].init_lora_weights)
 
 
