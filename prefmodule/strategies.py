@@ -16,7 +16,6 @@ import sys
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
-
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from prefmodule.attention import enable_packed_attention
@@ -127,6 +126,7 @@ def finish_forward(model: nn.Module) -> None:
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     embeddings = model.get_input_embeddings()
+    # Which modules a unit still waits for is FSDP2's private state: there is no public way to ask.
     if isinstance(embeddings, FSDPModule) and embeddings in fully_shard.state(embeddings)._modules_to_run_forward:
         embeddings(torch.zeros(0, dtype=torch.long, device=embeddings.weight.device))
 
