@@ -3,14 +3,13 @@
 from prefmodule.callbacks import silence_lightning_tips
 from prefmodule.data import DataValidationError, PreferenceDataModule
 from prefmodule.modules import (
-    BetaDPOSettings, CPOModule, DPOModule, KTOModule, LoraSettings, ORPOModule, PreferenceModule, ReferenceModule,
-    SimPOModule,
+    BetaDPOSettings, CPOModule, DPOModule, KTOModule, ORPOModule, PreferenceModule, ReferenceModule, SimPOModule,
 )
 
 silence_lightning_tips()
 
 __version__ = "0.1.0"
 __all__ = [
-    "BetaDPOSettings", "CPOModule", "DPOModule", "DataValidationError", "KTOModule", "LoraSettings", "ORPOModule",
+    "BetaDPOSettings", "CPOModule", "DPOModule", "DataValidationError", "KTOModule", "ORPOModule",
     "PreferenceDataModule", "PreferenceModule", "ReferenceModule", "SimPOModule",
 ]

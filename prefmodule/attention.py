@@ -76,21 +76,24 @@ def packed_inputs(model: nn.Module, position_ids: Tensor, sequence_ids: Tensor) 
                 max_length_q=longest, max_length_k=longest)
 
 
-def enable_packed_attention(model: nn.Module) -> bool:
+def enable_packed_attention(model: nn.Module, probe: nn.Module | None = None) -> bool:
     """Whether packed rows reach ``model``'s attention as separate sequences, with no quadratic mask.
 
     Flash-attention models take sequence bounds natively. A ``sdpa`` model is switched to
-    :data:`VARLEN_SDPA` if a packed probe gives what separate rows give: checked on the model rather
-    than trusted, since a model that does not pass the bounds through would attend across sequences.
+    :data:`VARLEN_SDPA` if a packed probe gives what separate rows give: checked on the model (or on
+    ``probe``, a stand-in of the same architecture) rather than trusted, since a model that does not
+    pass the bounds through would attend across sequences.
     """
     if takes_sequence_bounds(model):
         return True
     if _implementation(model) != "sdpa":
         return False
-    model.set_attn_implementation(VARLEN_SDPA)
-    if _packed_matches_separate(model):
+    probe = model if probe is None else probe
+    probe.set_attn_implementation(VARLEN_SDPA)
+    if _packed_matches_separate(probe):
+        model.set_attn_implementation(VARLEN_SDPA)
         return True
-    model.set_attn_implementation("sdpa")
+    probe.set_attn_implementation("sdpa")
     rank_zero_warn(f"{type(model).__name__}: packed rows do not reach its attention as separate sequences; "
                    "padding_free batches would need Hugging Face's block-diagonal mask (right, but quadratic in tokens).")
     return False
@@ -103,6 +106,8 @@ def _packed_matches_separate(model: nn.Module) -> bool:
     packed = torch.cat(rows)[None]
     position_ids = torch.cat([torch.arange(len(row), device=device) for row in rows])[None]
     sequence_ids = torch.cat([torch.full_like(row, k) for k, row in enumerate(rows)])[None]
+    training = model.training
+    model.eval()  # no dropout
     try:
         with torch.no_grad():
             together = model(input_ids=packed, use_cache=False,
@@ -110,5 +115,7 @@ def _packed_matches_separate(model: nn.Module) -> bool:
             apart = torch.cat([model(input_ids=row[None], use_cache=False).logits[0] for row in rows])
     except (TypeError, ValueError, RuntimeError):
         return False
+    finally:
+        model.train(training)
     tolerance = 1e-4 if together.dtype == torch.float32 else 3e-2
     return torch.allclose(together.float(), apart.float(), rtol=tolerance, atol=tolerance)

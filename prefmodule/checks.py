@@ -20,7 +20,7 @@ def require(ok: bool, option: str, value: Any, allowed: str) -> None:
 
 
 def check_settings(beta: float, lr: float, weight_decay: float, warmup: float, logps_chunk_size: int, dtype: str,
-                   attn_implementation: str | None, lora: Any) -> None:
+                   attn_implementation: str | None) -> None:
     """The numeric and named settings every :class:`~prefmodule.modules.PreferenceModule` takes."""
     require(_finite(beta) and beta > 0, "beta", beta, "must be > 0 (the objective's temperature or weight; DPO "
             "typically 0.1)")
@@ -36,16 +36,6 @@ def check_settings(beta: float, lr: float, weight_decay: float, warmup: float, l
 
         allowed = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
         require(attn_implementation in allowed, "attn_implementation", attn_implementation, f"must be one of {allowed}")
-    if lora is not None:
-        settings = lora if isinstance(lora, dict) else vars(lora)
-        unknown = set(settings) - {"r", "alpha", "dropout", "target_modules"}
-        require(not unknown, "lora", settings, f"takes r, alpha, dropout and target_modules, not {sorted(unknown)}")
-        r, alpha, dropout = settings.get("r", 8), settings.get("alpha", 16), settings.get("dropout", 0.0)
-        require(isinstance(r, int) and r >= 1, "lora.r", r, "must be a whole number >= 1 (the adapters' rank)")
-        require(_finite(alpha) and alpha > 0, "lora.alpha", alpha, "must be > 0")
-        require(_finite(dropout) and 0 <= dropout < 1, "lora.dropout", dropout, "must be in [0, 1)")
-        require(bool(settings.get("target_modules", "all-linear")), "lora.target_modules",
-                settings.get("target_modules"), "must name the layers to adapt, e.g. all-linear or [q_proj, v_proj]")
 
 
 def check_source(option: str, name: Any) -> str:

@@ -10,7 +10,9 @@ a sequence boundary.
 
 Two ways give the same numbers: :func:`sequence_stats` from the model's full logits, and
 :func:`chunked_sequence_stats` from the final hidden states through the LM head, a chunk of
-response tokens at a time, never holding ``[rows, T, vocab]`` logits.
+response tokens at a time, never holding ``[rows, T, vocab]`` logits. Models that scale or
+soft-cap their head's output (Gemma 2, Cohere, Granite) get the same :class:`LogitsTransform`
+per chunk.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class SequenceStats:
     token_logps: torch.Tensor | None = None
     # On request (``sum_sq_probs``): sum_t log sum_v pi(v | x, y_<t)^2 per sequence (detached; WPO's weights)
     log_sum_sq_probs: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # the forward's MoE load-balancing loss (scalar), if it has routers
 
     @property
     def avg_logps(self) -> torch.Tensor:
@@ -43,15 +46,16 @@ class SequenceStats:
         return self.logps / self.lengths.clamp(min=1)
 
     def split(self) -> tuple[SequenceStats, SequenceStats]:
-        """Split the concatenated batch into its chosen (first half) and rejected sequences."""
+        """Split the concatenated batch into its chosen (first half) and rejected sequences. The
+        ``aux_loss`` of the one forward over both stays with the chosen half, so it is counted once."""
         half = self.logps.shape[0] // 2
 
-        def part(rows: slice) -> SequenceStats:
+        def part(rows: slice, aux_loss: torch.Tensor | None) -> SequenceStats:
             sum_sq = self.log_sum_sq_probs
             return SequenceStats(self.logps[rows], self.lengths[rows], self.logits[rows],
-                                 log_sum_sq_probs=None if sum_sq is None else sum_sq[rows])
+                                 log_sum_sq_probs=None if sum_sq is None else sum_sq[rows], aux_loss=aux_loss)
 
-        return part(slice(None, half)), part(slice(half, None))
+        return part(slice(None, half), self.aux_loss), part(slice(half, None), None)
 
     def prefix_logps(self, prefix_lengths: torch.Tensor) -> torch.Tensor:
         """``[sequences]``: the log-prob of each sequence's first ``prefix_lengths`` response tokens."""
@@ -61,6 +65,42 @@ class SequenceStats:
         position = torch.arange(owners.numel(), device=owners.device) - starts[owners]
         in_prefix = position < prefix_lengths.to(owners.device)[owners]
         return self.token_logps.new_zeros(len(self.lengths)).index_add(0, owners, self.token_logps * in_prefix)
+
+
+@dataclass(frozen=True)
+class LogitsTransform:
+    """What a model does to its LM head's output ``z`` to get its logits, in the model's own order:
+    ``z * scale``, then ``cap * tanh(z / cap)`` with ``softcap`` (Gemma 2's ``final_logit_softcapping``,
+    Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, config) -> LogitsTransform:
+        """The transform ``config`` names (identity for most models)."""
+        scale = getattr(config, "logit_scale", None) or 1.0
+        if getattr(config, "logits_scaling", None):
+            scale = 1.0 / config.logits_scaling
+        return cls(float(scale), getattr(config, "final_logit_softcapping", None))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def backward_(self, grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``grad`` w.r.t. the transformed ``logits`` -> w.r.t. the head's output, in place (``logits`` is
+        consumed): ``d/dz cap * tanh(s z / cap) = s * (1 - (logits / cap)^2)``."""
+        if self.softcap is not None:
+            grad.mul_(logits.div_(self.softcap).square_().neg_().add_(1.0))
+        return grad.mul_(self.scale) if self.scale != 1.0 else grad
 
 
 def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,9 +167,10 @@ def sequence_stats(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: tor
 
 
 def chunked_sequence_stats(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int,
-                           sequence_ids: torch.Tensor | None = None,
-                           num_sequences: int | None = None, sum_sq_probs: bool = False) -> SequenceStats:
-    """:func:`sequence_stats` from the final hidden states ``[rows, T, hidden]`` and the LM ``head``.
+                           sequence_ids: torch.Tensor | None = None, num_sequences: int | None = None,
+                           transform: LogitsTransform = LogitsTransform(), sum_sq_probs: bool = False) -> SequenceStats:
+    """:func:`sequence_stats` from the final hidden states ``[rows, T, hidden]``, the LM ``head`` and
+    the model's ``transform`` of the head's output.
 
     Only response positions go through the head, ``chunk_size`` tokens at a time; with gradients
     on, each chunk's logits are dropped after its forward and recomputed in backward, so at most
@@ -140,14 +181,14 @@ def chunked_sequence_stats(hidden: torch.Tensor, head: nn.Module, labels: torch.
     targets, mask = shifted_targets(labels)
     hidden, targets = hidden[:, :-1][mask], targets[mask]
     run = _fused_head_stats if is_plain_linear(head) else _checkpointed_head_stats
-    chunks = [run(head, hidden[i: i + chunk_size], targets[i: i + chunk_size])
-              for i in range(0, targets.numel(), chunk_size)] or [_head_stats(head, hidden, targets)]
+    chunks = [run(head, hidden[i: i + chunk_size], targets[i: i + chunk_size], transform)
+              for i in range(0, targets.numel(), chunk_size)] or [_head_stats(head, hidden, targets, transform)]
     logps, mean_logits = (torch.cat(values) for values in zip(*chunks))
     rows = num_sequences if sequence_ids is not None else labels.shape[0]
     sum_sq = None
     if sum_sq_probs:  # one more pass through the head, without gradient, a chunk at a time
         with torch.no_grad():
-            sum_sq = torch.cat([log_sum_sq_probs(head(hidden[i: i + chunk_size]))
+            sum_sq = torch.cat([log_sum_sq_probs(transform(head(hidden[i: i + chunk_size])))
                                 for i in range(0, max(1, targets.numel()), chunk_size)])
     return per_sequence(logps, mean_logits, response_owners(mask, sequence_ids), rows, sum_sq)
 
@@ -159,41 +200,43 @@ def is_plain_linear(head: nn.Module) -> bool:
             and type(head.weight) is nn.Parameter)
 
 
-def _head_stats(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = head(hidden)
+def _head_stats(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                transform: LogitsTransform) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = transform(head(hidden))
     return token_logps(logits, targets), logits.mean(-1, dtype=torch.float32)
 
 
-def _checkpointed_head_stats(head: nn.Module, hidden: torch.Tensor,
-                             targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _checkpointed_head_stats(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                             transform: LogitsTransform) -> tuple[torch.Tensor, torch.Tensor]:
     if not torch.is_grad_enabled():
-        return _head_stats(head, hidden, targets)
-    return checkpoint(_head_stats, head, hidden, targets, use_reentrant=False)
+        return _head_stats(head, hidden, targets, transform)
+    return checkpoint(_head_stats, head, hidden, targets, transform, use_reentrant=False)
 
 
-def _fused_head_stats(head: nn.Linear, hidden: torch.Tensor,
-                      targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return LinearLogSoftmax.apply(hidden, head.weight, head.bias, targets)
+def _fused_head_stats(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor,
+                      transform: LogitsTransform) -> tuple[torch.Tensor, torch.Tensor]:
+    return LinearLogSoftmax.apply(hidden, head.weight, head.bias, targets, transform)
 
 
 class LinearLogSoftmax(torch.autograd.Function):
-    """``log softmax(hidden @ weight.T + bias)[target]`` per row, and the row's mean logit, keeping
-    only ``hidden`` and a log-sum-exp per row for backward.
+    """``log softmax(T(hidden @ weight.T + bias))[target]`` per row, and the row's mean logit, keeping
+    only ``hidden`` and a log-sum-exp per row for backward (``T``: a :class:`LogitsTransform`).
 
     Backward recomputes the logits ``z`` and uses ``d logp / dz = onehot(target) - softmax(z)``
     directly, in place on the one ``[rows, vocab]`` buffer: no log-softmax recompute, no zeros to
-    scatter into. Under autocast the logits are computed in the autocast dtype, both ways.
+    scatter into; a soft-cap's derivative takes a second buffer. Under autocast the head and ``T``
+    run in the autocast dtype, both ways, as in the model's own forward.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
-        logits = F.linear(hidden, weight, bias)
+    def forward(ctx, hidden, weight, bias, targets, transform=LogitsTransform()):
+        logits = transform(F.linear(hidden, weight, bias))
         accumulate = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 weights
         logps_all = torch.log_softmax(logits.to(accumulate), dim=-1)
         logps = logps_all.gather(-1, targets[:, None]).squeeze(-1)
         log_norm = logits.gather(-1, targets[:, None]).squeeze(-1).to(accumulate) - logps
         mean_logits = logits.mean(-1, dtype=torch.float32)
-        ctx.compute_dtype = logits.dtype
+        ctx.compute_dtype, ctx.transform = logits.dtype, transform
         ctx.save_for_backward(hidden, weight, bias, targets, log_norm)
         ctx.mark_non_differentiable(mean_logits)
         return logps, mean_logits
@@ -201,31 +244,41 @@ class LinearLogSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps, _grad_mean_logits):
         hidden, weight, bias, targets, log_norm = ctx.saved_tensors
-        dtype = ctx.compute_dtype
+        dtype, transform = ctx.compute_dtype, ctx.transform
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
-            logits = F.linear(h, w, None if bias is None else bias.to(dtype)).to(log_norm.dtype)
+            logits = transform(F.linear(h, w, None if bias is None else bias.to(dtype))).to(log_norm.dtype)
+            capped = logits.clone() if transform.softcap is not None else None  # the cap's derivative needs them
             grad_logits = logits.sub_(log_norm[:, None]).exp_().mul_(-grad_logps[:, None])  # -g * softmax
             grad_logits[torch.arange(targets.numel(), device=targets.device), targets] += grad_logps
-            grad_logits = grad_logits.to(dtype)
+            grad_logits = transform.backward_(grad_logits, capped).to(dtype)
             grad_hidden = (grad_logits @ w).to(hidden.dtype) if ctx.needs_input_grad[0] else None
             grad_weight = (grad_logits.T @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
             grad_bias = grad_logits.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def head_gives_logits(model: nn.Module) -> bool:
-    """Whether ``model``'s logits are exactly its output embeddings applied to its decoder's last
-    hidden state, so :func:`chunked_sequence_stats` may stand in for its forward.
+def head_logits_transform(model: nn.Module) -> LogitsTransform | None:
+    """How ``model``'s logits follow from its output embeddings applied to its decoder's last hidden
+    state, so that :func:`chunked_sequence_stats` may stand in for its forward; ``None`` if they do not.
 
-    Checked on an 8-token probe rather than a list of architectures: models that scale or soft-cap
-    their logits after the head (Gemma 2, Cohere, Granite, ...) answer ``False``.
+    The transform its config names (:meth:`LogitsTransform.of`) is checked on an 8-token probe rather
+    than trusted: a model that changes its logits some other way answers ``None``. (``model`` may be a
+    small stand-in of the architecture: the answer is a property of its code and config.)
     """
+    training = model.training
+    model.eval()  # no dropout
     try:
         head, decoder = model.get_output_embeddings(), model.get_decoder()
-        probe = torch.arange(1, 9, device=head.weight.device).remainder(head.weight.shape[0])[None]
+        transform = LogitsTransform.of(model.config)
+        vocab = model.get_input_embeddings().num_embeddings
+        probe = torch.arange(1, 9, device=model.get_input_embeddings().weight.device).remainder(vocab)[None]
         with torch.no_grad():
             logits = model(input_ids=probe, use_cache=False).logits
-            return torch.equal(logits, head(decoder(input_ids=probe, use_cache=False).last_hidden_state))
+            hidden = decoder(input_ids=probe, use_cache=False).last_hidden_state
+            same = torch.allclose(logits, transform(head(hidden)), rtol=1e-6, atol=0)
     except (AttributeError, TypeError, NotImplementedError):  # no separate decoder and head to call
-        return False
+        return None
+    finally:
+        model.train(training)
+    return transform if same else None

@@ -16,6 +16,10 @@ import sys
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+from prefmodule.attention import enable_packed_attention
+from prefmodule.hf import empty_causal_lm, load_causal_lm, prepare_empty, stand_in, stream_weights
 
 
 def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
@@ -43,15 +47,39 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
     return classes
 
 
-def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:
-    """Under ``ModelParallelStrategy``, shard a causal LM with FSDP2 in place (and return it); otherwise
-    leave it as is.
-
-    Units: each decoder layer, the rest of the decoder (embeddings, final norm) and the LM head. Each
-    may be called on its own, as log-probs from hidden states through the head in chunks do. A frozen
-    model (the reference) gathers its weights for a forward only.
+def load_model(name_or_path: str, strategy: Strategy | None, dtype: str = "float32", trust_remote_code: bool = False,
+               attn_implementation: str | None = None, frozen: bool = False) -> nn.Module:
+    """A causal LM ready for ``strategy``, its attention switched to per-sequence SDPA for packed batches
+    when a probe allows it. Under FSDP2 (``ModelParallelStrategy``) it is built on the meta device, sharded,
+    and each rank reads only its shards from the safetensors files, so no rank holds the whole model
+    (:func:`prefmodule.hf.empty_causal_lm`; a checkpoint whose names need converting is loaded whole, then
+    sharded); the probe runs on a small stand-in. Otherwise it is loaded whole, for Lightning's strategy to
+    place. ``frozen``: no gradients, eval mode (a reference model).
     """
-    if not isinstance(strategy, ModelParallelStrategy):
+    model = None
+    if isinstance(strategy, ModelParallelStrategy):
+        model = empty_causal_lm(name_or_path, dtype, trust_remote_code, attn_implementation)
+    if model is None:
+        model = load_causal_lm(name_or_path, dtype, trust_remote_code, attn_implementation)
+    if frozen:
+        model.requires_grad_(False).eval()
+    shard(model, strategy)
+    enable_packed_attention(model, probe=(stand_in(model) or model) if is_sharded(model) else None)
+    reshard(model)  # if the probe ran on the sharded model itself
+    return model
+
+
+def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:
+    """Under ``ModelParallelStrategy``, shard a causal LM with FSDP2 in place (and return it); otherwise,
+    or if it is sharded already, leave it as is. A model built on the meta device is then filled from its
+    safetensors files, each rank its own shards (:func:`prefmodule.hf.stream_weights`).
+
+    Units: each decoder layer, the rest of the decoder (final norm, and the embeddings unless tied) and the
+    LM head; a head tied to the input embeddings shares one unit with them, so the tie holds. Each may be
+    called on its own, as log-probs from hidden states through the head in chunks do. A frozen model (the
+    reference) gathers its weights for a forward only.
+    """
+    if not isinstance(strategy, ModelParallelStrategy) or is_sharded(model):
         return model
     from torch.distributed.fsdp import fully_shard
 
@@ -60,23 +88,57 @@ def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:
         raise ValueError("prefmodule shards with FSDP2 over `data_parallel` only: set the ModelParallelStrategy's "
                          f"`tensor_parallel_size: 1` and `data_parallel_size` to the world size (got {mesh}).")
     mesh = mesh["data_parallel"]
+    empty = any(p.is_meta for p in model.parameters())
+    if empty:
+        prepare_empty(model)
     frozen = not any(p.requires_grad for p in model.parameters())
     layers = decoder_layer_classes(model)
     for module in model.modules():
         if isinstance(module, layers):
             fully_shard(module, mesh=mesh)
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    tied = head is not None and head.weight is model.get_input_embeddings().weight
-    # The decoder is a root: it keeps its weights gathered after forward unless frozen, or a tied head follows.
-    fully_shard(decoder, mesh=mesh, reshard_after_forward=frozen and not tied)
-    if head is not None and not tied:
-        # Gathered once per forward, not once per chunk, unless frozen.
+    decoder, head, embeddings = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is embeddings.weight
+    # The head is gathered once per forward, not once per chunk, unless frozen.
+    if tied:  # one unit for the shared weight (FSDP2 keeps both modules pointing at it)
+        fully_shard([embeddings, head], mesh=mesh, reshard_after_forward=frozen)
+    elif head is not None:
         fully_shard(head, mesh=mesh, reshard_after_forward=frozen)
+    fully_shard(decoder, mesh=mesh, reshard_after_forward=frozen)  # a root: keeps its weights gathered until backward
+    # transformers looks up what a model may record (router logits, ...) by its class name, which FSDP2 changed.
+    _CAN_RECORD_REGISTRY[decoder] = type(decoder)._can_record_outputs
+    if empty:
+        stream_weights(model, strategy.root_device)
     left = [name for name, p in model.named_parameters() if not isinstance(p, torch.distributed.tensor.DTensor)]
     if left:
         raise ValueError(f"{type(model).__name__}: weights outside its decoder and LM head ({left[:3]}...) are not "
                          "supported under FSDP2; use DDP or FSDP1.")
     return model
+
+
+def finish_forward(model: nn.Module) -> None:
+    """Close the forward of a sharded model's tied embeddings + head unit after the head ran on its own.
+
+    FSDP2 ends a unit's forward once each of its modules ran. The head runs after the decoder (and per
+    chunk), so the unit stays open, its weights gathered, until the next backward resets it; a pass
+    without one (the reference, validation, the probes) leaves it open, and it could not be resharded or
+    moved. An empty lookup in the embeddings, the module it still waits for, closes it.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    embeddings = model.get_input_embeddings()
+    # Which modules a unit still waits for is FSDP2's private state: there is no public way to ask.
+    if isinstance(embeddings, FSDPModule) and embeddings in fully_shard.state(embeddings)._modules_to_run_forward:
+        embeddings(torch.zeros(0, dtype=torch.long, device=embeddings.weight.device))
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered weights FSDP2 keeps after forwards that no backward followed (a probe)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    finish_forward(model)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -95,7 +157,6 @@ def gather_unsharded(module: nn.Module, name: str, trust_remote_code: bool = Fal
     assigned into a skeleton built on the meta device (no second copy of the weights).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import AutoModelForCausalLM
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(module.trainer.model, options=options)
@@ -103,7 +164,21 @@ def gather_unsharded(module: nn.Module, name: str, trust_remote_code: bool = Fal
         return None
     prefix = f"{name}."
     state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-    model = getattr(module, name)
+    return rebuilt(getattr(module, name), state, trust_remote_code)
+
+
+def cpu_copy(model: nn.Module, trust_remote_code: bool = False) -> nn.Module:
+    """``model`` (unsharded) as a model whose weights are on the CPU: its own tensors when they already are
+    (shared, not copied), else one CPU copy of each; the device holds nothing more."""
+    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    return rebuilt(model, state, trust_remote_code)
+
+
+def rebuilt(model: nn.Module, state: dict[str, torch.Tensor], trust_remote_code: bool = False) -> nn.Module:
+    """A new model of ``model``'s class, config, generation config and LoRA adapters, built on the meta
+    device and given the tensors of ``state`` (``model``'s names); tied weights tied again."""
+    from transformers import AutoModelForCausalLM
+
     peft_config = getattr(model, "peft_config", None)
     base = model.get_base_model() if peft_config else model
     with torch.device("meta"):
@@ -113,5 +188,7 @@ def gather_unsharded(module: nn.Module, name: str, trust_remote_code: bool = Fal
 
             copy = get_peft_model(copy, peft_config[model.active_adapter])
     copy.load_state_dict(state, assign=True)
-    copy.tie_weights()
+    copy_base = copy.get_base_model() if peft_config else copy
+    copy_base.tie_weights()
+    copy_base.generation_config = base.generation_config
     return copy

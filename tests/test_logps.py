@@ -2,12 +2,17 @@
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig, LlamaForCausalLM,
+)
 
 from prefmodule import ORPOModule
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.tokenize import tokenize_pair
-from prefmodule.logps import IGNORE_INDEX, LinearLogSoftmax, head_gives_logits, is_plain_linear
+from prefmodule.logps import (
+    IGNORE_INDEX, LinearLogSoftmax, LogitsTransform, chunked_sequence_stats, head_logits_transform, is_plain_linear,
+    sequence_stats,
+)
 
 from conftest import TINY_MODEL
 
@@ -84,11 +89,73 @@ def test_chunked_saves_no_vocabulary_sized_tensor_for_backward(plain_and_chunked
     assert saved_vocab_rows == {0: rows * (length - 1), 7: 0}  # chunks are recomputed, not saved
 
 
-def test_model_that_transforms_its_logits_keeps_the_full_logits():
-    shape = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=16)
-    assert head_gives_logits(LlamaForCausalLM(LlamaConfig(**shape)).eval())
-    assert not head_gives_logits(Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=30.0)).eval())
+SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=16)
+
+
+class WrappedHead(torch.nn.Linear):  # not a plain nn.Linear: takes the checkpointed module path
+    pass
+
+
+@pytest.mark.parametrize("config, transform", [
+    (Gemma2Config(**SHAPE, final_logit_softcapping=2.0), LogitsTransform(softcap=2.0)),
+    (CohereConfig(**SHAPE, logit_scale=0.25), LogitsTransform(scale=0.25)),
+    (GraniteConfig(**SHAPE, logits_scaling=4.0), LogitsTransform(scale=0.25)),
+], ids=["gemma2-softcap", "cohere-scale", "granite-scaling"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "module"])
+def test_scaled_and_soft_capped_logits_chunk_like_the_models_own(config, transform, fused):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.mul_(40.0)  # logits of a few units: the soft-cap bends them
+    assert head_logits_transform(model) == transform
+    if not fused:
+        wrapped = WrappedHead(SHAPE["hidden_size"], SHAPE["vocab_size"], bias=False)
+        wrapped.weight = head.weight
+        model.set_output_embeddings(wrapped)
+    input_ids = torch.randint(3, 64, (3, 10), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[:, :4] = IGNORE_INDEX
+    weights = torch.tensor([-1.0, 0.5, 2.0])
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        if chunked:
+            hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+            stats = chunked_sequence_stats(hidden, model.get_output_embeddings(), labels, 4, transform=transform)
+        else:
+            stats = sequence_stats(model(input_ids=input_ids).logits, labels)
+        (stats.logps * weights).sum().backward()
+        results.append((stats, [p.grad.clone() for p in model.parameters()]))
+    (full, full_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked.logps, full.logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked.logits, full.logits, rtol=1e-5, atol=1e-5)
+    for chunked_grad, full_grad in zip(chunked_grads, full_grads):
+        assert relative_error(chunked_grad, full_grad) < 1e-5
+    plain = sequence_stats(head(model.get_decoder()(input_ids=input_ids).last_hidden_state), labels)
+    assert (plain.logps - full.logps).abs().max() > 0.1  # the transform matters at these logits
+
+
+def test_a_transform_the_model_does_not_apply_keeps_the_full_logits():
+    llama = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
+    assert head_logits_transform(llama) == LogitsTransform()
+    llama.config.final_logit_softcapping = 1.0  # Llama's forward ignores it: the probe sees that
+    assert head_logits_transform(llama) is None
+    assert head_logits_transform(torch.nn.Linear(2, 2)) is None  # no decoder and head to call
+
+
+def test_soft_capped_head_passes_gradcheck():
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 3, 10, 3, 7])
+    transform = LogitsTransform(scale=0.5, softcap=1.5)
+    assert torch.autograd.gradcheck(lambda h, w: LinearLogSoftmax.apply(h, w, None, targets, transform)[0],
+                                    (hidden, weight))
+    logps, _ = LinearLogSoftmax.apply(hidden, weight, None, targets, transform)
+    expected = torch.log_softmax(1.5 * torch.tanh(0.5 * hidden @ weight.T / 1.5), -1).gather(-1, targets[:, None])
+    torch.testing.assert_close(logps, expected.squeeze(-1))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(plain_and_chunked, demo_rows):

@@ -1,4 +1,4 @@
-from prefmodule.modules.base import LoraSettings, PreferenceModule
+from prefmodule.modules.base import PreferenceModule
 from prefmodule.modules.cpo import CPOModule
 from prefmodule.modules.dpo import BetaDPOSettings, DPOModule
 from prefmodule.modules.kto import KTOModule
@@ -7,6 +7,6 @@ from prefmodule.modules.reference import ReferenceModule
 from prefmodule.modules.simpo import SimPOModule
 
 __all__ = [
-    "BetaDPOSettings", "CPOModule", "DPOModule", "KTOModule", "LoraSettings", "ORPOModule", "PreferenceModule",
-    "ReferenceModule", "SimPOModule",
+    "BetaDPOSettings", "CPOModule", "DPOModule", "KTOModule", "ORPOModule", "PreferenceModule", "ReferenceModule",
+    "SimPOModule",
 ]

@@ -3,7 +3,8 @@ optimiser and schedule, predictions and the Hugging Face export."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -16,14 +17,17 @@ from transformers import get_scheduler
 from prefmodule.attention import enable_packed_attention, packed_inputs, takes_sequence_bounds
 from prefmodule.checkpoints import restore_data_position
 from prefmodule.checks import check_causal_lm, check_settings, check_source
-from prefmodule.errors import writing
+from prefmodule.errors import ConfigError, writing
 from prefmodule.guard import check_finite_weights, default_guard, step_skipped
-from prefmodule.hf import load_causal_lm, load_tokenizer
-from prefmodule.logps import SequenceStats, chunked_sequence_stats, head_gives_logits, sequence_stats
+from prefmodule.hf import (
+    empty_causal_lm, load_balancing_loss, load_causal_lm, load_tokenizer, lora_arguments, lora_config, router_aux_loss_coef,
+    stand_in,
+)
+from prefmodule.logps import SequenceStats, chunked_sequence_stats, head_logits_transform, sequence_stats
 from prefmodule.metrics import PreferenceMetrics
 from prefmodule.modelcard import HubSettings
 from prefmodule.samples import SampleSettings
-from prefmodule.strategies import gather_unsharded, is_sharded, shard
+from prefmodule.strategies import cpu_copy, finish_forward, gather_unsharded, is_sharded, reshard, shard
 
 STAGES = ("train", "val", "test")
 PROGRESS_BAR_METRICS = ("loss", "rewards/accuracies")
@@ -31,16 +35,6 @@ PROGRESS_BAR_METRICS = ("loss", "rewards/accuracies")
 LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup",
                 "cosine_with_min_lr": "cosine_with_min_lr", "warmup_stable_decay": "warmup_stable_decay"}
 LR_SCHEDULE_DEFAULTS = {"cosine_with_min_lr": {"min_lr_rate": 0.1}, "warmup_stable_decay": {"num_decay_steps": 0.1}}
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapters through ``peft``; only the adapter weights train."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
 
 
 @dataclass
@@ -71,16 +65,22 @@ class PreferenceModule(LightningModule):
         lr_schedule_kwargs: the schedule's own options (``get_scheduler``'s ``scheduler_specific_kwargs``, TRL's
             ``lr_scheduler_kwargs``), e.g. ``{min_lr_rate: 0.05}`` or ``{num_decay_steps: 0.2, decay_type: linear}``.
         optimizer: any optimizer class (``class_path`` in YAML); called with the trainable parameters.
-        lora: train LoRA adapters instead of the full policy.
+        lora: train LoRA adapters instead of the full policy: the arguments of ``peft.LoraConfig`` (``r``,
+            ``lora_alpha``, ``lora_dropout``, ``target_modules`` (default ``all-linear``), ``use_dora``,
+            ``use_rslora``, ``modules_to_save``, ...), or a ``LoraConfig``.
         gradient_checkpointing: recompute the policy's activations in backward.
         logps_chunk_size: response tokens per chunk when computing log-probs from the final hidden states
             through the LM head, never materialising ``[batch, seq, vocab]`` logits; 0 takes the full logits.
         dtype: dtype the weights are loaded in; keep float32 and use ``--trainer.precision`` for mixed precision.
         attn_implementation: Hugging Face's ``attn_implementation`` (``sdpa``, ``flash_attention_2``, ``eager``, ...);
             default: the model's own choice. Same values either way; packed batches need ``sdpa`` or flash attention.
+        router_aux_loss_coef: weight of a mixture-of-experts policy's load-balancing loss in the objective
+            (default: the model config's ``router_aux_loss_coef``; 0 leaves it out). Ignored for dense models.
         predictions_path: where ``predict`` writes one JSON line per pair (default ``<log dir>/predictions.jsonl``).
         export_hf: save the policy and tokenizer in Hugging Face format at ``<log dir>/hf_model`` after ``fit``,
             with a model card (``README.md``).
+        export_merged: with ``lora``, the export merges the adapters into the base weights; ``False`` saves the
+            adapters alone (``adapter_model.safetensors``, loaded with ``peft.AutoPeftModelForCausalLM``).
         samples: completions of held-out prompts at the start of ``fit`` and at each validation
             (``{num_prompts, max_new_tokens, temperature}``, see :class:`~prefmodule.samples.SampleSettings`); ``None``
             turns them off.
@@ -91,8 +91,8 @@ class PreferenceModule(LightningModule):
     length_normalized = False  # log ``logps/*`` as per-token averages (ORPO, SimPO) or sums (DPO)
     unpaired = False  # batches of unpaired rows (KTO) rather than pairs; the datamodule reads it
     # Run-time choices stay out of hparams: LightningCLI lays a checkpoint's hparams over the command line.
-    runtime_args = ("optimizer", "predictions_path", "export_hf", "logps_chunk_size", "attn_implementation", "samples",
-                    "push_to_hub")
+    runtime_args = ("optimizer", "predictions_path", "export_hf", "export_merged", "logps_chunk_size",
+                    "attn_implementation", "samples", "push_to_hub")
 
     def __init__(
         self,
@@ -105,36 +105,42 @@ class PreferenceModule(LightningModule):
         lr_schedule: Literal["linear", "cosine", "constant", "cosine_with_min_lr", "warmup_stable_decay"] = "linear",
         lr_schedule_kwargs: dict | None = None,
         optimizer: OptimizerCallable | None = None,
-        lora: LoraSettings | dict | None = None,
+        lora: dict | None = None,
         gradient_checkpointing: bool = False,
         logps_chunk_size: int = 512,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        router_aux_loss_coef: float | None = None,
         predictions_path: str | None = None,
         export_hf: bool = True,
+        export_merged: bool = True,
         samples: SampleSettings | dict | None = SampleSettings(),
         push_to_hub: HubSettings | dict | None = None,
     ):
         super().__init__()
-        check_settings(beta, lr, weight_decay, warmup, logps_chunk_size, dtype, attn_implementation, lora)
+        check_settings(beta, lr, weight_decay, warmup, logps_chunk_size, dtype, attn_implementation)
+        if router_aux_loss_coef is not None and router_aux_loss_coef < 0:
+            raise ConfigError(f"model.router_aux_loss_coef={router_aux_loss_coef!r}: must be >= 0 (0 turns the MoE "
+                              "load-balancing loss off; unset takes the model config's).")
+        self.lora = lora_config(lora)
         check_causal_lm("model", model, trust_remote_code)  # from its config.json, before any weights load
         if tokenizer is not None:
             check_source("tokenizer", tokenizer)
         self.save_hyperparameters(ignore=list(self.runtime_args))
-        if isinstance(lora, LoraSettings):
-            self.hparams.lora = asdict(lora)  # plain data: checkpoints load with weights_only=True
+        if lora is not None and not isinstance(lora, dict):
+            self.hparams.lora = lora_arguments(self.lora)  # plain data: checkpoints load with weights_only=True
         self.logps_chunk_size = logps_chunk_size
-        self.chunked_logps = False  # decided in ``configure_model``: does the model allow it
+        self.head_transform = None  # set in ``configure_model`` when the model allows chunked log-probs
         self.predictions_path = predictions_path
         self.export_hf_after_fit = export_hf
         self.samples = SampleSettings(**samples) if isinstance(samples, dict) else samples
         self.push_to_hub = HubSettings(**push_to_hub) if isinstance(push_to_hub, dict) else push_to_hub
+        self.export_merged = export_merged
         self.model_name = model
         self.attn_implementation = attn_implementation
         self.beta = beta
         self.optimizer_factory = optimizer
-        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code)
         self.policy: nn.Module | None = None
         # Keyed "<stage>_metrics": a bare "train" key would shadow ``nn.Module.train``.
@@ -143,44 +149,57 @@ class PreferenceModule(LightningModule):
 
     # ----- model construction ---------------------------------------------------------------
     def configure_model(self) -> None:
-        """Load the policy, and shard it under FSDP2 (idempotent: Lightning may call it more than once)."""
+        """Load the policy, and shard it under FSDP2 (idempotent: Lightning may call it more than once).
+
+        Under FSDP2 the policy (and a copy of it as reference) is built on the meta device and each rank
+        reads only its own shards from the safetensors files (``strategies.shard``); the probes that
+        follow (packed attention, the LM head) then run on a small stand-in of the architecture.
+        """
         if self.policy is not None:
             return
-        policy = load_causal_lm(self.model_name, self.hparams.dtype, self.hparams.trust_remote_code,
-                                self.attn_implementation)
-        policy.config.use_cache = False
-        self.chunked_logps = self.logps_chunk_size > 0 and head_gives_logits(policy)
-        if self.logps_chunk_size > 0 and not self.chunked_logps:
-            rank_zero_warn(f"{self.model_name}: its logits are not its LM head applied to its decoder's last hidden "
-                           "state (scaled, soft-capped, ...): log-probs come from the full logits (logps_chunk_size "
-                           "ignored).")
-        enable_packed_attention(policy)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        settings = (self.hparams.dtype, self.hparams.trust_remote_code, self.attn_implementation)
+        policy = empty_causal_lm(self.model_name, *settings) if self._streams(strategy) else None
+        if policy is None:
+            policy = load_causal_lm(self.model_name, *settings)
         self.configure_reference(policy)
         if self.lora is not None:
-            policy = self._add_lora(policy, self.lora)
+            from peft import get_peft_model
+
+            policy = get_peft_model(policy, self.lora)
         if self.hparams.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy = policy.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        for child in self.children():  # the policy and a reference model, each sharded on its own
-            if next(child.parameters(), None) is not None:
-                shard(child, strategy)
+        for model in [child for child in self.children() if hasattr(child, "config")]:  # the policy, a reference
+            shard(model, strategy)
+            # A sharded model is probed through a small stand-in of its architecture: no weights gathered.
+            probe = (stand_in(model) or model) if is_sharded(model) else model
+            enable_packed_attention(model, probe)
+            if model is self.policy and self.logps_chunk_size > 0:
+                self.head_transform = head_logits_transform(probe)
+            reshard(model)  # if the probes ran on the sharded model itself
+        if self.logps_chunk_size > 0 and self.head_transform is None:
+            rank_zero_warn(f"{self.model_name}: its logits are not its LM head applied to its decoder's last hidden "
+                           "state (or a scale or soft-cap of that): log-probs come from the full logits "
+                           "(logps_chunk_size ignored).")
+
+    def _streams(self, strategy) -> bool:
+        """Whether the policy is built empty and filled from its files once sharded: under FSDP2, unless a
+        LoRA initialisation needs the full base weights (DoRA, PiSSA, ...)."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        plain_lora = self.lora is None or (not self.lora.use_dora and self.lora.init_lora_weights in (True, False,
+                                                                                                      "gaussian"))
+        return isinstance(strategy, ModelParallelStrategy) and plain_lora
+
+    @property
+    def chunked_logps(self) -> bool:
+        """Whether log-probs come from the decoder's hidden states through the LM head in chunks."""
+        return self.head_transform is not None
 
     def configure_reference(self, policy: nn.Module) -> None:
-        """Hook for objectives with a reference model, called with the freshly loaded policy."""
-
-    @staticmethod
-    def _add_lora(policy: nn.Module, settings: LoraSettings) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=settings.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        return get_peft_model(policy, config)
+        """Hook for objectives with a reference model, called with the freshly loaded policy (on the meta
+        device under FSDP2: a copy of it is filled from the same files when sharded)."""
 
     @property
     def packed_attention(self) -> bool:
@@ -203,15 +222,43 @@ class PreferenceModule(LightningModule):
         else:
             inputs, sequences = dict(attention_mask=batch["attention_mask"]), {}
         inputs.update(input_ids=batch["input_ids"], use_cache=False)
+        routed = self.router_loss_weight(model) > 0
+        if routed:
+            inputs["output_router_logits"] = True
         if self.chunked_logps:
-            hidden = model.get_decoder()(**inputs).last_hidden_state
-            return chunked_sequence_stats(hidden, model.get_output_embeddings(), batch["labels"],
-                                          self.logps_chunk_size, sum_sq_probs=sum_sq_probs, **sequences)
-        return sequence_stats(model(**inputs).logits, batch["labels"], sum_sq_probs=sum_sq_probs, **sequences)
+            outputs = model.get_decoder()(**inputs)
+            stats = chunked_sequence_stats(outputs.last_hidden_state, model.get_output_embeddings(), batch["labels"],
+                                           self.logps_chunk_size, **sequences, transform=self.head_transform,
+                                           sum_sq_probs=sum_sq_probs)
+            aux_loss = load_balancing_loss(model, outputs.router_logits, inputs["attention_mask"]) if routed else None
+        else:
+            outputs = model(**inputs)
+            stats = sequence_stats(outputs.logits, batch["labels"], sum_sq_probs=sum_sq_probs, **sequences)
+            aux_loss = outputs.aux_loss if routed else None
+        stats.aux_loss = aux_loss
+        if not torch.is_grad_enabled():
+            finish_forward(model)  # no backward will close a sharded tied head's forward
+        return stats
 
     def sequences_per_index(self, batch: dict[str, Tensor]) -> int:
         """How many sequences ``batch`` holds per entry of its ``index``: a pair's chosen and rejected."""
         return 2
+
+    def router_loss_weight(self, model: nn.Module) -> float:
+        """The weight of ``model``'s MoE load-balancing loss in the objective (0: none, or a dense model)."""
+        coef = router_aux_loss_coef(model)
+        if coef is None:
+            return 0.0
+        return coef if self.hparams.router_aux_loss_coef is None else self.hparams.router_aux_loss_coef
+
+    def with_router_loss(self, outputs: PairOutputs) -> PairOutputs:
+        """Add the policy's load-balancing loss (logged as ``aux_loss``) to the objective's loss, as
+        transformers' MoE models add it to their language-modelling loss."""
+        aux_loss = outputs.chosen.aux_loss
+        if aux_loss is not None:
+            outputs.loss = outputs.loss + self.router_loss_weight(self.policy) * aux_loss
+            outputs.extra["aux_loss"] = aux_loss.detach()
+        return outputs
 
     def pair_outputs(self, batch: dict[str, Tensor]) -> PairOutputs:
         raise NotImplementedError
@@ -227,7 +274,7 @@ class PreferenceModule(LightningModule):
         self._step(batch, "test")
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        outputs = self.pair_outputs(batch)
+        outputs = self.with_router_loss(self.pair_outputs(batch))
         values, weights = self._metric_values(outputs)
         key = f"{stage}_metrics"
         per_step = stage == "train"
@@ -328,23 +375,40 @@ class PreferenceModule(LightningModule):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         return callbacks + default_checkpoints(self._trainer) + default_guard(self._trainer)
 
-    def export_hf(self, path: str, merge_adapters: bool = True) -> None:
-        """Save the policy and tokenizer with ``save_pretrained``; LoRA adapters are merged into a copy.
+    def export_hf(self, path: str, merge_adapters: bool | None = None) -> None:
+        """Save the policy and tokenizer with ``save_pretrained`` as the base model had them (config with its
+        ``use_cache``, generation config, tied weights), with the chat template the data was rendered with
+        (``data.chat_template``, read from the trainer's datamodule) saved in the tokenizer.
 
-        Global rank 0 writes. Sharded (FSDP) weights are gathered to it first: then every rank must call this.
+        LoRA adapters are merged into a CPU copy of the weights (``merge_adapters``, default ``export_merged``),
+        or saved alone. Global rank 0 writes. Sharded (FSDP) weights are gathered to it first: then every
+        rank must call this.
         """
+        merge = self.export_merged if merge_adapters is None else merge_adapters
+        lora = hasattr(self.policy, "merge_and_unload")
         sharded = is_sharded(self.policy)
         check_finite_weights(self.policy, path, sharded)  # never export a diverged policy
-        model = gather_unsharded(self, "policy", self.hparams.trust_remote_code) if sharded else self.policy
+        if sharded:
+            model = gather_unsharded(self, "policy", self.hparams.trust_remote_code)
+        else:
+            model = cpu_copy(self.policy, self.hparams.trust_remote_code) if lora and merge else self.policy
         if self.global_rank != 0:
             return
-        if merge_adapters and hasattr(model, "merge_and_unload"):
-            import copy
-
-            model = (model if sharded else copy.deepcopy(model)).merge_and_unload()
+        if lora and merge:
+            model = model.merge_and_unload(safe_merge=True)  # new tensors for the merged layers: no in-place sum
+        tokenizer = copy.copy(self.tokenizer)
+        template = self._training_chat_template()
+        if template is not None:
+            tokenizer.chat_template = template
         with writing(path, "the Hugging Face export"):
-            model.save_pretrained(path, safe_serialization=True)
-            self.tokenizer.save_pretrained(path)
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+
+    def _training_chat_template(self) -> str | None:
+        """The ``chat_template`` the trainer's datamodule renders conversations with, if it sets one."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        chat_template = getattr(datamodule, "_chat_template", None)
+        return chat_template() if callable(chat_template) else None
 
 
 def steps(value: float, total: int) -> int:
