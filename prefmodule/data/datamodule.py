@@ -331,6 +331,8 @@ class PreferenceDataModule(LightningDataModule):
         lengths = dataset.lengths()
         p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).round().astype(int)
         weight = f", weight {group.weight:g}" if group.weight is not None else ""
+        if unpaired and not meta["format"].startswith("unpaired"):
+            weight += ", each pair as two unpaired rows"
         if unpaired:
             desirable = int(dataset.labels().sum())
             kept = (f"{len(table)} unpaired rows kept ({desirable} desirable, {len(table) - desirable} undesirable)"

@@ -39,7 +39,7 @@ class Table:
         return self.arrays[f"{part}_tokens"][start:end].tolist()
 
     def index(self, item: int | np.ndarray):
-        side = self.arrays["side"][item] if "side" in self.arrays else 0
+        side = self.arrays["side"][item].astype(np.int64) if "side" in self.arrays else 0
         return self.row_offset + self.arrays["index"][item] + side * self.split_rows
 
 

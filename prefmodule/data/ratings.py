@@ -65,7 +65,7 @@ class RatedRows:
             worst = min(range(len(scores)), key=lambda i: (scores[i], i))
         else:
             lower = [i for i, score in enumerate(scores) if score < scores[best]]
-            digest = xxhash.xxh64_intdigest(json.dumps([self.seed, prompt, responses], sort_keys=True))
+            digest = xxhash.xxh64_intdigest(json.dumps([self.seed, prompt, responses], sort_keys=True).encode())
             worst = random.Random(digest).choice(lower) if lower else best
         if scores[worst] == scores[best]:
             raise RowDropped("tied ratings")

@@ -167,7 +167,7 @@ def parse_json(text: str | bytes) -> object:
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        return BrokenRow(f"invalid JSON ({error.msg} at column {error.colno})")
+        return BrokenRow(f"invalid JSON ({error.msg}: column {error.colno})")
     except RecursionError:
         return BrokenRow("invalid JSON (nested too deeply)")
 
@@ -176,7 +176,7 @@ def _jsonl_rows(path: str) -> Iterator[tuple[int, object]]:
     with open(path, "rb") as handle:
         for number, line in enumerate(handle, start=1):
             try:
-                text = line.decode("utf-8")
+                text = line.rstrip(b"\r\n").decode("utf-8")
             except UnicodeDecodeError as error:
                 yield number, BrokenRow(f"not UTF-8 text (byte {line[error.start]:#04x} at column {error.start + 1})",
                                         "invalid UTF-8")
