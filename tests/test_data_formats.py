@@ -216,3 +216,21 @@ def test_binarized_rows_keep_their_score_columns(tmp_path):
     pairs = pairs_of(setup_fit(tmp_path, write_jsonl(tmp_path / "binarized.jsonl", rows)))
     assert (pairs[0]["score_chosen"], pairs[0]["score_rejected"]) == (8.0, 3.5)
     assert pairs[1]["score_chosen"] != pairs[1]["score_chosen"]  # NaN: this row has no scores
+
+
+def test_a_row_the_chat_template_refuses_is_named(tmp_path, caplog):
+    strict = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}{% endif %}"
+              "[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    rows = [GOOD_CHAT, sharegpt([("gpt", "Hello."), ("human", "Hi?")], "Sure.", "No."), GOOD_CHAT]
+    rows[0] = {"conversations": [{"from": "human", "value": "Hi?"}], "chosen": {"from": "gpt", "value": "Hello!"},
+               "rejected": {"from": "gpt", "value": "Go away."}}
+    rows[2] = rows[0]
+    path = write_jsonl(tmp_path / "turns.jsonl", rows)
+    message = str(pytest.raises(DataValidationError, setup_fit, tmp_path, path, chat_template=strict).value)
+    assert (f"{path}:2: the chat template cannot render this row: Conversation roles must alternate "
+            "user/assistant/user/assistant") in message
+    with caplog.at_level(logging.INFO):
+        data = setup_fit(tmp_path, path, chat_template=strict, on_bad_rows="skip")
+    assert [p["index"] for p in pairs_of(data)] == [0, 2]
+    assert "3 rows read, 2 pairs kept, 1 dropped (1 chat template failed)" in format_line(caplog)

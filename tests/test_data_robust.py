@@ -94,19 +94,20 @@ def test_fuzzed_rows_are_each_named_and_no_good_row_is_lost(tmp_path, caplog):
              b'{"prompt": "a\x00b", "chosen": "a", "rejected": "b"}',  # 7: a raw NUL byte inside a string
              b"\x00\x00\x00",  # 8: NUL bytes
              json.dumps({"prompt": "a\u0000b", "chosen": "ok", "rejected": "no"}).encode(),  # 9: an escaped NUL: fine
-             json.dumps({**GOOD, "prompt": "x" * 200_000}).encode()]  # 10: a long prompt, dropped by max_length
+             json.dumps({**GOOD, "prompt": "x" * 200_000}).encode(),  # 10: a long prompt, dropped by max_length
+             b'{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}']  # 11: an escaped lone surrogate
     path = tmp_path / "fuzz.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     message = str(pytest.raises(DataValidationError, setup_fit, tmp_path, str(path)).value)
-    assert message.startswith("6 of 10 rows are malformed")
+    assert message.startswith("7 of 11 rows are malformed")
     for line, reason in ((2, "not UTF-8 text"), (3, "invalid JSON (Unterminated string starting at: column 29)"), (4, "invalid JSON (nested too deeply)"),
                          (6, "not UTF-8 text (byte 0xe9 at column 16)"), (7, "invalid JSON (Invalid control character"),
-                         (8, "invalid JSON")):
+                         (8, "invalid JSON"), (11, "not UTF-8 text (an escaped lone surrogate")):
         assert f"{path}:{line}: {reason}" in message
     with caplog.at_level(logging.INFO):
         data = setup_fit(tmp_path, str(path), on_bad_rows="skip")
     assert [p["index"] for p in pairs_of(data)] == [0, 4, 8]  # lines 1, 5, 9
-    assert "10 rows read, 3 pairs kept, 7 dropped" in summary(caplog)
+    assert "11 rows read, 3 pairs kept, 8 dropped" in summary(caplog)
 
 
 # ----- untrusted cache files ----------------------------------------------------------------------------------

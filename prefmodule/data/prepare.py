@@ -1,17 +1,18 @@
-"""From source rows to tokenised columns, streamed: read, check, tokenise in worker threads, write in order.
+"""From source rows to tokenised columns, streamed: read and check, tokenise in worker processes, write in order.
 
-Memory stays bounded whatever the size of the data: rows are read one at a time, tokenised in chunks of
-``CHUNK`` rows (at most two chunks per worker in flight) and appended to the cache entry's files as they
-come. The tokenizer's Rust core releases the GIL, so worker threads tokenise in parallel while the main
-thread reads and checks the next rows.
+Memory stays bounded whatever the size of the data: the main process reads and checks rows one at a time and
+hands them out in chunks of ``CHUNK`` rows (at most two chunks per worker in flight); each worker renders and
+tokenises its chunk into flat arrays, which the main process appends to the cache entry's files in order.
+Workers are forked (spawned where fork does not exist), so they start with the tokenizer already loaded.
 """
 
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,11 +23,11 @@ from prefmodule.data.formats import (
 )
 from prefmodule.data.records import Pair, RowDropped, RowError
 from prefmodule.data.sources import BrokenRow, Source
-from prefmodule.data.tokenize import Encoder, Limits, tokenize_records
+from prefmodule.data.tokenize import Encoder, Limits, RowFailure, tokenize_records
 from prefmodule.errors import ConfigError, DataError
 from prefmodule.progress import progress
 
-CHUNK = 1024
+CHUNK = 512
 UNPAIR_BLOCK = 1000  # TRL's ``unpair_preference_dataset`` maps batches of 1,000 pairs (``datasets``' default)
 PAIR_PARTS = ("prompt", "chosen", "rejected")
 UNPAIRED_PARTS = ("prompt", "completion")
@@ -68,16 +69,17 @@ def prepare(sources: list[Source], settings: Settings, encoder: Encoder, columns
         raise ConfigError(f"{label}: {checker.name} data needs a chat template and the tokenizer has none; set "
                           "`data.chat_template` (Jinja text or a .jinja file).")
     report = Report(checker.name, checker.conversational)
-    writer = ColumnWriter(columns, settings.unpaired, _scored(checker, first))
+    layout = Layout(settings.unpaired, _scored(checker, first))
+    writer = ColumnWriter(columns, layout)
     total = sum(count for count in (_count(s) for s in sources) if count is not None) or None
-    stream = progress(itertools.chain(first, rows), f"tokenising {label}", total=total, unit="rows")
-    items = _items(stream, checker, settings.unpaired, report, on_bad_rows)
     limits = Limits(settings.max_length, settings.max_prompt_length, settings.truncation_mode)
-    with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="tokenise") as pool:
+    workers = workers or default_workers()
+    with _pool(workers, encoder, limits, layout) as pool:
+        stream = progress(itertools.chain(first, rows), f"tokenising {label}", total=total, unit="rows")
         pending = deque()
-        for chunk in _chunks(items, CHUNK):
-            pending.append(pool.submit(_tokenised, encoder, chunk, limits))
-            while len(pending) > 2 * pool._max_workers:
+        for chunk in _chunks(_items(stream, checker, settings.unpaired, report, on_bad_rows), CHUNK):
+            pending.append(pool.submit(_tokenised, chunk))
+            while len(pending) > 2 * workers:
                 writer.write(*pending.popleft().result(), report)
         while pending:
             writer.write(*pending.popleft().result(), report)
@@ -146,8 +148,9 @@ def _scored(checker, first: list) -> bool:
 
 
 def _items(stream, checker, unpaired: bool, report: Report, on_bad_rows: str):
-    """``(index, side, record)`` of every usable row, in order (a pair as two unpaired rows when ``unpaired``)."""
-    block: list[tuple[int, Pair]] = []
+    """``(index, side, record, where)`` of every usable row, in order (a pair as two unpaired rows when ``unpaired``);
+    ``where`` locates the row for messages: ``(source, number, unit)``."""
+    block: list[tuple] = []
     for source, number, row in stream:
         index = report.rows
         report.rows += 1
@@ -160,21 +163,22 @@ def _items(stream, checker, unpaired: bool, report: Report, on_bad_rows: str):
             report.dropped[drop.kind] += 1
             continue
         if report.bad_count and on_bad_rows == "error":
-            continue  # the run stops at the end: check every row, tokenise none
+            continue  # the run stops at the end: check every row, tokenise no more
+        where = (source.label, number, source.unit)
         if unpaired and isinstance(record, Pair):
-            block.append((index, record))
+            block.append((index, record, where))
             if len(block) == UNPAIR_BLOCK:
                 yield from _unpaired(block)
                 block = []
         else:
-            yield index, 0, record
+            yield index, 0, record, where
     yield from _unpaired(block)
 
 
-def _unpaired(block: list[tuple[int, Pair]]):
-    indices = [index for index, _ in block]
-    for index, row in zip(indices + indices, unpair([pair for _, pair in block])):
-        yield index, row.side, row
+def _unpaired(block: list[tuple]):
+    rows = unpair([pair for _, pair, _ in block])
+    for (index, _, where), row in zip(block + block, rows):
+        yield index, row.side, row, where
 
 
 def _chunks(items, size: int):
@@ -182,44 +186,107 @@ def _chunks(items, size: int):
         yield chunk
 
 
-def _tokenised(encoder: Encoder, chunk: list, limits: Limits) -> tuple[list, list]:
-    """(In a worker thread.) The chunk's items and their ids or drop reasons."""
-    return chunk, tokenize_records(encoder, [record for *_, record in chunk], limits)
+# ----- workers ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """Which columns an entry has: pairs (optionally with scores) or unpaired rows."""
+
+    unpaired: bool
+    scored: bool
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return UNPAIRED_PARTS if self.unpaired else PAIR_PARTS
+
+
+_worker: dict = {}  # what each worker process tokenises with, set once when it starts
+
+
+def _start_worker(encoder: Encoder, limits: Limits, layout: Layout) -> None:
+    _worker.update(encoder=encoder, limits=limits, layout=layout)
+
+
+class _Inline:
+    """One worker: tokenise in this process, as the pool would."""
+
+    def __init__(self, *setup):
+        _start_worker(*setup)
+
+    def submit(self, function, *args) -> Future:
+        future = Future()
+        future.set_result(function(*args))
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _pool(workers: int, encoder: Encoder, limits: Limits, layout: Layout):
+    if workers <= 1:
+        return _Inline(encoder, limits, layout)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_start_worker,
+                               initargs=(encoder, limits, layout))
+
+
+def _tokenised(chunk: list) -> tuple[dict[str, np.ndarray], list, Counter]:
+    """(In a worker.) A chunk's kept items as flat arrays, the rows its chat template refused, the drops by reason."""
+    results = tokenize_records(_worker["encoder"], [record for _, _, record, _ in chunk], _worker["limits"])
+    layout = _worker["layout"]
+    kept, failed, dropped = [], [], Counter()
+    for item, result in zip(chunk, results):
+        if isinstance(result, RowFailure):
+            failed.append((item[3], result.reason))
+        elif isinstance(result, str):
+            dropped[result] += 1
+        else:
+            kept.append((item, result))
+    arrays = {"index": np.array([index for (index, *_), _ in kept], dtype=np.int64)}
+    if layout.unpaired:
+        arrays["side"] = np.array([side for (_, side, *_), _ in kept], dtype=np.int8)
+        arrays["label"] = np.array([record.label for (_, _, record, _), _ in kept], dtype=np.uint8)
+    elif layout.scored:
+        scores = np.array([record.scores or (np.nan, np.nan) for (_, _, record, _), _ in kept],
+                          dtype=np.float32).reshape(-1, 2)
+        arrays["score_chosen"], arrays["score_rejected"] = scores[:, 0], scores[:, 1]
+    for part in layout.parts:
+        ids = [result[f"{part}_ids"] for _, result in kept]
+        arrays[f"{part}_lengths"] = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        arrays[f"{part}_tokens"] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32,
+                                               count=int(arrays[f"{part}_lengths"].sum()))
+    return arrays, failed, dropped
 
 
 class ColumnWriter:
     """Appends tokenised chunks to the columns of a cache entry (ids back to back, with running offsets)."""
 
-    def __init__(self, columns, unpaired: bool, scored: bool):
-        self.columns, self.unpaired, self.scored = columns, unpaired, scored
-        self.parts = UNPAIRED_PARTS if unpaired else PAIR_PARTS
-        self.ends = dict.fromkeys(self.parts, 0)
+    def __init__(self, columns, layout: Layout):
+        self.columns, self.layout = columns, layout
+        self.ends = dict.fromkeys(layout.parts, 0)
         self.items = 0
-        for part in self.parts:
+        for part in layout.parts:
             columns.append(f"{part}_offsets", np.zeros(1, dtype=np.int64))
-        self.write([], [], None)  # every column exists, even when no row is kept
+        empty = {"index": np.zeros(0, np.int64), "side": np.zeros(0, np.int8), "label": np.zeros(0, np.uint8),
+                 "score_chosen": np.zeros(0, np.float32), "score_rejected": np.zeros(0, np.float32)}
+        names = ["index", *(("side", "label") if layout.unpaired else ("score_chosen", "score_rejected")
+                            if layout.scored else ())]
+        for name in names:  # every column exists, even when no row is kept
+            columns.append(name, empty[name])
+        for part in layout.parts:
+            columns.append(f"{part}_tokens", np.zeros(0, np.int32))
 
-    def write(self, chunk: list, results: list, report: Report | None) -> None:
-        kept = []
-        for item, result in zip(chunk, results):
-            if isinstance(result, str):
-                report.dropped[result] += 1
+    def write(self, arrays: dict[str, np.ndarray], failed: list, dropped: Counter, report: Report) -> None:
+        for (source, number, unit), reason in failed:
+            report.add_bad(BadRow(source, number, None, reason, "chat template failed", unit))
+        report.dropped.update(dropped)
+        self.items += len(arrays["index"])
+        for name, values in arrays.items():
+            if name.endswith("_lengths"):
+                part = name.removesuffix("_lengths")
+                self.columns.append(f"{part}_offsets", self.ends[part] + np.cumsum(values))
+                self.ends[part] += int(values.sum())
             else:
-                kept.append((item, result))
-        self.items += len(kept)
-        self.columns.append("index", np.array([index for (index, _, _), _ in kept], dtype=np.int64))
-        if self.unpaired:
-            self.columns.append("side", np.array([side for (_, side, _), _ in kept], dtype=np.int8))
-            self.columns.append("label", np.array([record.label for (_, _, record), _ in kept], dtype=np.uint8))
-        elif self.scored:
-            scores = np.array([record.scores or (np.nan, np.nan) for (_, _, record), _ in kept],
-                              dtype=np.float32).reshape(-1, 2)
-            self.columns.append("score_chosen", scores[:, 0])
-            self.columns.append("score_rejected", scores[:, 1])
-        for part in self.parts:
-            ids = [result[f"{part}_ids"] for _, result in kept]
-            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-            tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
-            self.columns.append(f"{part}_tokens", tokens)
-            self.columns.append(f"{part}_offsets", self.ends[part] + np.cumsum(lengths))
-            self.ends[part] += int(lengths.sum())
+                self.columns.append(name, values)

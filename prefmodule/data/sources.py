@@ -162,14 +162,17 @@ def _check_suffix(path: str) -> str:
 
 
 # ----- readers -------------------------------------------------------------------------------------------
-def parse_json(text: str | bytes) -> object:
+def parse_json(text: str) -> object:
     """One JSON value, or a :class:`BrokenRow` saying why it is not one."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as error:
         return BrokenRow(f"invalid JSON ({error.msg}: column {error.colno})")
     except RecursionError:
         return BrokenRow("invalid JSON (nested too deeply)")
+    if ("\\ud" in text or "\\uD" in text) and _has_surrogates(json.dumps(value, ensure_ascii=False)):
+        return BrokenRow("not UTF-8 text (an escaped lone surrogate, \\ud800-\\udfff)", "invalid UTF-8")
+    return value
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[int, object]]:
@@ -191,6 +194,8 @@ def _json_rows(path: str) -> Iterator[tuple[int, object]]:
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not a JSON file: not UTF-8 text (byte {error.start})") from None
     rows = parse_json(text)
+    if isinstance(rows, BrokenRow) and rows.kind == "invalid UTF-8":  # name the rows, not the file
+        rows = [parse_json(json.dumps(row)) for row in json.loads(text)]
     if isinstance(rows, BrokenRow) and "Extra data" in rows.message:  # JSON Lines saved as .json: rows all the same
         yield from enumerate(row for _, row in _jsonl_rows(path))
         return

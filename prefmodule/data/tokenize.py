@@ -37,6 +37,13 @@ FAST_PRE_TOKENIZERS = ({"ByteLevel"}, {"Split", "ByteLevel"})  # one regex split
 PROBES = ("Hello world", " two  spaces  and\nnew lines\t! 12345 ", "ünïcödé 汉字 🙂 <tags>")
 
 
+@dataclass(frozen=True)
+class RowFailure:
+    """A row the chat template refused to render (e.g. turns that do not alternate, as its template demands)."""
+
+    reason: str
+
+
 @dataclass
 class Encoded:
     """A prompt's ids and, per continuation, ``tails[k]``: the ids of ``prompt + continuation[k]`` after their
@@ -229,20 +236,23 @@ def unpaired_ids(encoded: Encoded, limits: Limits, bos_token_id: int | None) -> 
     return {"prompt_ids": prompt, "completion_ids": completion}
 
 
-def tokenize_records(encoder: Encoder, records: list[Pair] | list[Unpaired], limits: Limits) -> list[dict | str]:
-    """Ids of each record (pairs, or unpaired rows, not mixed), or the reason it is dropped."""
-    if not records:
-        return []
-    texts = [encoder.texts(record) for record in records]
-    groups = {}  # text and messages rows are tokenised apart: only text gets the tokenizer's special tokens
-    for position, record in enumerate(records):
-        groups.setdefault(isinstance(record.prompt, str), []).append(position)
+def tokenize_records(encoder: Encoder, records: list[Pair] | list[Unpaired],
+                     limits: Limits) -> list[dict | str | RowFailure]:
+    """Ids of each record (pairs, or unpaired rows, not mixed), or the reason it is dropped, or its failure."""
     results: list = [None] * len(records)
+    groups: dict[bool, list] = {}  # text and messages rows are tokenised apart: only text gets special tokens
+    for position, record in enumerate(records):
+        try:
+            texts = encoder.texts(record)
+        except Exception as error:  # a chat template's own check (``raise_exception``), or one it trips over
+            results[position] = RowFailure(f"the chat template cannot render this row: {error}")
+            continue
+        groups.setdefault(isinstance(record.prompt, str), []).append((position, texts))
     bos = encoder.tokenizer.bos_token_id
-    ids_of = unpaired_ids if isinstance(records[0], Unpaired) else pair_ids
-    for is_text, positions in groups.items():
-        encoded = encoder.encode([texts[p][0] for p in positions], [texts[p][1] for p in positions], is_text)
-        for position, row in zip(positions, encoded):
+    ids_of = unpaired_ids if records and isinstance(records[0], Unpaired) else pair_ids
+    for is_text, rows in groups.items():
+        encoded = encoder.encode([texts[0] for _, texts in rows], [texts[1] for _, texts in rows], is_text)
+        for (position, _), row in zip(rows, encoded):
             results[position] = ids_of(row, limits, bos)
     return results
 
