@@ -70,6 +70,8 @@ def run_prefmodule(spec: dict) -> dict:
                                 max_length=spec["max_length"], tokenize_workers=spec["workers"])
     data.setup("fit")
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the tokenize_workers processes
+    cpu += children.ru_utime + children.ru_stime
     dataset = data.datasets["train"]
     sample = [{k: dataset[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
               for i in sample_positions(len(dataset))]
