@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -15,23 +14,25 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from prefmodule.data import cache
+from prefmodule.data.checks import check_arguments
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.dataset import PairDataset, Table, UnpairedDataset
 from prefmodule.data.formats import (
-    DETECTION_ROWS, BadRow, DataValidationError, Format, PairsFromRatings, check_settings, describe, make_checker,
+    DETECTION_ROWS, BadRow, DataValidationError, Format, PairsFromRatings, describe, make_checker,
 )
-from prefmodule.data.mixture import Mixture, SourceGroup, parse_split
+from prefmodule.data.mixture import Mixture, SourceGroup
 from prefmodule.data.prepare import Settings, prepare
-from prefmodule.data.samplers import ChunkBatchSampler, EpochSampler, PairBatchSampler, ResumableLoader
+from prefmodule.data.samplers import (
+    ChunkBatchSampler, EpochSampler, PairBatchSampler, ResumableLoader, chunk_sizes, kl_chunks,
+)
 from prefmodule.data.sources import find_sources
 from prefmodule.data.tokenize import Encoder, TruncationMode
-from prefmodule.errors import ConfigError, DataError, MissingFileError
+from prefmodule.errors import ConfigError, DataError
 from prefmodule.hf import load_tokenizer
 from prefmodule.paths import resolve
 
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 DataSpec = str | list[str | dict[str, Any]] | dict[str, Any] | None
-MEGABATCHES = 64  # length grouping of KL chunks sorts within windows of this many batches
 
 
 class PreferenceDataModule(LightningDataModule):
@@ -354,27 +355,15 @@ class PreferenceDataModule(LightningDataModule):
 
     def _with_kl_chunks(self, dataset: UnpairedDataset, split: str) -> UnpairedDataset:
         """KL partners fixed now (so a precomputed reference pass scores them): training chunks of ``batch_size``
-        over a seeded permutation of each source group (optionally grouped by length), evaluation chunks of
-        ``eval_batch_size`` in file order."""
+        over a seeded permutation of each weighted source group (of all rows without weights), evaluation chunks
+        of ``eval_batch_size`` in file order."""
         hp = self.hparams
         if split != "train":
             size = hp.eval_batch_size or hp.batch_size
-            return dataset.with_kl_chunks(np.arange(len(dataset)), _chunk_sizes(len(dataset), size))
-        weighted = self._weights("train") is not None
-        sizes = dataset.group_sizes() if weighted else [len(dataset)]
-        rng = np.random.default_rng(hp.seed)
+            return dataset.with_kl_chunks(np.arange(len(dataset)), chunk_sizes(len(dataset), size))
+        sizes = dataset.group_sizes() if self._weights("train") is not None else [len(dataset)]
         lengths = dataset.lengths() if hp.group_by_length else None
-        order, chunk_sizes, per_group = [], [], []
-        for start, size in zip(np.cumsum([0] + sizes[:-1]), sizes):
-            permutation = start + rng.permutation(size)
-            if lengths is not None:
-                window = hp.batch_size * MEGABATCHES
-                permutation = np.concatenate([part[np.argsort(-lengths[part], kind="stable")]
-                                              for part in np.split(permutation, range(window, size, window))])
-            order.append(permutation)
-            per_group.append(_chunk_sizes(size, hp.batch_size))
-            chunk_sizes += per_group[-1]
-        return dataset.with_kl_chunks(np.concatenate(order), chunk_sizes, [len(group) for group in per_group])
+        return dataset.with_kl_chunks(*kl_chunks(sizes, hp.batch_size, hp.seed, lengths))
 
     def _weights(self, split: str) -> list[float] | None:
         groups = self.groups["train"] if split == "train" else []
@@ -412,60 +401,6 @@ class PreferenceDataModule(LightningDataModule):
 
 
 # ----- helpers ----------------------------------------------------------------------------------------------
-def check_arguments(hp, tokenizer) -> dict[str, list[SourceGroup]]:
-    """Every argument checked before anything is loaded (ConfigError naming the option, the value and what is
-    allowed; MissingFileError for a file that is not there); returns each split's source groups."""
-    def at_least(name: str, value, low: int, why: str = "") -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise ConfigError(f"data.{name} must be an integer >= {low}{why}, got {value!r}")
-
-    if not isinstance(hp.val_fraction, (int, float)) or not 0.0 <= hp.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {hp.val_fraction!r}")
-    at_least("batch_size", hp.batch_size, 1)
-    at_least("eval_batch_size", hp.eval_batch_size, 1)
-    at_least("max_length", hp.max_length, 2, " (the prompt alone takes at least one token, e.g. BOS, and a "
-                                              "response needs one more; typical values are 512 to 4096)")
-    at_least("max_prompt_length", hp.max_prompt_length, 1)
-    at_least("pad_to_multiple_of", hp.pad_to_multiple_of, 1)
-    at_least("num_workers", hp.num_workers, 0)
-    at_least("tokenize_workers", hp.tokenize_workers, 1)
-    at_least("seed", hp.seed, 0)
-    if hp.max_length is not None and hp.max_prompt_length is not None and hp.max_prompt_length >= hp.max_length:
-        raise ConfigError(f"data.max_prompt_length ({hp.max_prompt_length}) must be below data.max_length "
-                          f"({hp.max_length}), or no response would fit")
-    for name, value, allowed in (("on_bad_rows", hp.on_bad_rows, ("error", "skip")),
-                                 ("truncation_mode", hp.truncation_mode, ("keep_end", "keep_start")),
-                                 ("pairs_from_ratings", hp.pairs_from_ratings, ("best_worst", "best_random"))):
-        if value not in allowed:
-            raise ConfigError(f"data.{name} must be one of {list(allowed)}, got {value!r}")
-    for name in ("unpaired", "kl_completions", "group_by_length", "padding_free"):
-        if getattr(hp, name) is not None and not isinstance(getattr(hp, name), bool):
-            raise ConfigError(f"data.{name} must be true or false, got {getattr(hp, name)!r}")
-    if tokenizer is not None and not isinstance(tokenizer, (str, PreTrainedTokenizerBase)):
-        raise ConfigError(f"data.tokenizer must be a path, a hub id or a tokenizer, got {tokenizer!r}")
-    check_settings(hp.format, hp.columns, hp.tags)
-    template = hp.chat_template
-    if template is not None and "{{" not in template and "{%" not in template and not _is_file(template):
-        raise MissingFileError(f"data.chat_template: no such file {template!r} (give the Jinja template itself, "
-                               "or the path of a file holding it)")
-    groups = {}
-    for split in ("train", "val", "test", "predict"):
-        groups[split] = parse_split(getattr(hp, split), f"data.{split}") if getattr(hp, split) is not None else []
-        for i, group in enumerate(groups[split]):
-            option = f"data.{split}" + (f"[{i}]" if len(groups[split]) > 1 else "")
-            settings = group.settings({"format": hp.format, "columns": hp.columns, "tags": hp.tags,
-                                       "pairs_from_ratings": hp.pairs_from_ratings})
-            check_settings(settings["format"], settings["columns"], settings["tags"], option)
-            if settings["pairs_from_ratings"] not in ("best_worst", "best_random"):
-                raise ConfigError(f"{option}.pairs_from_ratings must be 'best_worst' or 'best_random', got "
-                                  f"{settings['pairs_from_ratings']!r}")
-            if group.weight is not None and split != "train":
-                raise ConfigError(f"{option}.weight: weights draw training epochs; evaluation reads every row of "
-                                  "every source once, so give no weight there")
-            find_sources(list(group.names), "train")  # a missing file fails now, before any model loads
-    return groups
-
-
 def holdout(dataset, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(kept, held_out)`` positions: a seeded share of the dataset's source rows (both rows of a pair split
     into unpaired rows land on the same side)."""
@@ -484,17 +419,6 @@ def split_positions(count: int, fraction: float, seed: int) -> tuple[np.ndarray,
     order = np.random.default_rng(seed).permutation(count)
     held = max(1, round(fraction * count))
     return np.sort(order[held:]), np.sort(order[:held])
-
-
-def _is_file(name: str) -> bool:
-    try:
-        return os.path.isfile(resolve(name))
-    except FileNotFoundError:
-        return False
-
-
-def _chunk_sizes(count: int, size: int) -> list[int]:
-    return [min(size, count - start) for start in range(0, count, size)]
 
 
 def _reasons(dropped: Counter) -> str:

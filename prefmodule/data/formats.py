@@ -25,7 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from prefmodule.data.llamafactory import AlpacaRows, ShareGPTRows, converted
 from prefmodule.data.messages import OPENAI_TAGS, SHAREGPT_TAGS, is_empty, is_messages, type_name
+from prefmodule.data.ratings import RatedRows
 from prefmodule.data.records import (
     Columns, Pair, RowError, Unpaired, field, messages_field, score_field, text_field, tools_field,
 )
@@ -117,9 +119,6 @@ def make_checker(rows: list, format: Format, columns: dict[str, str] | None = No
                  pairs_from_ratings: PairsFromRatings = "best_worst", seed: int = 0):
     """The checker of a dataset whose first rows are ``rows``; ``chat``: whether a chat template is at hand
     (Alpaca rows render through it, else as text)."""
-    from prefmodule.data.llamafactory import AlpacaRows, ShareGPTRows
-    from prefmodule.data.ratings import RatedRows
-
     check_settings(format, columns, tags)
     names = Columns(columns)
     sample = [row for row in rows[:DETECTION_ROWS] if isinstance(row, dict)]
@@ -233,8 +232,6 @@ class UnpairedRows:
 
     def _split_messages(self, row: dict, column: str) -> tuple[list, list]:
         if self.tags is not None:
-            from prefmodule.data.llamafactory import converted
-
             messages = converted(field(row, column), self.tags, column)
         else:
             messages = messages_field(row, column, "unpaired")

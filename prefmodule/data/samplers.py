@@ -21,6 +21,31 @@ from prefmodule.errors import ConfigError
 MEGABATCHES = 64  # length grouping sorts within windows of this many batches, so shuffling still mixes lengths
 
 
+def chunk_sizes(count: int, size: int) -> list[int]:
+    """``count`` items cut into consecutive chunks of ``size`` (the last one shorter)."""
+    return [min(size, count - start) for start in range(0, count, size)]
+
+
+def kl_chunks(group_sizes: list[int], batch_size: int, seed: int,
+              lengths: Sequence[int] | None = None) -> tuple[np.ndarray, list[int], list[int]]:
+    """The training KL chunks: ``(order, chunk sizes, chunks per group)``, each group (consecutive items) in a
+    seeded permutation cut into chunks of ``batch_size``; with ``lengths``, items of similar length are sorted
+    together within windows of ``MEGABATCHES`` chunks, so chunks need less padding."""
+    rng = np.random.default_rng(seed)
+    order, sizes, per_group = [], [], []
+    for start, size in zip(np.cumsum([0] + group_sizes[:-1]), group_sizes):
+        permutation = start + rng.permutation(size)
+        if lengths is not None:
+            lengths = np.asarray(lengths)
+            window = batch_size * MEGABATCHES
+            permutation = np.concatenate([part[np.argsort(-lengths[part], kind="stable")]
+                                          for part in np.split(permutation, range(window, size, window))])
+        order.append(permutation)
+        per_group.append(len(chunk_sizes(size, batch_size)))
+        sizes += chunk_sizes(size, batch_size)
+    return np.concatenate(order), sizes, per_group
+
+
 class EpochSampler(SequentialSampler):
     """The pairs in order, carrying the epoch Lightning sets: the way ``set_epoch`` reaches a batch sampler."""
 
