@@ -114,6 +114,7 @@ def worker(name: str, spec_path: str) -> None:
 
 def run(name: str, spec: dict, work: Path) -> dict:
     spec_path, out = work / f"{name}.spec.json", work / f"{name}.out.json"
+    out.unlink(missing_ok=True)
     spec_path.write_text(json.dumps({**spec, "out": str(out)}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
     subprocess.run([sys.executable, __file__, "--worker", name, "--spec", str(spec_path)], check=True, env=env)
@@ -151,8 +152,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         same = samples["prefmodule"] == samples["trl"]
     else:
         same = None
-    if args.data is None:
-        Path(data).unlink()
+    shutil.rmtree(work)  # the generated file too, unless --data named it
     from benchmark import cpu_name, versions
 
     return {"rows": args.rows, "workers": args.workers, "max_length": args.max_length, "runs": runs,

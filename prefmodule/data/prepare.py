@@ -228,8 +228,10 @@ def _pool(workers: int, encoder: Encoder, limits: Limits, layout: Layout):
     if workers <= 1:
         return _Inline(encoder, limits, layout)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_start_worker,
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_start_worker,
                                initargs=(encoder, limits, layout))
+    pool.submit(int).result()  # start the workers now, before the progress bar starts its thread
+    return pool
 
 
 def _tokenised(chunk: list) -> tuple[dict[str, np.ndarray], list, Counter]:

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import socket
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -225,7 +224,7 @@ def _parquet_rows(path: str) -> Iterator[tuple[int, object]]:
 
 
 def _csv_rows(path: str) -> Iterator[tuple[int, object]]:
-    csv.field_size_limit(sys.maxsize)  # a 10 MB cell is a row, not a crash
+    csv.field_size_limit(2**31 - 1)  # a 10 MB cell is a row, not a crash (the most a C long holds everywhere)
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
         reader = csv.DictReader(handle)
         line = reader.line_num + 1
