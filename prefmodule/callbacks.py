@@ -170,14 +170,16 @@ class FitSummary(Callback):
                 hf_dir += f" (pushed to {push_to_hub(hf_dir, pl_module.push_to_hub)})"
         else:
             hf_dir = "(export_hf disabled)"
-        checkpoint = trainer.checkpoint_callback
-        ckpt = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else ""
+        checkpoints = trainer.checkpoint_callbacks
+        ckpt = next((c.best_model_path for c in checkpoints if c.best_model_path), "") or next(
+            (c.last_model_path for c in checkpoints if c.last_model_path), "")  # the best, else the newest
         metrics = ", ".join(metrics_location(logger) for logger in trainer.loggers) or "(no logger)"
-        accuracy = trainer.callback_metrics.get("val/rewards/accuracies")
-        accuracy = f"{accuracy.item():.3f}" if accuracy is not None else "n/a"
+        name = next((n for n in ("val/rewards/accuracies", "val/loss") if n in trainer.callback_metrics),
+                    "val/rewards/accuracies")
+        value = trainer.callback_metrics.get(name)
         minutes = (time.perf_counter() - self._start) / 60
         rank_zero_info(
-            f"prefmodule: fit done in {minutes:.1f} min | val/rewards/accuracies={accuracy} | "
+            f"prefmodule: fit done in {minutes:.1f} min | {name}={f'{value.item():.3f}' if value is not None else 'n/a'} | "
             f"checkpoint: {ckpt or '(none)'} | HF model: {hf_dir} | metrics: {metrics} | report: {report}"
         )
 
@@ -203,5 +205,8 @@ class PredictionWriter(BasePredictionWriter):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
+        if rows and "preferred" not in rows[0]:  # unpaired rows: a reward each
+            rank_zero_info(f"prefmodule: scored {len(rows)} rows -> {path}")
+            return
         preferred = sum(row["preferred"] == "chosen" for row in rows)
         rank_zero_info(f"prefmodule: scored {len(rows)} pairs ({preferred} prefer chosen) -> {path}")

@@ -136,7 +136,7 @@ def _samples(samples: list[dict]) -> str:
 
     rows = "".join(
         f"<tr><td>{html.escape(row['prompt'])}</td><td>{completion(row)}</td><td>{completion(after.get(index))}</td>"
-        f"<td>{html.escape(row['chosen'])}</td><td>{html.escape(row['rejected'])}</td></tr>"
+        f"<td>{html.escape(row['chosen'] or '')}</td><td>{html.escape(row['rejected'] or '')}</td></tr>"
         for index, row in before.items()
     )
     return (f"<h2>Samples: before (step {first}) vs after (step {last})</h2><table class='samples'><tr><th>prompt</th>"

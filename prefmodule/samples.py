@@ -76,15 +76,25 @@ def generate_samples(trainer: Trainer, module: LightningModule, pairs: list[dict
         completions = _generate(module.policy, tokenizer, pairs, settings, synced=trainer.world_size > 1)
         rewards = _rewards(trainer, module, pairs, completions)
 
-    def text(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
+    def text(ids: list[int] | None) -> str | None:
+        return None if ids is None else tokenizer.decode(ids, skip_special_tokens=True)
 
     return [
         {"step": trainer.global_step, "index": pair["index"], "prompt": text(pair["prompt_ids"]),
          "completion": text(completion), "reward": reward, "chosen": text(pair["chosen_ids"]),
          "rejected": text(pair["rejected_ids"])}
-        for pair, completion, reward in zip(pairs, completions, rewards)
+        for pair, completion, reward in zip(map(as_pair, pairs), completions, rewards)
     ]
+
+
+def as_pair(item: dict) -> dict:
+    """A data item as a pair: an unpaired row's completion is its chosen or its rejected answer (by its label),
+    the other one ``None``."""
+    if "completion_ids" not in item:
+        return item
+    completion = item["completion_ids"]
+    return {"index": item["index"], "prompt_ids": item["prompt_ids"],
+            "chosen_ids": completion if item["label"] else None, "rejected_ids": None if item["label"] else completion}
 
 
 def _generate(policy: nn.Module, tokenizer, pairs: list[dict], settings: SampleSettings, synced: bool) -> list[list[int]]:
@@ -105,10 +115,13 @@ def _generate(policy: nn.Module, tokenizer, pairs: list[dict], settings: SampleS
 
 
 def _rewards(trainer: Trainer, module: LightningModule, pairs: list[dict], completions: list[list[int]]) -> list:
-    """Each completion's implicit reward: the objective run on (completion, rejected) pairs."""
+    """Each completion's implicit reward: the objective run on pairs (completion, the data's rejected answer, or
+    for an unpaired row its completion)."""
     if module.hparams.get("reference") == "precomputed":  # reference log-probs exist for the data's responses only
         return [None] * len(pairs)
-    scored = [{**pair, "chosen_ids": completion} for pair, completion in zip(pairs, completions)]
+    scored = [{"index": pair["index"], "prompt_ids": pair["prompt_ids"], "chosen_ids": completion,
+               "rejected_ids": pair.get("rejected_ids", pair.get("completion_ids"))}
+              for pair, completion in zip(pairs, completions)]
     batch = trainer.strategy.batch_to_device(PreferenceCollator(module.tokenizer.pad_token_id)(scored))
     return module.pair_outputs(batch).chosen_rewards.float().tolist()
 

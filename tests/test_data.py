@@ -9,6 +9,7 @@ import pytest
 from prefmodule.data.datamodule import PreferenceDataModule, split_positions
 from prefmodule.data.formats import DataValidationError, extract_prompt
 from prefmodule.data.tokenize import tokenize_pair, tokenize_pairs
+from prefmodule.errors import ConfigError
 from prefmodule.hf import load_tokenizer
 
 from conftest import TINY_MODEL, read_jsonl, write_jsonl
@@ -63,7 +64,7 @@ def test_every_bad_row_is_named_with_file_line_and_field(tmp_path, caplog):
     assert f"{path}:5: field 'chosen': empty response" in message
     assert f"{path}:6: field 'rejected': identical to chosen" in message
     assert "on_bad_rows: skip" in message
-    assert not (tmp_path / "cache").exists()  # nothing tokenised or cached
+    assert not list((tmp_path / "cache").iterdir())  # nothing cached, not even a partial entry
 
     with caplog.at_level(logging.INFO):
         data = setup_fit(tmp_path, path, on_bad_rows="skip")
@@ -114,23 +115,16 @@ def test_bad_implicit_rows(tmp_path, row, expected):
     assert f"{path}:2: {expected}" in str(pytest.raises(DataValidationError, setup_fit, tmp_path, path).value)
 
 
-def test_bad_data_fails_before_training(tmp_path):
+def test_bad_data_fails_before_training(tmp_path, capsys):
     from prefmodule.cli import main
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {"prompt": "x", "chosen": "y"}])
-    with pytest.raises(DataValidationError, match="bad.jsonl:2: field 'rejected': missing"):
+    with pytest.raises(SystemExit) as exit:
         main(["fit", "--model=prefmodule.ORPOModule", f"--model.model={TINY_MODEL}", f"--data.train={bad}",
               f"--data.cache_dir={tmp_path / 'cache'}", f"--trainer.default_root_dir={tmp_path}",
               "--trainer.max_steps=1"])
-
-
-def test_bad_settings_fail_at_construction():
-    with pytest.raises(ValueError, match="max_prompt_length \\(64\\) must be below max_length \\(64\\)"):
-        PreferenceDataModule(max_length=64, max_prompt_length=64)
-    with pytest.raises(ValueError, match="columns must map dataset columns to distinct"):
-        PreferenceDataModule(columns={"question": "query"})
-    with pytest.raises(ValueError, match="format must be one of"):
-        PreferenceDataModule(format="sharegpt")
+    assert exit.value.code == 2
+    assert "bad.jsonl:2: field 'rejected': missing" in capsys.readouterr().err
 
 
 # ----- formats -----------------------------------------------------------------------------------------
@@ -202,7 +196,7 @@ def test_format_is_detected_from_the_dataset_not_from_a_broken_first_row(tmp_pat
 def test_conversational_data_without_a_chat_template_says_how_to_give_one(tmp_path):
     tokenizer = load_tokenizer(TINY_MODEL)
     tokenizer.chat_template = None
-    with pytest.raises(ValueError, match="conversational data needs a chat template .* set `data.chat_template`"):
+    with pytest.raises(ConfigError, match="conversational data needs a chat template .* set `data.chat_template`"):
         setup_fit(tmp_path, write_jsonl(tmp_path / "chat.jsonl", [GOOD_CHAT]), tokenizer=tokenizer)
 
 
@@ -329,3 +323,12 @@ def test_json_rows_round_trip(tmp_path):
     path.write_text(json.dumps(rows))
     message = str(pytest.raises(DataValidationError, setup_fit, tmp_path, str(path)).value)
     assert f"{path}[row 1]: field 'chosen': expected a string" in message
+
+
+def test_bad_settings_fail_at_construction():
+    with pytest.raises(ConfigError, match="data.max_prompt_length \\(64\\) must be below data.max_length \\(64\\)"):
+        PreferenceDataModule(max_length=64, max_prompt_length=64)
+    with pytest.raises(ConfigError, match="columns must map dataset columns to distinct names"):
+        PreferenceDataModule(columns={"question": "query"})
+    with pytest.raises(ConfigError, match="format must be one of"):
+        PreferenceDataModule(format="sharegpt4")

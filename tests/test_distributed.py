@@ -209,7 +209,8 @@ def test_tied_moe_on_two_processes_stays_tied_resumes_exports_and_agrees_with_on
     sharded = strategy[0] == "--config"
     first, second = tmp_path / "first", tmp_path / "second"
     launch("fit", *common, f"--trainer.default_root_dir={first}", "--trainer.max_steps=2")
-    (saved,) = (first / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt")
+    saved = newest_checkpoint(first)
+    assert saved.name.endswith("step=2.ckpt")
     launch("fit", *common, f"--trainer.default_root_dir={second}", "--trainer.max_steps=4", f"--ckpt_path={saved}",
            *(["--trainer.strategy.save_distributed_checkpoint=false"] if sharded else []))
     for root in (first, second):  # before the first steps and after the resume
@@ -218,7 +219,8 @@ def test_tied_moe_on_two_processes_stays_tied_resumes_exports_and_agrees_with_on
             assert report == {"tied": True, "sharded": sharded, "optimized_once": 1}
 
     log_dir = second / "lightning_logs" / "version_0"
-    (ckpt,) = (log_dir / "checkpoints").glob("*.ckpt")
+    ckpt = newest_checkpoint(second)
+    assert ckpt.name.endswith("step=4.ckpt") and ckpt.parent == log_dir / "checkpoints"
     policy = {k.removeprefix("policy."): v for k, v in torch.load(ckpt, weights_only=False)["state_dict"].items()
               if k.startswith("policy.")}
     assert "lm_head.weight" not in load_file(log_dir / "hf_model" / "model.safetensors")  # saved once, as tied

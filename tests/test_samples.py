@@ -98,7 +98,7 @@ def test_samples_leave_a_seeded_run_unchanged(tmp_path, small_data):
         L.Trainer(default_root_dir=root, max_steps=4, val_check_interval=2, enable_progress_bar=False,
                   enable_model_summary=False, callbacks=[modes], logger=False, enable_checkpointing=False).fit(
             module, datamodule=PreferenceDataModule(train=small_data[0], val=small_data[1], batch_size=8))
-        assert modes.seen == [(True, False)] * 4
+        assert modes.seen == [(True, True)] * 4  # train mode; use_cache as the model has it (generate turns it on)
         weights[samples is not None] = {name: p.detach().clone() for name, p in module.policy.named_parameters()}
         rng[samples is not None] = torch.random.get_rng_state()
     for name, weight in weights[False].items():

@@ -1,4 +1,5 @@
-"""Batching pairs: chosen sequences first, then rejected, right-padded or packed into one row."""
+"""Batching: pairs (chosen sequences first, then rejected) or unpaired rows (completions first, then KL
+completions), right-padded or packed into one row."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ from prefmodule.logps import IGNORE_INDEX
 
 
 class PreferenceCollator:
-    """Turns tokenised pairs into a batch for :meth:`PreferenceModule.sequence_stats`.
+    """Turns tokenised items into a batch for :meth:`PreferenceModule.sequence_stats`.
 
-    Padded (default): ``input_ids``, ``attention_mask`` and ``labels`` of shape ``[2 * pairs, T]``,
-    padded to the longest row of the batch (optionally rounded up to ``pad_to_multiple_of``).
-    ``padding_free``: the ``2 * pairs`` sequences back to back in one row, ``[1, N]``, with
-    ``position_ids`` restarting at 0 per sequence, ``sequence_ids`` naming each token's sequence and
-    an all-ones ``attention_mask``. ``labels`` hold the response ids and ``-100`` on prompt and padding;
-    ``index`` is each pair's row number.
+    Pairs (``n`` of them): sequences ``0..n-1`` are prompt + chosen, ``n..2n-1`` prompt + rejected.
+    Unpaired rows (items with ``completion_ids``): sequences ``0..n-1`` are prompt + completion and, when the
+    items carry ``kl_completion_ids``, ``n..2n-1`` prompt + KL completion; plus ``label`` (bool ``[n]``). So
+    ``SequenceStats.split()`` gives (chosen, rejected) for pairs and (completions, KL completions) for rows.
+
+    Padded (default): ``input_ids``, ``attention_mask`` and ``labels`` of shape ``[sequences, T]``, padded to
+    the longest row of the batch (optionally rounded up to ``pad_to_multiple_of``). ``padding_free``: the
+    sequences back to back in one row, ``[1, N]``, with ``position_ids`` restarting at 0 per sequence,
+    ``sequence_ids`` naming each token's sequence and an all-ones ``attention_mask``. ``labels`` hold the
+    response ids and ``-100`` on prompt and padding; ``index`` is each item's row number, and
+    ``score_chosen``/``score_rejected`` (float ``[n]``) come along when the data rates its pairs.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_free: bool = False):
@@ -23,11 +29,19 @@ class PreferenceCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_free = padding_free
 
-    def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
-        sequences = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs]
-        sequences += [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        first, second = ("completion_ids", "kl_completion_ids") if "completion_ids" in items[0] else (
+            "chosen_ids", "rejected_ids")
+        sequences = [(item["prompt_ids"], item[first]) for item in items]
+        if second in items[0]:
+            sequences += [(item["prompt_ids"], item[second]) for item in items]
         batch = self._pack(sequences) if self.padding_free else self._pad(sequences)
-        batch["index"] = torch.tensor([p["index"] for p in pairs])
+        batch["index"] = torch.tensor([item["index"] for item in items])
+        if "label" in items[0]:
+            batch["label"] = torch.tensor([item["label"] for item in items], dtype=torch.bool)
+        if "score_chosen" in items[0]:
+            for key in ("score_chosen", "score_rejected"):
+                batch[key] = torch.tensor([item[key] for item in items], dtype=torch.float32)
         return batch
 
     def _pad(self, sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:

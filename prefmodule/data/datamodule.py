@@ -1,11 +1,11 @@
-"""``PreferenceDataModule``: preference pairs from files or the Hub, validated, tokenised, cached and batched."""
+"""``PreferenceDataModule``: preference data from files or the Hub, validated, tokenised, cached and batched."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
@@ -14,37 +14,52 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from prefmodule.data import cache
+from prefmodule.data.checks import check_arguments
 from prefmodule.data.collate import PreferenceCollator
-from prefmodule.data.dataset import PairDataset
-from prefmodule.data.formats import BadRow, DataValidationError, Format, check_settings, describe, read_rows
-from prefmodule.data.samplers import EpochSampler, PairBatchSampler, ResumableLoader
+from prefmodule.data.dataset import PairDataset, Table, UnpairedDataset
+from prefmodule.data.formats import (
+    DETECTION_ROWS, BadRow, DataValidationError, Format, PairsFromRatings, describe, make_checker,
+)
+from prefmodule.data.mixture import Mixture, SourceGroup
+from prefmodule.data.prepare import Settings, prepare
+from prefmodule.data.samplers import (
+    ChunkBatchSampler, EpochSampler, PairBatchSampler, ResumableLoader, chunk_sizes, kl_chunks,
+)
 from prefmodule.data.sources import find_sources
-from prefmodule.data.tokenize import TruncationMode, tokenize_pairs
+from prefmodule.data.tokenize import Encoder, TruncationMode
+from prefmodule.errors import ConfigError, DataError
 from prefmodule.hf import load_tokenizer
 from prefmodule.paths import resolve
 
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+DataSpec = str | list[str | dict[str, Any]] | dict[str, Any] | None
 
 
 class PreferenceDataModule(LightningDataModule):
-    """Preference pairs from local files or a Hugging Face dataset, checked row by row before training.
+    """Preference data from local files or a Hugging Face dataset, checked row by row before training.
 
     Data (``train``, ``val``, ``test``, ``predict``): a ``.jsonl``, ``.json``, ``.parquet`` or ``.csv`` file,
     a glob (``data/*.parquet``), a list of these, or a Hub dataset ``owner/name`` with optional
-    ``?split=...&subset=...&revision=...`` (split defaults to ``train`` for ``train``, ``test`` otherwise).
-    Formats (SPEC.md §7): standard, conversational, implicit prompt (see ``format``).
+    ``?split=...&subset=...&revision=...`` (split defaults to ``train`` for ``train``, ``test`` otherwise); or a
+    list of ``{path, weight, format, columns, tags, pairs_from_ratings}`` sources, each read with its own
+    settings and, with weights, drawn by weight every training epoch (see :mod:`prefmodule.data.mixture`).
 
-    Each batch holds ``index``, every pair's row number among all rows of its split's files (bad and
-    dropped rows included), so results map back to the data.
+    What a batch holds follows the module being trained: pairs (DPO, ORPO, SimPO, ...), or, for a module with
+    ``unpaired = True`` (KTO), unpaired rows (a paired file gives two rows per pair), with a KL completion per
+    row when the module's ``kl_completions`` is True. See :class:`~prefmodule.data.collate.PreferenceCollator`.
+
+    Each batch holds ``index``, every item's row number among all rows of its split's sources (bad and dropped
+    rows included), so results map back to the data; an unpaired row made of a pair's rejected response has
+    ``index`` = the split's rows read + its row number.
 
     Args:
         train: training data.
-        val: held-out data; without it, ``val_fraction`` of ``train`` is split off (seeded).
+        val: held-out data; without it, ``val_fraction`` of ``train`` is split off (seeded, by row).
         test: data for ``test``; defaults to ``val``.
         predict: data for ``predict``; defaults to ``val``.
         val_fraction: share of ``train`` held out when ``val`` is not given (0 = no validation).
-        seed: seed of that split and of the training order.
-        batch_size: pairs per training batch and device (each pair is two sequences).
+        seed: seed of that split, of the training order, of KL chunks and of ``best_random`` pairs.
+        batch_size: pairs (or unpaired rows) per training batch and device.
         eval_batch_size: pairs per evaluation batch; defaults to ``batch_size``.
         max_length: most tokens of ``prompt + response``; longer responses are cut at the end, and a pair whose
             prompt leaves no room for a response is dropped (and counted).
@@ -52,13 +67,10 @@ class PreferenceDataModule(LightningDataModule):
         on_bad_rows: ``error`` stops before training on any malformed row (listing the first 20 by file, line or
             row, and field), ``skip`` trains on the good rows and reports the same list.
         num_workers: DataLoader worker processes.
-        format: ``auto`` (detected from the first row), ``standard`` (text ``prompt``/``chosen``/``rejected``),
-            ``conversational`` (lists of ``{role, content}`` messages, rendered with the chat template), or
-            ``implicit`` (whole texts or dialogues in ``chosen``/``rejected``; the prompt is their common
-            beginning, HH ``\\n\\nHuman: ... \\n\\nAssistant:`` dialogues split at the last assistant turn).
-        columns: the dataset's column names for ``prompt``/``chosen``/``rejected``, e.g. ``{question: prompt}``.
-        chat_template: Jinja chat template for conversational data instead of the tokenizer's: the template
-            itself, or the path of a file holding it.
+        format: ``auto`` (detected from the first rows), ``standard``, ``conversational``, ``implicit``,
+            ``sharegpt``, ``alpaca``, ``ratings`` or ``unpaired`` (see :mod:`prefmodule.data.formats`).
+        columns: the dataset's column names for ours, e.g. ``{question: prompt, kto_tag: label}``.
+        chat_template: Jinja chat template instead of the tokenizer's: the template itself, or a file holding it.
         max_prompt_length: most prompt tokens; a longer prompt is cut as ``truncation_mode`` says.
         truncation_mode: which end of a long prompt is kept: ``keep_end`` (the turn nearest the response; BOS
             stays first) or ``keep_start``.
@@ -69,14 +81,19 @@ class PreferenceDataModule(LightningDataModule):
         pad_to_multiple_of: round the padded width up to a multiple of this.
         cache_dir: where tokenised data is cached (default ``~/.cache/prefmodule/data``), keyed by the data's
             content, the tokenizer and these settings.
+        tags: ShareGPT key and role names, LLaMA-Factory's ``tags`` (``{role_tag: from, user_tag: human, ...}``).
+        pairs_from_ratings: how rated completions become a pair: ``best_worst`` or ``best_random``.
+        unpaired: batches of unpaired rows (True) or pairs (False); default: the module's ``unpaired``.
+        kl_completions: unpaired rows carry KL completions; default: the module's ``kl_completions``.
+        tokenize_workers: threads tokenising in parallel (default: the usable cores, at most 8).
     """
 
     def __init__(
         self,
-        train: str | list[str] | None = None,
-        val: str | list[str] | None = None,
-        test: str | list[str] | None = None,
-        predict: str | list[str] | None = None,
+        train: DataSpec = None,
+        val: DataSpec = None,
+        test: DataSpec = None,
+        predict: DataSpec = None,
         val_fraction: float = 0.0,
         seed: int = 42,
         batch_size: int = 8,
@@ -94,27 +111,18 @@ class PreferenceDataModule(LightningDataModule):
         padding_free: bool | None = None,
         pad_to_multiple_of: int | None = None,
         cache_dir: str | None = None,
+        tags: dict[str, str] | None = None,
+        pairs_from_ratings: PairsFromRatings = "best_worst",
+        unpaired: bool | None = None,
+        kl_completions: bool | None = None,
+        tokenize_workers: int | None = None,
     ):
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
-                            ("max_length", max_length), ("max_prompt_length", max_prompt_length),
-                            ("pad_to_multiple_of", pad_to_multiple_of)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
-            raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length}), "
-                             "or no response would fit")
-        if on_bad_rows not in ("error", "skip"):
-            raise ValueError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}")
-        if truncation_mode not in ("keep_end", "keep_start"):
-            raise ValueError(f"truncation_mode must be 'keep_end' or 'keep_start', got {truncation_mode!r}")
-        check_settings(format, columns)
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["tokenizer"] if isinstance(tokenizer, PreTrainedTokenizerBase) else None)
+        self.groups = check_arguments(self.hparams, tokenizer)
         self.tokenizer = tokenizer
-        self.datasets: dict[str, PairDataset | list] = {}
-        self._loaded: dict[str, PairDataset] = {}  # by cache key: each source is read and reported once
+        self.datasets: dict[str, PairDataset | UnpairedDataset | list] = {}
+        self._loaded: dict[str, Table] = {}  # by cache key: each source is read and reported once
 
     def resolve_tokenizer(self) -> PreTrainedTokenizerBase:
         """The given tokenizer, else the one of the module being trained."""
@@ -123,20 +131,41 @@ class PreferenceDataModule(LightningDataModule):
         if self.tokenizer is not None:
             self.tokenizer = load_tokenizer(self.tokenizer)
             return self.tokenizer
-        module = self.trainer.lightning_module if self.trainer is not None else None
+        module = self._module()
         if module is None or getattr(module, "tokenizer", None) is None:
-            raise ValueError("PreferenceDataModule needs a tokenizer: pass `tokenizer=` or attach it to a Trainer "
-                             "with a prefmodule module.")
+            raise ConfigError("PreferenceDataModule needs a tokenizer: pass `tokenizer=` or attach it to a Trainer "
+                              "with a prefmodule module.")
         self.tokenizer = module.tokenizer
         return self.tokenizer
 
-    # ----- Lightning hooks ---------------------------------------------------------------------------
+    # ----- what the module being trained asks for --------------------------------------------------------------
+    def _module(self):
+        return self.trainer.lightning_module if self.trainer is not None else None
+
+    def unpaired(self) -> bool:
+        """Whether items are unpaired rows: ``unpaired``, or when unset, the trained module's ``unpaired``."""
+        if self.hparams.unpaired is not None:
+            return self.hparams.unpaired
+        return bool(getattr(self._module(), "unpaired", False))
+
+    def kl_completions(self) -> bool:
+        if self.hparams.kl_completions is not None:
+            return self.hparams.kl_completions
+        return bool(getattr(self._module(), "kl_completions", False))
+
+    def packs(self) -> bool:
+        """Whether batches are packed: ``padding_free``, or when unset, what the trained module's models allow."""
+        if self.hparams.padding_free is not None:
+            return self.hparams.padding_free
+        return bool(getattr(self._module(), "packed_attention", False))
+
+    # ----- Lightning hooks ---------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         """Read, validate, tokenise and cache the data of the current stage, once per node, before ``setup``."""
         if self.trainer is not None and self.trainer.state.fn is not None:
             for split in STAGE_SPLITS[self.trainer.state.fn.value]:
                 if found := self._data_of(split):
-                    self._load(*found)
+                    self._tables(*found, self._items_unpaired(*found, split))
 
     def setup(self, stage: str) -> None:
         for split in STAGE_SPLITS[stage]:
@@ -161,118 +190,161 @@ class PreferenceDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
 
-    # ----- data ----------------------------------------------------------------------------------------
-    def _data_of(self, split: str) -> tuple[str | list[str], str] | None:
-        """What ``split`` is read from: ``(data, "train")`` when it is (part of) the training data."""
-        hp = self.hparams
-        data = {"train": hp.train, "val": hp.val, "test": hp.test or hp.val, "predict": hp.predict or hp.val}[split]
-        if data is not None:
+    # ----- data --------------------------------------------------------------------------------------------
+    def _data_of(self, split: str) -> tuple[list[SourceGroup], str] | None:
+        """What ``split`` is read from: ``(groups, "train")`` when it is (part of) the training data."""
+        groups = self.groups
+        data = {"train": groups["train"], "val": groups["val"], "test": groups["test"] or groups["val"],
+                "predict": groups["predict"] or groups["val"]}[split]
+        if data:
             return data, split
         if split != "train" and self._holds_out():
-            return hp.train, "train"
+            return groups["train"], "train"
         return None
 
     def _holds_out(self) -> bool:
-        return self.hparams.val_fraction > 0 and not self.hparams.val and self.hparams.train is not None
+        return self.hparams.val_fraction > 0 and not self.groups["val"] and bool(self.groups["train"])
 
-    def _dataset(self, split: str, optional: bool = False) -> PairDataset | list:
+    def _dataset(self, split: str, optional: bool = False) -> PairDataset | UnpairedDataset | list:
         hp = self.hparams
         found = self._data_of(split)
         if found is None:
             if optional:
                 return []
             if split == "train":
-                raise ValueError("`fit` needs training data: set `data.train`.")
-            raise ValueError(f"no {split} data: set `data.{split}`" + ("" if split == "val" else " or `data.val`")
-                             + " (or `data.val_fraction` with `data.train`)")
-        dataset = self._load(*found)
-        if found[1] != "train" or not self._holds_out():
-            return dataset
-        kept, held = split_positions(len(dataset), hp.val_fraction, hp.seed)
-        if split == "train":
-            rank_zero_info(f"prefmodule data: {len(held)} pairs of train held out for validation "
-                           f"(val_fraction={hp.val_fraction}, seed={hp.seed}), {len(kept)} left to train on")
-        return dataset.select(kept if split == "train" else held)
+                raise ConfigError("`fit` needs training data: set `data.train`.")
+            raise ConfigError(f"no {split} data: set `data.{split}`" + ("" if split == "val" else " or `data.val`")
+                              + " (or `data.val_fraction` with `data.train`)")
+        dataset = self._assemble(*found, split)
+        if found[1] == "train" and self._holds_out():
+            kept, held = holdout(dataset, hp.val_fraction, hp.seed)
+            if split == "train":
+                rank_zero_info(f"prefmodule data: {len(held)} items of train held out for validation "
+                               f"(val_fraction={hp.val_fraction}, seed={hp.seed}), {len(kept)} left to train on")
+            dataset = dataset.select(kept if split == "train" else held)
+            if not len(dataset):
+                raise DataError(f"{split}: no item left after holding out val_fraction={hp.val_fraction} of train "
+                                f"({len(kept) + len(held)} items)")
+        if isinstance(dataset, UnpairedDataset) and self.kl_completions():
+            dataset = self._with_kl_chunks(dataset, split)
+        return dataset
 
-    def _load(self, data: str | list[str], split: str) -> PairDataset:
-        """All pairs of ``data``: from the cache, or read, validated, tokenised and cached."""
+    def _assemble(self, groups: list[SourceGroup], kind: str, split: str) -> PairDataset | UnpairedDataset:
+        """The split's dataset over its groups' tables, with row numbers running across groups."""
+        unpaired = self._items_unpaired(groups, kind, split)
+        tables = self._tables(groups, kind, unpaired)
+        rows = np.cumsum([0] + [t.split_rows for t in tables])
+        tables = [Table(t.arrays, int(offset), int(rows[-1])) for t, offset in zip(tables, rows)]
+        if unpaired:
+            return UnpairedDataset(tables, max_length=self.hparams.max_length)
+        return PairDataset(tables)
+
+    def _items_unpaired(self, groups: list[SourceGroup], kind: str, split: str) -> bool:
+        """Unpaired items for an unpaired module, except on a predict file of pairs: it stays pairs, so predict
+        says which answer the model prefers."""
+        return self.unpaired() and not (split == "predict" and not self._unpaired_data(groups, kind))
+
+    def _unpaired_data(self, groups: list[SourceGroup], kind: str) -> bool:
+        """Whether ``groups`` hold unpaired rows (a predict file of pairs stays pairs for an unpaired module)."""
+        found = set()
+        for group in groups:
+            settings = group.settings(self._settings_defaults())
+            rows = [row for source in find_sources(list(group.names), kind)
+                    for _, row in itertools.islice(source.rows(), DETECTION_ROWS)]
+            checker = make_checker(rows, settings["format"], settings["columns"], settings["tags"])
+            found.add(checker.unpaired)
+        if len(found) > 1:
+            raise ConfigError("data.predict: mixes paired and unpaired sources; predict on one kind at a time")
+        return found.pop()
+
+    def _settings_defaults(self) -> dict:
+        hp = self.hparams
+        return {"format": hp.format, "columns": hp.columns, "tags": hp.tags, "pairs_from_ratings": hp.pairs_from_ratings}
+
+    def _tables(self, groups: list[SourceGroup], kind: str, unpaired: bool) -> list[Table]:
+        return [self._table(group, kind, unpaired) for group in groups]
+
+    def _table(self, group: SourceGroup, kind: str, unpaired: bool) -> Table:
+        """One group's tokenised items: from the cache, or read, validated, tokenised and cached."""
         hp = self.hparams
         tokenizer = self.resolve_tokenizer()
-        sources = find_sources(data, "train" if split == "train" else "test")
+        sources = find_sources(list(group.names), "train" if kind == "train" else "test")
         chat_template = self._chat_template()
-        key = cache.cache_key(
-            sources=[source.fingerprint() for source in sources],
-            tokenizer=cache.tokenizer_fingerprint(tokenizer, chat_template),
-            format=hp.format, columns=hp.columns, max_length=hp.max_length, max_prompt_length=hp.max_prompt_length,
-            truncation_mode=hp.truncation_mode,
-        )
+        options = group.settings(self._settings_defaults())
+        seed = hp.seed if options["pairs_from_ratings"] == "best_random" else 0  # only a random draw depends on it
+        settings = Settings(**options, seed=seed, max_length=hp.max_length,
+                            max_prompt_length=hp.max_prompt_length, truncation_mode=hp.truncation_mode,
+                            unpaired=unpaired)
+        key = cache.cache_key(sources=[source.fingerprint() for source in sources],
+                              tokenizer=cache.tokenizer_fingerprint(tokenizer, chat_template), **vars(settings))
         if key in self._loaded:
             return self._loaded[key]
         cache_dir = hp.cache_dir or cache.DEFAULT_DIR
         found = cache.load(cache_dir, key)
         if isinstance(found, tuple):
-            dataset, meta = found
+            arrays, meta = found
             status = f"cache hit: {Path(cache_dir).expanduser() / key}"
         else:
             if found != "miss":
-                rank_zero_warn(f"prefmodule data: cached {split} data {found}; tokenising again")
-            dataset, meta = self._tokenize(sources, tokenizer, chat_template, split)
-            try:
-                status = f"cache miss, saved to {cache.save(cache_dir, key, dataset, meta)}"
-            except OSError as error:
-                status = f"cache miss, not saved ({error})"
-        self._report(split, data, meta, dataset, status)
-        self._loaded[key] = dataset
-        return dataset
+                rank_zero_warn(f"prefmodule data: cached {group.label} data {found}; tokenising again")
+            arrays, meta, status = self._tokenize(sources, settings, Encoder(tokenizer, chat_template), group.label,
+                                                  cache_dir, key)
+        table = Table(arrays, 0, meta["rows"])
+        self._report(kind, group, meta, table, unpaired, status)
+        self._loaded[key] = table
+        return table
 
-    def _tokenize(self, sources, tokenizer, chat_template: str | None, split: str) -> tuple[PairDataset, dict]:
+    def _tokenize(self, sources, settings: Settings, encoder: Encoder, label: str, cache_dir: str, key: str):
+        """Stream the rows into a new cache entry; where it cannot be written, into memory for this run."""
         hp = self.hparams
-        rows = read_rows(sources, hp.format, hp.columns)
-        if rows.bad and hp.on_bad_rows == "error":
-            raise DataValidationError(rows.bad, rows.total)
-        if not rows.index:
-            raise ValueError(f"{split}: no usable rows ({rows.total} read) in {[s.label for s in sources]}")
-        if rows.conversational and not (chat_template or tokenizer.chat_template):
-            raise ValueError(f"{split}: conversational data needs a chat template and the tokenizer has none; "
-                             "set `data.chat_template` (Jinja text or a .jinja file).")
-        rank_zero_info(f"prefmodule data: {split}: tokenising {len(rows.index)} pairs (cached for the next run)")
-        dropped = Counter()
+        module = self._module()
+        objective = type(module).__name__ if module is not None else "a paired objective"
 
-        def kept():
-            results = tokenize_pairs(tokenizer, rows.prompt, rows.chosen, rows.rejected, hp.max_length,
-                                     hp.max_prompt_length, hp.truncation_mode, chat_template)
-            for index, result in zip(rows.index, results):
-                if isinstance(result, str):
-                    dropped[result] += 1
-                else:
-                    yield index, result
+        def run(columns):
+            try:
+                meta = prepare(sources, settings, encoder, columns, label, hp.on_bad_rows, hp.tokenize_workers,
+                               objective)
+                return columns.finish(meta), meta
+            except BaseException:
+                columns.abort()
+                raise
 
-        dataset = PairDataset.from_pairs(kept())
-        if not len(dataset):
-            raise ValueError(f"{split}: no pair left after tokenisation (max_length={hp.max_length}, "
-                             f"max_prompt_length={hp.max_prompt_length})")
-        meta = {"rows": rows.total, "format": rows.format, "conversational": rows.conversational,
-                "bad": [asdict(b) for b in rows.bad], "dropped": dict(dropped)}
-        return dataset, meta
+        try:
+            arrays, meta = run(cache.EntryWriter(cache_dir, key))
+            return arrays, meta, f"cache miss, saved to {Path(cache_dir).expanduser() / key}"
+        except cache.CacheWriteError as error:
+            rank_zero_warn(f"prefmodule data: {error}; tokenising {label} into memory for this run (set "
+                           "`data.cache_dir` to a writable folder with space to keep it)")
+            arrays, meta = run(cache.MemoryColumns())
+            return arrays, meta, f"cache miss, not saved ({error})"
 
-    def _report(self, split: str, data, meta: dict, dataset: PairDataset, status: str) -> None:
-        """The start summary; raises on bad rows stored in a cache entry when ``on_bad_rows`` is ``error``."""
+    def _report(self, kind: str, group: SourceGroup, meta: dict, table: Table, unpaired: bool, status: str) -> None:
+        """The start summary of a source group; raises on bad rows stored in a cache entry when ``on_bad_rows``
+        is ``error``."""
         bad = [BadRow(**b) for b in meta["bad"]]
         if bad and self.hparams.on_bad_rows == "error":
-            raise DataValidationError(bad, meta["rows"])
-        dropped = Counter(b.kind for b in bad) + Counter(meta["dropped"])
-        reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.most_common())
-        reasons = f", {sum(dropped.values())} dropped ({reasons})" if dropped else ""
+            raise DataValidationError(bad, meta["rows"], meta["bad_count"])
+        if not len(table):
+            raise DataError(f"{kind}: no usable row in {group.label} ({meta['rows']} read"
+                            f"{_reasons(Counter(meta['dropped']))}; max_length={self.hparams.max_length}, "
+                            f"max_prompt_length={self.hparams.max_prompt_length})")
+        dataset = UnpairedDataset(table, max_length=self.hparams.max_length) if unpaired else PairDataset(table)
         lengths = dataset.lengths()
         p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).round().astype(int)
-        kind = meta["format"] + (" (messages)" if meta["format"] == "implicit" and meta["conversational"] else "")
-        rank_zero_info(
-            f"prefmodule data: {split} <- {data} ({kind} format): {meta['rows']} rows read, {len(dataset)} pairs "
-            f"kept{reasons}; tokens per pair (prompt + longer response) p50={p50} p90={p90} p99={p99} "
-            f"max={lengths.max()}; {status}"
-        )
+        weight = f", weight {group.weight:g}" if group.weight is not None else ""
+        if unpaired and not meta["format"].startswith("unpaired"):
+            weight += ", each pair as two unpaired rows"
+        if unpaired:
+            desirable = int(dataset.labels().sum())
+            kept = (f"{len(table)} unpaired rows kept ({desirable} desirable, {len(table) - desirable} undesirable)"
+                    f"{_reasons(Counter(meta['dropped']))}; tokens per row (prompt + completion)")
+        else:
+            kept = f"{len(table)} pairs kept{_reasons(Counter(meta['dropped']))}; tokens per pair (prompt + longer response)"
+        rank_zero_info(f"prefmodule data: {kind} <- {group.label} ({meta['format']} format{weight}): {meta['rows']} "
+                       f"rows read, {kept} p50={p50} p90={p90} p99={p99} max={lengths.max()}; {status}")
         if bad:
-            rank_zero_info(f"prefmodule data: skipped {len(bad)} bad rows of {split}:\n  {describe(bad)}")
+            rank_zero_info(f"prefmodule data: skipped {meta['bad_count']} bad rows of {kind}:\n  "
+                           f"{describe(bad, meta['bad_count'])}")
 
     def _chat_template(self) -> str | None:
         """The ``chat_template`` setting as Jinja text: given inline, or read from the file it names."""
@@ -281,27 +353,65 @@ class PreferenceDataModule(LightningDataModule):
             return template
         return Path(resolve(template)).read_text()
 
-    def packs(self) -> bool:
-        """Whether batches are packed: ``padding_free``, or when unset, what the trained module's models allow."""
-        if self.hparams.padding_free is not None:
-            return self.hparams.padding_free
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return bool(getattr(module, "packed_attention", False))
+    def _with_kl_chunks(self, dataset: UnpairedDataset, split: str) -> UnpairedDataset:
+        """KL partners fixed now (so a precomputed reference pass scores them): training chunks of ``batch_size``
+        over a seeded permutation of each weighted source group (of all rows without weights), evaluation chunks
+        of ``eval_batch_size`` in file order."""
+        hp = self.hparams
+        if split != "train":
+            size = hp.eval_batch_size or hp.batch_size
+            return dataset.with_kl_chunks(np.arange(len(dataset)), chunk_sizes(len(dataset), size))
+        sizes = dataset.group_sizes() if self._weights("train") is not None else [len(dataset)]
+        lengths = dataset.lengths() if hp.group_by_length else None
+        return dataset.with_kl_chunks(*kl_chunks(sizes, hp.batch_size, hp.seed, lengths))
+
+    def _weights(self, split: str) -> list[float] | None:
+        groups = self.groups["train"] if split == "train" else []
+        return [g.weight for g in groups] if groups and groups[0].weight is not None else None
 
     def _loader(self, split: str) -> DataLoader:
         hp = self.hparams
         dataset = self.datasets[split]
         size = hp.batch_size if split == "train" else (hp.eval_batch_size or hp.batch_size)
         shard = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
-        batches = PairBatchSampler(
-            EpochSampler(dataset), size, lengths=dataset.lengths() if hp.group_by_length else None,
-            shuffle=split == "train", seed=hp.seed, num_replicas=shard.get("num_replicas", 1), rank=shard.get("rank", 0),
-        )
+        ranks = dict(num_replicas=shard.get("num_replicas", 1), rank=shard.get("rank", 0))
+        weights = self._weights(split) if split == "train" else None
+        if getattr(dataset, "chunk_sizes", None) is not None:
+            mixture = Mixture(dataset.chunks_per_group, weights) if weights else None
+            batches = ChunkBatchSampler(EpochSampler(dataset), dataset.chunk_sizes, shuffle=split == "train",
+                                        seed=hp.seed, mixture=mixture, **ranks)
+        else:
+            mixture = Mixture(dataset.group_sizes(), weights) if weights else None
+            batches = PairBatchSampler(EpochSampler(dataset), size, lengths=dataset.lengths() if hp.group_by_length
+                                       else None, shuffle=split == "train", seed=hp.seed, mixture=mixture, **ranks)
+        if mixture is not None and split == "train":
+            self._report_mixture(mixture)
         return ResumableLoader(
             dataset, batch_sampler=batches, num_workers=hp.num_workers,
-            collate_fn=PreferenceCollator(self.tokenizer.pad_token_id, hp.pad_to_multiple_of, self.packs()),
+            collate_fn=PreferenceCollator(self.resolve_tokenizer().pad_token_id, hp.pad_to_multiple_of, self.packs()),
             persistent_workers=hp.num_workers > 0,
         )
+
+    def _report_mixture(self, mixture: Mixture) -> None:
+        parts = [f"{group.label} {quota} of {size} (weight {group.weight:g}"
+                 + (f", {quota / size:.1f} passes)" if size and quota > size else ")")
+                 for group, quota, size in zip(self.groups["train"], mixture.quotas(), mixture.sizes)]
+        unit = "batches" if self.kl_completions() and self.unpaired() else "items"
+        rank_zero_info(f"prefmodule data: train mixture, {unit} per epoch: " + "; ".join(parts))
+
+
+# ----- helpers ----------------------------------------------------------------------------------------------
+def holdout(dataset, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(kept, held_out)`` positions: a seeded share of the dataset's source rows (both rows of a pair split
+    into unpaired rows land on the same side)."""
+    rows = dataset.column("index")
+    if isinstance(dataset, UnpairedDataset):  # a pair's rejected row has index = rows read + its row
+        read = dataset.tables[0].split_rows
+        rows = np.where(rows >= read, rows - read, rows)
+    unique, owner = np.unique(rows, return_inverse=True)
+    _, held_rows = split_positions(len(unique), fraction, seed)
+    held = np.isin(owner, held_rows)
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 def split_positions(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -309,3 +419,9 @@ def split_positions(count: int, fraction: float, seed: int) -> tuple[np.ndarray,
     order = np.random.default_rng(seed).permutation(count)
     held = max(1, round(fraction * count))
     return np.sort(order[held:]), np.sort(order[:held])
+
+
+def _reasons(dropped: Counter) -> str:
+    if not dropped:
+        return ""
+    return f", {sum(dropped.values())} dropped ({', '.join(f'{n} {reason}' for reason, n in dropped.most_common())})"

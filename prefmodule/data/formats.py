@@ -1,30 +1,49 @@
-"""Preference rows in the formats people already have (SPEC.md §7), validated before training starts.
+"""Preference rows in the formats people already have, validated before anything is tokenised.
 
-- ``standard``: ``prompt``, ``chosen``, ``rejected`` strings.
-- ``conversational``: the same three as lists of ``{"role", "content"}`` messages (system messages included).
+Paired (each row becomes a :class:`~prefmodule.data.records.Pair`):
+- ``standard``: ``prompt``, ``chosen``, ``rejected`` strings (optional ``score_chosen``/``score_rejected``).
+- ``conversational``: the same three as lists of ``{"role", "content"}`` messages (system messages, tool calls
+  and tool results included; a ``tools`` column goes to the chat template).
 - ``implicit``: only ``chosen`` and ``rejected``, each the whole text or dialogue; the prompt is their longest
   common prefix (TRL's ``extract_prompt``), and Anthropic HH-style ``\\n\\nHuman: ... \\n\\nAssistant:`` texts are
   split at the last assistant turn.
+- ``sharegpt``, ``alpaca``: LLaMA-Factory's and axolotl's (see :mod:`prefmodule.data.llamafactory`).
+- ``ratings``: several rated completions per prompt, turned into a pair (see :mod:`prefmodule.data.ratings`).
 
-``auto`` detects the format from the dataset's first row, as TRL does (no ``prompt``, or a text prompt with
-message responses, means implicit); every row is then checked against it. A row that cannot be used is
-reported with its file, line or row, and field; nothing is dropped silently.
+Unpaired (each row becomes an :class:`~prefmodule.data.records.Unpaired` row), ``unpaired``:
+``prompt``, ``completion`` (texts or messages) and ``label``; or ``messages`` and ``label``, the last
+message being the (assistant) completion, as LLaMA-Factory's KTO files (``columns: {kto_tag: label}``).
+
+``auto`` detects the format from the dataset's first rows (up to 1,000) by the columns they have; every row
+is then checked against it. A row that cannot be used is reported with its file, line or row, and field;
+nothing is dropped silently.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from prefmodule.data.sources import BrokenJSON, Source
-from prefmodule.errors import DataError
+from prefmodule.data.llamafactory import AlpacaRows, ShareGPTRows, converted
+from prefmodule.data.messages import OPENAI_TAGS, SHAREGPT_TAGS, is_empty, is_messages, type_name
+from prefmodule.data.ratings import RatedRows
+from prefmodule.data.records import (
+    Columns, Pair, RowError, Unpaired, field, messages_field, score_field, text_field, tools_field,
+)
+from prefmodule.data.sources import BrokenRow
+from prefmodule.errors import ConfigError, DataError
 
-Format = Literal["auto", "standard", "conversational", "implicit"]
+Format = Literal["auto", "standard", "conversational", "implicit", "sharegpt", "alpaca", "ratings", "unpaired"]
 FORMATS = Format.__args__
-FIELDS = ("prompt", "chosen", "rejected")
+PairsFromRatings = Literal["best_worst", "best_random"]
+COLUMN_TARGETS = ("prompt", "chosen", "rejected", "completion", "label", "messages", "conversations", "system",
+                  "tools", "instruction", "input", "history", "output", "completions", "response", "score",
+                  "scores", "score_chosen", "score_rejected")
+DETECTION_ROWS = 1000
 MAX_REPORTED = 20
 HH_ASSISTANT = "\n\nAssistant:"
+LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False}  # 1 and 0 equal True, False
 
 
 @dataclass
@@ -44,140 +63,193 @@ class BadRow:
 class DataValidationError(DataError):
     """Raised when rows are malformed and ``on_bad_rows`` is ``"error"``."""
 
-    def __init__(self, bad: list[BadRow], total: int):
-        self.bad = bad
+    def __init__(self, bad: list[BadRow], total: int, count: int | None = None):
+        self.bad, self.count = bad, count or len(bad)
         super().__init__(
-            f"{len(bad)} of {total} rows are malformed:\n  {describe(bad)}\n"
+            f"{self.count} of {total} rows are malformed:\n  {describe(bad, self.count)}\n"
             "Fix them, or set `on_bad_rows: skip` to train on the good rows only."
         )
 
 
-def describe(bad: list[BadRow]) -> str:
-    """The first ``MAX_REPORTED`` bad rows, one a line, and how many more there are."""
+def describe(bad: list[BadRow], count: int | None = None) -> str:
+    """The first ``MAX_REPORTED`` bad rows, one a line, and how many more there are (of ``count``)."""
+    count = count or len(bad)
     listed = "\n  ".join(str(b) for b in bad[:MAX_REPORTED])
-    return listed + (f"\n  ... and {len(bad) - MAX_REPORTED} more" if len(bad) > MAX_REPORTED else "")
+    return listed + (f"\n  ... and {count - MAX_REPORTED} more" if count > MAX_REPORTED else "")
 
 
-@dataclass
-class Rows:
-    """The usable rows of a split: ``index`` is the row's position among all rows of its sources."""
+def check_settings(format: str, columns: dict[str, str] | None, tags: dict[str, str] | None = None,
+                   option: str = "data") -> None:
+    if format not in FORMATS:
+        raise ConfigError(f"{option}.format must be one of {list(FORMATS)}, got {format!r}")
+    if columns is not None and not (isinstance(columns, dict) and all(isinstance(k, str) for k in columns)):
+        raise ConfigError(f"{option}.columns must map the dataset's column names to ours, e.g. "
+                          f"{{question: prompt}}; got {columns!r}")
+    targets = list((columns or {}).values())
+    if set(targets) - set(COLUMN_TARGETS) or len(set(targets)) < len(targets):
+        raise ConfigError(f"{option}.columns must map dataset columns to distinct names among "
+                          f"{list(COLUMN_TARGETS)}, e.g. {{question: prompt}}; got {columns}")
+    unknown = sorted(set(tags or {}) - set(SHAREGPT_TAGS))
+    if unknown or not all(isinstance(v, str) for v in (tags or {}).values()):
+        raise ConfigError(f"{option}.tags takes string values for {list(SHAREGPT_TAGS)} (LLaMA-Factory's names); "
+                          f"got {tags!r}")
 
-    index: list[int] = field(default_factory=list)
-    prompt: list = field(default_factory=list)  # str, or list of messages
-    chosen: list = field(default_factory=list)
-    rejected: list = field(default_factory=list)
-    bad: list[BadRow] = field(default_factory=list)
-    total: int = 0
-    format: str = "standard"
-    conversational: bool = False
+
+# ----- detection -------------------------------------------------------------------------------------------
+def detect_format(rows: list, columns: Columns) -> str:
+    """The format of a dataset from its first rows: by the columns present, paired or unpaired."""
+    objects = [row for row in rows if isinstance(row, dict)]
+    has = lambda *targets: columns.present(objects, *targets)  # noqa: E731
+    if has("label") and not has("chosen", "rejected"):
+        return "unpaired"
+    if has("conversations") or (has("messages") and has("chosen", "rejected")):
+        return "sharegpt"
+    if has("instruction") and not has("completions"):
+        return "alpaca"
+    if has("completions"):
+        return "ratings"
+    prompt, chosen = columns.first(objects, "prompt"), columns.first(objects, "chosen")
+    if prompt is None or is_messages(prompt) != is_messages(chosen):  # TRL: a text prompt beside messages
+        return "implicit"
+    return "conversational" if is_messages(chosen) else "standard"
 
 
-class RowChecker:
-    """Validates and normalises rows to ``(prompt, chosen, rejected)`` in the format of the dataset ``rows``.
+def make_checker(rows: list, format: Format, columns: dict[str, str] | None = None,
+                 tags: dict[str, str] | None = None, chat: bool = True,
+                 pairs_from_ratings: PairsFromRatings = "best_worst", seed: int = 0):
+    """The checker of a dataset whose first rows are ``rows``; ``chat``: whether a chat template is at hand
+    (Alpaca rows render through it, else as text)."""
+    check_settings(format, columns, tags)
+    names = Columns(columns)
+    sample = [row for row in rows[:DETECTION_ROWS] if isinstance(row, dict)]
+    format = detect_format(sample, names) if format == "auto" else format
+    if format == "sharegpt":
+        return ShareGPTRows(sample, names, tags)
+    if format == "alpaca":
+        return AlpacaRows(names, chat)
+    if format == "ratings":
+        return RatedRows(sample, names, pairs_from_ratings, seed)
+    if format == "unpaired":
+        return UnpairedRows(sample, names, tags)
+    return PromptResponses(sample, names, format)
 
-    ``columns`` maps a dataset's column names to ``prompt``/``chosen``/``rejected`` (e.g. ``{"question": "prompt"}``);
-    errors name the dataset's own column.
-    """
 
-    def __init__(self, rows: list, format: Format = "auto", columns: dict[str, str] | None = None):
-        check_settings(format, columns)
-        self.columns = {target: name for name, target in (columns or {}).items()}  # prompt -> question
-        self.format, self.conversational = detect_format(rows, format, self.column("prompt"), self.column("chosen"))
+def check_row(checker, row: object) -> Pair | Unpaired:
+    """``checker.check(row)``, after what no format accepts: an unreadable row or one that is not an object."""
+    if isinstance(row, BrokenRow):
+        raise RowError(None, row.message, row.kind)
+    if not isinstance(row, dict):
+        raise RowError(None, f"expected an object with fields {checker.needed}, got {type_name(row)}", "wrong type")
+    return checker.check(row)
 
-    def column(self, name: str) -> str:
-        return self.columns.get(name, name)
 
-    def check(self, row: object) -> tuple:
-        """``(prompt, chosen, rejected)`` of a usable row; raises :class:`RowError` otherwise."""
-        if isinstance(row, BrokenJSON):
-            raise RowError(None, row.message, "invalid JSON")
-        if not isinstance(row, dict):
-            raise RowError(None, f"expected an object with fields {self._needed()}, got {_type(row)}", "wrong type")
-        values = {}
-        for name in ("chosen", "rejected") if self.format == "implicit" else FIELDS:
-            column = self.column(name)
-            if column not in row:
-                raise RowError(column, "missing", "missing field")
-            problem = self._type_problem(row[column])
-            if problem:
-                raise RowError(column, problem, "wrong type")
-            values[name] = row[column]
+# ----- prompt / chosen / rejected --------------------------------------------------------------------------
+class PromptResponses:
+    """``standard``, ``conversational`` and ``implicit`` rows."""
+
+    unpaired = False
+
+    def __init__(self, sample: list[dict], columns: Columns, format: str):
+        self.format, self.column = format, columns
+        first_chosen = columns.first(sample, "chosen")
+        self.conversational = format == "conversational" or (format == "implicit" and is_messages(first_chosen))
+        self.name = format + (" (messages)" if format == "implicit" and self.conversational else "")
+        self.names = ("chosen", "rejected") if format == "implicit" else ("prompt", "chosen", "rejected")
+        self.needed = [columns(n) for n in self.names]
+        self.tools, self.scores = columns("tools"), (columns("score_chosen"), columns("score_rejected"))
+
+    def check(self, row: dict) -> Pair:
+        values = dict(zip(self.names, (self._value(row, column) for column in self.needed)))
+        column = self.column
         if values["chosen"] == values["rejected"]:
-            raise RowError(self.column("rejected"), "identical to chosen", "identical responses")
+            raise RowError(column("rejected"), "identical to chosen", "identical responses")
         if self.format == "implicit":
             values["prompt"], values["chosen"], values["rejected"] = extract_prompt(
-                values["chosen"], values["rejected"], self.column("chosen"))
+                values["chosen"], values["rejected"], column("chosen"))
         for name in ("chosen", "rejected"):
             if is_empty(values[name]):
-                raise RowError(self.column(name), "empty response", "empty response")
+                raise RowError(column(name), "empty response", "empty response")
         if self.conversational and not values["prompt"]:
-            raise RowError(self.column("prompt"), "no prompt messages", "empty prompt")
-        return values["prompt"], values["chosen"], values["rejected"]
+            raise RowError(column("prompt"), "no prompt messages", "empty prompt")
+        tools = tools_field(row, self.tools) if self.tools in row else None
+        scores = scores_of(row, *self.scores) if self.scores[0] in row else None
+        return Pair(values["prompt"], values["chosen"], values["rejected"], tools, scores)
 
-    def _needed(self) -> list[str]:
-        return [self.column(n) for n in (("chosen", "rejected") if self.format == "implicit" else FIELDS)]
+    def _value(self, row: dict, column: str) -> str | list:
+        if self.conversational:
+            return messages_field(row, column, self.format)
+        return text_field(row, column, self.format)
 
-    def _type_problem(self, value: object) -> str | None:
-        if not self.conversational:
-            return None if isinstance(value, str) else f"expected a string ({self.format} format), got {_type(value)}"
-        if not isinstance(value, list):
-            return f"expected a list of {{role, content}} messages ({self.format} format), got {_type(value)}"
-        for number, message in enumerate(value):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                return f"message {number}: expected an object with 'role' and 'content', got {message!r:.60}"
-            for key in ("role", "content"):
-                if not isinstance(message[key], str):
-                    return f"message {number}: {key!r} should be a string, got {_type(message[key])}"
+
+def scores_of(row: dict, chosen_column: str, rejected_column: str) -> tuple[float, float] | None:
+    """``(score_chosen, score_rejected)`` when the row has both (UltraFeedback-binarized style), else None."""
+    chosen, rejected = row.get(chosen_column), row.get(rejected_column)
+    if chosen is None or rejected is None:
         return None
+    return score_field(chosen, chosen_column), score_field(rejected, rejected_column)
 
 
-class RowError(ValueError):
-    """Why a row cannot be used: the field (as the dataset names it), the reason and its category."""
+# ----- unpaired ----------------------------------------------------------------------------------------------
+class UnpairedRows:
+    """``{prompt, completion, label}`` (texts or messages), or ``{messages, label}`` ending with the completion."""
 
-    def __init__(self, field: str | None, reason: str, kind: str):
-        super().__init__(reason)
-        self.field, self.reason, self.kind = field, reason, kind
+    unpaired = True
+
+    def __init__(self, sample: list[dict], columns: Columns, tags: dict[str, str] | None):
+        self.column = columns
+        self.implicit = not columns.present(sample, "prompt") and columns.present(sample, "messages")
+        first = columns.first(sample, "messages" if self.implicit else "completion")
+        self.tags = None
+        if self.implicit and tags is None and not is_messages(first):
+            self.tags = SHAREGPT_TAGS  # LLaMA-Factory's ShareGPT turns: {from, value}
+        elif tags is not None:
+            self.tags = {**(OPENAI_TAGS if is_messages(first) else SHAREGPT_TAGS), **tags}
+        self.conversational = self.implicit or is_messages(first)
+        self.name = "unpaired" + (" (implicit messages)" if self.implicit else " (messages)" if
+                                  self.conversational else "")
+        self.needed = [columns(n) for n in (("messages", "label") if self.implicit else
+                                            ("prompt", "completion", "label"))]
+
+    def check(self, row: dict) -> Unpaired:
+        column = self.column
+        label = field(row, column("label"))
+        key = label.strip().lower() if isinstance(label, str) else label
+        if isinstance(key, float) or key not in LABELS:  # a float 1.0 is no label: a score in the wrong column
+            raise RowError(column("label"), f"expected true/false (or 1/0), got {label!r:.40}", "wrong type")
+        if self.implicit:
+            prompt, completion = self._split_messages(row, column("messages"))
+        elif self.conversational:
+            prompt = messages_field(row, column("prompt"), "unpaired")
+            completion = messages_field(row, column("completion"), "unpaired")
+        else:
+            prompt = text_field(row, column("prompt"), "unpaired")
+            completion = text_field(row, column("completion"), "unpaired")
+        if is_empty(completion):
+            raise RowError(column("messages" if self.implicit else "completion"), "empty response", "empty response")
+        if self.conversational and not prompt:
+            raise RowError(column("messages" if self.implicit else "prompt"), "no prompt messages", "empty prompt")
+        return Unpaired(prompt, completion, LABELS[key], tools_field(row, column("tools")))
+
+    def _split_messages(self, row: dict, column: str) -> tuple[list, list]:
+        if self.tags is not None:
+            messages = converted(field(row, column), self.tags, column)
+        else:
+            messages = messages_field(row, column, "unpaired")
+        if not messages or messages[-1]["role"] != "assistant":
+            last = messages[-1]["role"] if messages else "nothing"
+            raise RowError(column, f"the last message is the completion and should be the assistant's, got {last}",
+                           "wrong type")
+        return messages[:-1], messages[-1:]
 
 
-def check_settings(format: str, columns: dict[str, str] | None) -> None:
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
-    targets = list((columns or {}).values())
-    if set(targets) - set(FIELDS) or len(set(targets)) < len(targets):
-        raise ValueError(f"columns must map dataset columns to distinct {list(FIELDS)}, e.g. "
-                         f"{{question: prompt}}; got {columns}")
+def unpair(pairs: list[Pair]) -> list[Unpaired]:
+    """Pairs as unpaired rows in the order of TRL's ``unpair_preference_dataset`` over a block of pairs (TRL maps
+    blocks of 1,000): every pair's chosen response (desirable), then every pair's rejected one (undesirable)."""
+    return ([Unpaired(p.prompt, p.chosen, True, p.tools) for p in pairs]
+            + [Unpaired(p.prompt, p.rejected, False, p.tools, side=1) for p in pairs])
 
 
-def detect_format(rows: list, format: Format, prompt: str, chosen: str) -> tuple[str, bool]:
-    """``(format, conversational)`` of a dataset: given, or as TRL reads it (a dataset has a prompt when any row
-    has one; a text prompt beside message responses is implicit); the kind of value from the first row having it."""
-    objects = [row for row in rows if isinstance(row, dict)]
-    first_chosen = next((row[chosen] for row in objects if row.get(chosen) is not None), None)
-    if format == "auto":
-        first_prompt = next((row[prompt] for row in objects if row.get(prompt) is not None), None)
-        implicit = first_prompt is None or is_messages(first_prompt) != is_messages(first_chosen)
-        format = "implicit" if implicit else "conversational" if is_messages(first_chosen) else "standard"
-    conversational = format == "conversational" or (format == "implicit" and is_messages(first_chosen))
-    return format, conversational
-
-
-def read_rows(sources: list[Source], format: Format = "auto", columns: dict[str, str] | None = None) -> Rows:
-    """Read and validate every row of ``sources``, in order; bad rows are collected, never dropped silently."""
-    located = [(source, number, row) for source in sources for number, row in source.rows()]
-    checker = RowChecker([row for _, _, row in located], format, columns)
-    rows = Rows(total=len(located), format=checker.format, conversational=checker.conversational)
-    for index, (source, number, row) in enumerate(located):
-        try:
-            prompt, chosen, rejected = checker.check(row)
-        except RowError as error:
-            rows.bad.append(BadRow(source.label, number, error.field, error.reason, error.kind, source.unit))
-            continue
-        rows.index.append(index)
-        rows.prompt.append(prompt)
-        rows.chosen.append(chosen)
-        rows.rejected.append(rejected)
-    return rows
-
+# ----- implicit prompts ----------------------------------------------------------------------------------------
 def extract_prompt(chosen: str | list, rejected: str | list, column: str = "chosen") -> tuple:
     """Split the shared prompt off two whole texts or dialogues: ``(prompt, chosen, rejected)``.
 
@@ -211,16 +283,3 @@ def common_prefix_length(a: Sequence, b: Sequence) -> int:
         length += 1
     return length
 
-
-def is_messages(value: object) -> bool:
-    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
-
-
-def is_empty(value: str | list) -> bool:
-    if isinstance(value, str):
-        return not value.strip()
-    return not any(message["content"].strip() for message in value)
-
-
-def _type(value: object) -> str:
-    return "null" if value is None else type(value).__name__
