@@ -33,3 +33,20 @@ def small_data(tmp_path, demo_rows):
     """A 32-pair train file and a 16-pair val file cut from the shipped demo data."""
     val_rows = read_jsonl(resolve("asset://demo/val.jsonl"))
     return write_jsonl(tmp_path / "train.jsonl", demo_rows[:32]), write_jsonl(tmp_path / "val.jsonl", val_rows[:16])
+
+
+@pytest.fixture(autouse=True)
+def samples_off_unless_marked(request, monkeypatch):
+    """Generating samples takes about a second per fit on 2 CPU cores: a test runs with ``samples=None`` as the
+    modules' default unless marked ``samples`` (tests about samples, the report, loggers' tables, the defaults)."""
+    if request.node.get_closest_marker("samples") is not None:
+        return
+    import inspect
+
+    from prefmodule.modules.base import PreferenceModule
+
+    init = PreferenceModule.__init__
+    names = [p.name for p in inspect.signature(init).parameters.values() if p.default is not inspect.Parameter.empty]
+    defaults = list(init.__defaults__)
+    defaults[names.index("samples")] = None
+    monkeypatch.setattr(init, "__defaults__", tuple(defaults))

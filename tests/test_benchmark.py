@@ -17,6 +17,7 @@ MICRO = ["--vocab-size", "256", "--hidden-size", "32", "--intermediate-size", "6
          "--warmup-steps", "1"]
 
 
+@pytest.mark.slow  # both frameworks' full runs; gpu_check --dry-run runs the script in CI
 def test_micro_run_reports_real_numbers_for_both_frameworks(tmp_path):
     out, report = tmp_path / "bench.json", tmp_path / "BENCH.md"
     report.write_text("# Kept\n\n<!-- benchmark:results:start -->\nold\n<!-- benchmark:results:end -->\n\nAlso kept.\n")

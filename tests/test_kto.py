@@ -1,8 +1,9 @@
-"""KTO: the loss by hand and by gradient, `validate` equal to TRL 1.16's KTOTrainer.evaluate(), every reference
-mode, predictions on pairs and on rows, a few training steps.
+"""KTO: the loss by hand and by gradient, `validate` equal to TRL 1.16's KTOTrainer.evaluate() (on a file, through
+the datamodule, and on a hand-built batch), every reference mode, predictions on pairs and on rows, a few training
+steps.
 
-Batches are built here by hand as the unpaired-batch contract says (sequences 0..n-1 prompt + completion,
-n..2n-1 prompt + the previous row's completion, ``label``, ``index``)."""
+Batches other than the parity test's file are built here by hand as the unpaired-batch contract says (sequences
+0..n-1 prompt + completion, n..2n-1 prompt + the previous row's completion, ``label``, ``index``)."""
 
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prefmodule import KTOModule
+from prefmodule import KTOModule, PreferenceDataModule
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.tokenize import tokenize_pair
 from prefmodule.losses import kto_kl, kto_loss
@@ -22,7 +23,7 @@ from prefmodule.modules.kto import kto_weight_advice
 from prefmodule.paths import resolve
 from prefmodule.reference import SoftUpdate
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, write_jsonl
 from test_logps import packed
 from test_losses import sig
 
@@ -168,10 +169,14 @@ def test_validate_equals_trl_evaluate(loss_type, reference_dir, demo_rows, tmp_p
     config = dict(beta=0.3, loss_type=loss_type, desirable_weight=0.8, undesirable_weight=1.9)
     theirs = trl_evaluate(reference_dir, rows, tmp_path, **config)
     module = KTOModule(model=TINY_MODEL, ref_model=reference_dir, export_hf=False, **config)
-    batch = collate(module.tokenizer, rows, kl=loss_type == "kto")
     trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    ours = trainer.validate(module, dataloaders=DataLoader([batch], batch_size=None), verbose=False)[0]
+    val = write_jsonl(tmp_path / "val.jsonl", rows)  # one batch holds the file: TRL's evaluate() has one too
+    data = PreferenceDataModule(val=val, batch_size=8, cache_dir=str(tmp_path / "cache"))
+    ours = trainer.validate(module, datamodule=data, verbose=False)[0]
+    batch = collate(module.tokenizer, rows, kl=loss_type == "kto")  # the batch contract, built by hand
+    by_hand = trainer.validate(module, dataloaders=DataLoader([batch], batch_size=None), verbose=False)[0]
+    assert by_hand == pytest.approx(ours, rel=1e-6)
     names = ["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
              "logits/chosen", "logits/rejected"]
     for name in names:

@@ -18,6 +18,8 @@ from prefmodule.cli import main
 
 from conftest import TINY_MODEL
 
+pytestmark = pytest.mark.samples  # the modules' default samples stay on here
+
 CONFIGS = Path(__file__).parent.parent / "configs"
 QUICK = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.batch_size=8",
          "--model.samples.num_prompts=2", "--model.samples.max_new_tokens=4"]

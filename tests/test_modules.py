@@ -35,7 +35,9 @@ def test_plain_trainer_fit(module_class, tmp_path, small_data):
     assert data.tokenizer is module.tokenizer  # the datamodule borrowed the model's tokenizer
     assert (tmp_path / "lightning_logs" / "version_0" / "hf_model" / "config.json").is_file()
     results = trainer(tmp_path).validate(module, datamodule=data)[0]
-    assert 0.0 <= results["val/rewards/accuracies"] <= 1.0
+    scored = [row for batch in trainer(tmp_path).predict(module, datamodule=data) for row in batch]
+    assert len(scored) == 16 and results["val/rewards/accuracies"] == pytest.approx(
+        sum(row["preferred"] == "chosen" for row in scored) / 16, abs=1e-6)
     assert results["val/loss"] > 0 and results["val/logps/chosen"] < 0
 
 

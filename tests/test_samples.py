@@ -19,6 +19,8 @@ from prefmodule.samples import SampleSettings
 
 from conftest import TINY_MODEL, read_jsonl
 
+pytestmark = pytest.mark.samples  # the modules' default samples stay on here
+
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 

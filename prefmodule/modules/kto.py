@@ -138,10 +138,10 @@ class KTOModule(ReferenceModule):
 
 
 def training_labels(dataset) -> list[bool] | None:
-    """Each training row's label: the dataset's ``labels`` if it has them, else its items' ``"label"``; ``None``
+    """Each training row's label: the dataset's ``labels()`` if it has them, else its items' ``"label"``; ``None``
     for a dataset that holds neither."""
-    if hasattr(dataset, "labels"):
-        return [bool(label) for label in dataset.labels]
+    if callable(getattr(dataset, "labels", None)):
+        return [bool(label) for label in dataset.labels()]
     try:
         return [bool(dataset[i]["label"]) for i in range(len(dataset))]
     except (TypeError, KeyError, IndexError):
