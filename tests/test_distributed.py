@@ -29,18 +29,20 @@ from conftest import TINY_MODEL, write_jsonl
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1",
-         "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--data.batch_size=4", "--model.samples=null"]
+         "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--data.batch_size=4"]
 FSDP1_ON_CPU = "The strategy `fsdp` requires a GPU accelerator"  # Lightning 2.6; torch's FSDP1 needs one too
 
 
-def launch(*args: str, torchrun: bool = False) -> None:
-    """``python -m prefmodule`` on 2 processes, re-launched by Lightning or started by ``torchrun``."""
+def launch(*args: str, torchrun: bool = False, samples: bool = False) -> None:
+    """``python -m prefmodule`` on 2 processes, re-launched by Lightning or started by ``torchrun``; without
+    generated samples unless ``samples``."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else []
     command = [sys.executable, *torchrun, "-m", "prefmodule"]
     tests = str(Path(__file__).parent)  # the launched processes import ShardingReport from here
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([*command, *args, "--trainer.devices=2", *QUIET], env=env, capture_output=True, text=True,
+    done = subprocess.run([*command, *args, "--trainer.devices=2", *QUIET,
+                           *([] if samples else ["--model.samples=null"])], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 

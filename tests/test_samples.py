@@ -120,7 +120,7 @@ def test_sample_settings_are_checked_and_null_turns_samples_off():
     assert ORPOModule(model=TINY_MODEL, samples={"max_new_tokens": 8}).samples == SampleSettings(max_new_tokens=8)
 
 
-@pytest.mark.slow  # ~40 s each; CI's DDP and FSDP2 runs (tests/test_distributed.py) generate samples too, unchecked
+@pytest.mark.slow  # ~40 s each (the CI runs of tests/test_distributed.py turn samples off)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_processes_generate_what_one_would(strategy, tmp_path, small_data):
     """Every rank runs each forward (FSDP2 gathers its sharded weights there); rank 0 writes what one process
@@ -132,7 +132,8 @@ def test_two_processes_generate_what_one_would(strategy, tmp_path, small_data):
         if strategy == "fsdp2" else ["--trainer.strategy=ddp"]
     launch("fit", "--config", str(CONFIGS / "dpo.yaml"), *setup, f"--data.train={train}", f"--data.val={val}",
            "--model.lr=1e-2", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2",
-           "--trainer.val_check_interval=2", "--model.samples.num_prompts=2", "--model.samples.max_new_tokens=6")
+           "--trainer.val_check_interval=2", "--model.samples.num_prompts=2", "--model.samples.max_new_tokens=6",
+           samples=True)
     run_dir = tmp_path / "lightning_logs" / "version_0"
     rows = rows_of(run_dir / "samples.jsonl")
     assert [row["step"] for row in rows] == [0, 0, 2, 2]
