@@ -18,7 +18,12 @@ OBJECTIVES = {
                    "2403.07691"),
     "SimPOModule": ("SimPO", "Meng et al., 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward",
                     "2405.14734"),
+    "KTOModule": ("KTO", "Ethayarajh et al., 2024, KTO: Model Alignment as Prospect Theoretic Optimization",
+                  "2402.01306"),
+    "CPOModule": ("CPO", "Xu et al., 2024, Contrastive Preference Optimization", "2401.08417"),
 }
+APO = ("APO", "D'Oosterlinck et al., 2024, Anchored Preference Optimization", "2408.06266")
+ALPHAPO = ("AlphaPO", "Gupta et al., 2025, AlphaPO: Reward Shape Matters for LLM Alignment", "2501.03884")
 DPO_LOSSES = {
     "robust": ("robust DPO", "Chowdhury et al., 2024, Provably Robust DPO", "2403.00409"),
     "hinge": ("SLiC hinge", "Zhao et al., 2023, SLiC-HF", "2305.10425"),
@@ -33,8 +38,8 @@ DPO_LOSSES = {
             "2406.05882"),
     "aot_unpaired": ("AOT", "Melnyk et al., 2024, Distributional Preference Alignment of LLMs via Optimal Transport",
                      "2406.05882"),
-    "apo_zero": ("APO", "D'Oosterlinck et al., 2024, Anchored Preference Optimization", "2408.06266"),
-    "apo_down": ("APO", "D'Oosterlinck et al., 2024, Anchored Preference Optimization", "2408.06266"),
+    "apo_zero": APO,
+    "apo_down": APO,
     "discopop": ("DiscoPOP", "Lu et al., 2024, Discovering Preference Optimization Algorithms", "2406.08414"),
 }
 
@@ -140,12 +145,16 @@ def write_model_card(folder: str, module: LightningModule, trainer: Trainer) -> 
 
 
 def _objective(module: LightningModule) -> tuple[str, tuple[str, str, str]]:
-    """The module's family (DPO, ORPO, SimPO) and its objective: (name, paper, arXiv id)."""
+    """The module's family (DPO, ORPO, SimPO, KTO, CPO) and its objective: (name, paper, arXiv id). A loss type
+    names its own paper only within its family (CPO's ``ipo`` is not DPO's IPO)."""
     family = next((cls.__name__ for cls in type(module).__mro__ if cls.__name__ in OBJECTIVES), None)
     if family is None:
         return type(module).__name__, (type(module).__name__, "", "")
     loss_type = module.hparams.get("loss_type")
-    objective = DPO_LOSSES.get(loss_type, OBJECTIVES[family]) if isinstance(loss_type, str) else OBJECTIVES[family]
+    own_losses = {"DPOModule": DPO_LOSSES, "KTOModule": {"apo_zero_unpaired": APO}}.get(family, {})
+    objective = own_losses.get(loss_type, OBJECTIVES[family]) if isinstance(loss_type, str) else OBJECTIVES[family]
+    if family == "CPOModule" and module.hparams.get("alpha"):
+        objective = ALPHAPO
     return OBJECTIVES[family][0], objective
 
 

@@ -25,6 +25,18 @@ def write_jsonl(path, rows):
     return str(path)
 
 
+def full_and_chunked_modules(module_class, **settings):
+    """Two configured modules on the same weights: full logits, and a head chunked by 7 tokens (7 divides no
+    batch's token count: chunks of every size occur)."""
+    modules = []
+    for chunk_size in (0, 7):
+        module = module_class(model=TINY_MODEL, logps_chunk_size=chunk_size, **settings)
+        module.configure_model()
+        modules.append(module)
+    assert not modules[0].chunked_logps and modules[1].chunked_logps
+    return modules
+
+
 @pytest.fixture(scope="session")
 def demo_rows():
     return read_jsonl(resolve("asset://demo/train.jsonl"))

@@ -15,7 +15,7 @@ from prefmodule.losses import (
     wpo_weights,
 )
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, full_and_chunked_modules
 from test_losses import _completion_mask, _trl_dpo_loss, logsig
 from test_logps import a_batch, packed
 
@@ -204,13 +204,7 @@ def test_beta_dpo_filter_draws_in_proportion_to_the_gaussian_weights():
 # ----- the per-token sums on every log-prob path ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def full_and_chunked():
-    modules = []
-    for chunk_size in (0, 7):
-        module = DPOModule(model=TINY_MODEL, logps_chunk_size=chunk_size, ld_alpha=0.5)
-        module.configure_model()
-        modules.append(module)
-    assert not modules[0].chunked_logps and modules[1].chunked_logps
-    return modules
+    return full_and_chunked_modules(DPOModule, ld_alpha=0.5)
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])

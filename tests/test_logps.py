@@ -14,7 +14,7 @@ from prefmodule.logps import (
     sequence_stats,
 )
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, full_and_chunked_modules
 
 
 def a_batch(module, rows):
@@ -50,13 +50,7 @@ def relative_error(a, b):
 
 @pytest.fixture(scope="module")
 def plain_and_chunked():
-    modules = []
-    for chunk_size in (0, 7):  # 7 divides no batch's token count: chunks of every size occur
-        module = ORPOModule(model=TINY_MODEL, logps_chunk_size=chunk_size)
-        module.configure_model()
-        modules.append(module)
-    assert not modules[0].chunked_logps and modules[1].chunked_logps
-    return modules
+    return full_and_chunked_modules(ORPOModule)
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])

@@ -65,3 +65,18 @@ def test_hub_settings_need_a_repository_id():
     assert HubSettings("me/model").private  # private unless said otherwise
     with pytest.raises(ConfigError, match="push_to_hub.repo_id: 'not a repo' is not a Hub repository id"):
         DPOModule(model=TINY_MODEL, push_to_hub={"repo_id": "not a repo"})
+
+
+def test_each_objective_cites_its_own_paper():
+    from prefmodule import CPOModule, KTOModule
+    from prefmodule.modelcard import _objective
+
+    def cited(module):
+        family, (name, _, arxiv) = _objective(module)
+        return family, name, arxiv
+
+    assert cited(KTOModule(model=TINY_MODEL)) == ("KTO", "KTO", "2402.01306")
+    assert cited(KTOModule(model=TINY_MODEL, loss_type="apo_zero_unpaired")) == ("KTO", "APO", "2408.06266")
+    assert cited(CPOModule(model=TINY_MODEL, loss_type="ipo")) == ("CPO", "CPO", "2401.08417")  # not DPO's IPO
+    assert cited(CPOModule(model=TINY_MODEL, loss_type="simpo", alpha=0.25)) == ("CPO", "AlphaPO", "2501.03884")
+    assert cited(DPOModule(model=TINY_MODEL, loss_type="ipo")) == ("DPO", "IPO", "2310.12036")
