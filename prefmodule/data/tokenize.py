@@ -13,7 +13,8 @@ every piece of ``prompt + response`` that ends before the prompt's last two piec
 alone, with the same tokens. :class:`Encoder` therefore tokenises the prompt once, and of each response only
 the prompt's last pieces and the response (1.4x fewer tokens than TRL for a 100-token prompt and two
 200-token responses). Tokenizers it cannot prove this for (other normalizers or pre-tokenizers, a post-
-processor that is not a constant prefix/suffix) are tokenised in full, as TRL does.
+processor that is not a constant prefix/suffix) are tokenised in full, as TRL does. ASCII texts take those
+pieces from a memo (:mod:`prefmodule.data.pieces`) rather than from ``tokenizers``' pipeline, for the same ids.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from prefmodule.data.formats import common_prefix_length
+from prefmodule.data.pieces import Pieces
 from prefmodule.data.records import Pair, Unpaired
 
 TruncationMode = Literal["keep_end", "keep_start"]
@@ -71,8 +73,9 @@ class Encoder:
         added = [token.content for token in self.raw.get_added_tokens_decoder().values()] if self.raw else []
         self.margin = max(map(len, added), default=0)  # an added token straddling the cut stays in the tail
         self.affixes = self._special_affixes() if self.raw is not None else None
+        self.pieces = Pieces.of(self.raw, json.loads(self.raw.to_str())) if self.affixes is not None else None
         if self.affixes is None or not self._agrees():
-            self.raw = self.affixes = None
+            self.raw = self.affixes = self.pieces = None
 
     @property
     def fast(self) -> bool:
@@ -99,15 +102,15 @@ class Encoder:
         if not self.fast:
             return self._encode_whole(prompts, continuations, special)
         prefix, suffix = self.affixes if special else ([], [])
-        encodings = self.raw.encode_batch(prompts, add_special_tokens=False)
-        cuts = [self._cut(prompt, encoding) for prompt, encoding in zip(prompts, encodings)]
+        cut_prompts = self._each(prompts, lambda text: self.pieces.prompt(text, self.margin), self._cut_prompts)
         tails = [full[cut:] if full.startswith(prompt) else full
-                 for prompt, (_, cut), fulls in zip(prompts, cuts, continuations) for full in fulls]
-        tail_ids = iter(self.raw.encode_batch_fast(tails, add_special_tokens=False))
+                 for prompt, (_, _, cut), fulls in zip(prompts, cut_prompts, continuations) for full in fulls]
+        tail_ids = iter(self._each(tails, lambda text: self.pieces.ids(text), lambda texts: [
+            encoding.ids for encoding in self.raw.encode_batch_fast(texts, add_special_tokens=False)]))
         encoded = []
-        for prompt, encoding, (token, _), fulls in zip(prompts, encodings, cuts, continuations):
-            prompt_ids, head = prefix + encoding.ids + suffix, len(prefix) + token
-            row_tails = [(full.startswith(prompt), next(tail_ids).ids + suffix if suffix else next(tail_ids).ids)
+        for prompt, (ids, token, _), fulls in zip(prompts, cut_prompts, continuations):
+            prompt_ids, head = prefix + ids + suffix, len(prefix) + token
+            row_tails = [(full.startswith(prompt), next(tail_ids) + suffix if suffix else next(tail_ids))
                          for full in fulls]
             if all(shared for shared, _ in row_tails):
                 encoded.append(Encoded(prompt_ids, head, [ids for _, ids in row_tails]))
@@ -115,6 +118,18 @@ class Encoder:
                 encoded.append(Encoded(prompt_ids, 0, [prompt_ids[:head] + ids if shared else prefix + ids
                                                        for shared, ids in row_tails]))
         return encoded
+
+    def _each(self, texts: list[str], one, batch) -> list:
+        """``one(text)`` for each text the memo of pieces takes (ASCII), ``batch(others)`` in one call for the rest."""
+        results = [one(text) for text in texts] if self.pieces is not None else [None] * len(texts)
+        others = [i for i, result in enumerate(results) if result is None]
+        for i, result in zip(others, batch([texts[i] for i in others]) if others else ()):
+            results[i] = result
+        return results
+
+    def _cut_prompts(self, prompts: list[str]) -> list[tuple[list[int], int, int]]:
+        return [(encoding.ids, *self._cut(prompt, encoding))
+                for prompt, encoding in zip(prompts, self.raw.encode_batch(prompts, add_special_tokens=False))]
 
     def _cut(self, prompt: str, encoding) -> tuple[int, int]:
         """``(token, character)`` where the tail starts: the start of the prompt's second-to-last piece, at least
