@@ -116,8 +116,8 @@ def test_a_template_whose_prompt_is_not_the_start_of_the_conversation(tmp_path):
 
 # ----- the memo of pieces (ASCII text) -------------------------------------------------------------------------
 QWEN_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-ASCII_PIECES = [chr(code) for code in range(128)] + ["'s", "'S", "'ll", "  ", "\n\n", " \n", "\r\n", "word", " Word",
-                                                     "2024", "</s>", "<s>", "<pad>", "</", "s>", "<"]
+ASCII_PIECES = [chr(code) for code in range(128)] + ["'s", "'S", "'ll", "  ", "\n\n", " \n", "\r\n", "word",
+                                                     " Word", "2024", "</s>", "<s>", "<pad>", "</", "s>", "<"]
 
 
 def byte_level(kind):

@@ -46,7 +46,8 @@ class Pieces:
 
     def __init__(self, raw: Tokenizer, pattern: str, added: dict[str, int]):
         self.pattern = _compile(pattern)
-        self.added = re.compile("(" + "|".join(map(re.escape, sorted(added, key=len, reverse=True))) + ")") if added else None
+        longest_first = sorted(added, key=len, reverse=True)
+        self.added = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if added else None
         self.memo = _Memo(raw)
         self.memo.update({content: (id_,) for content, id_ in added.items()})
 
