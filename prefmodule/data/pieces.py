@@ -101,11 +101,15 @@ class Pieces:
         return ids, 0, 0
 
 
+def pre_tokenizer_steps(pre: dict) -> list[dict]:
+    """The steps of a ``tokenizer.json`` pre-tokenizer, in order (one, or those of a ``Sequence``)."""
+    return (pre.get("pretokenizers") or [pre]) if pre.get("type") == "Sequence" else [pre]
+
+
 def _pattern(pre: dict) -> str | None:
     """The split pattern of a byte-level pre-tokenizer: ByteLevel's own regex, or one Split regex before a ByteLevel
     that only maps bytes (Llama 3, Qwen). None for anything else."""
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    *split, byte_level = steps or [{}]
+    *split, byte_level = pre_tokenizer_steps(pre)
     if byte_level.get("type") != "ByteLevel" or byte_level.get("add_prefix_space"):
         return None
     if not split:

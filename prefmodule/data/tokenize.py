@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from prefmodule.data.formats import common_prefix_length
-from prefmodule.data.pieces import Pieces
+from prefmodule.data.pieces import Pieces, pre_tokenizer_steps
 from prefmodule.data.records import Pair, Unpaired
 
 TruncationMode = Literal["keep_end", "keep_start"]
@@ -69,11 +69,11 @@ class Encoder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None):
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self.eos = tokenizer.eos_token
-        self.raw = self._raw_backend(tokenizer)
+        self.raw, spec = self._raw_backend(tokenizer)
         added = [token.content for token in self.raw.get_added_tokens_decoder().values()] if self.raw else []
         self.margin = max(map(len, added), default=0)  # an added token straddling the cut stays in the tail
         self.affixes = self._special_affixes() if self.raw is not None else None
-        self.pieces = Pieces.of(self.raw, json.loads(self.raw.to_str())) if self.affixes is not None else None
+        self.pieces = Pieces.of(self.raw, spec) if self.affixes is not None else None
         if self.affixes is None or not self._agrees():
             self.raw = self.affixes = self.pieces = None
 
@@ -151,24 +151,25 @@ class Encoder:
 
     # ----- when the short cut is exact ------------------------------------------------------------------------
     @staticmethod
-    def _raw_backend(tokenizer: PreTrainedTokenizerBase) -> Tokenizer | None:
-        """A copy of the tokenizer's Rust backend without its post-processor, if the short cut holds for it."""
+    def _raw_backend(tokenizer: PreTrainedTokenizerBase) -> tuple[Tokenizer | None, dict | None]:
+        """A copy of the tokenizer's Rust backend without its post-processor, if the short cut holds for it, and
+        its ``tokenizer.json`` as a dict."""
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None or not getattr(tokenizer, "is_fast", False):
-            return None
-        spec = json.loads(backend.to_str())
+            return None, None
+        text = backend.to_str()
+        spec = json.loads(text)
         normalizer = (spec.get("normalizer") or {}).get("type")
-        pre = spec.get("pre_tokenizer") or {}
-        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        steps = pre_tokenizer_steps(spec.get("pre_tokenizer") or {})
         kinds = [step.get("type") for step in steps]
         regex_only = all("(?<" not in json.dumps(step.get("pattern", "")) for step in steps)
         byte_level_last = kinds[-1] == "ByteLevel" and (len(kinds) == 1 or not steps[-1].get("use_regex", True))
         if (normalizer not in (None, "NFC") or set(kinds) not in FAST_PRE_TOKENIZERS or not byte_level_last
                 or not regex_only or (spec.get("model") or {}).get("type") != "BPE" or spec["model"].get("dropout")):
-            return None
-        raw = Tokenizer.from_str(backend.to_str())
+            return None, None
+        raw = Tokenizer.from_str(text)
         raw.post_processor = None
-        return raw
+        return raw, spec
 
     def _special_affixes(self) -> tuple[list[int], list[int]] | None:
         """The ids the tokenizer adds before and after a text, if the same for every text."""
