@@ -44,8 +44,9 @@ def silence_lightning_tips() -> None:
 class SampleWriter(Callback):
     """At the start of ``fit`` and at each validation in it, the policy completes a few held-out prompts of
     the validation data (see :class:`~prefmodule.samples.SampleSettings`): rows appended to
-    ``<log dir>/samples.jsonl`` (``step``, ``index``, ``prompt``, ``completion``, ``reward``, ``chosen``,
-    ``rejected``), shown as a table by the loggers that take one, and the first one printed.
+    ``<log dir>/samples.jsonl`` (``step``, ``index``, ``prompt``, ``message``, ``completion``, ``reward``,
+    ``chosen``, ``rejected``), shown as a table by the loggers that take one, and the first one printed (a chat
+    prompt by its last user message).
 
     Generation runs before Lightning's validation starts its clock, so throughput is unaffected.
     """
@@ -81,7 +82,7 @@ class SampleWriter(Callback):
         first = rows[0]
         reward = f" (reward {first['reward']:.3f})" if first["reward"] is not None else ""
         rank_zero_info(f"prefmodule: samples at step {trainer.global_step} ({len(rows)} prompts, "
-                       f"{time.perf_counter() - start:.1f} s) -> {path} | {_short(first['prompt'])!r} -> "
+                       f"{time.perf_counter() - start:.1f} s) -> {path} | {_short(first['message'] or first['prompt'])!r} -> "
                        f"{_short(first['completion'])!r}{reward}")
 
 

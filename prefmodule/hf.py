@@ -285,6 +285,12 @@ def router_aux_loss_coef(model: nn.Module) -> float | None:
     return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
 
+def router_logits_kwargs(model: nn.Module, wanted: bool) -> dict:
+    """The forward (or ``generate``) keyword that asks a mixture-of-experts ``model`` for its router logits or not,
+    whatever its config's ``output_router_logits`` says; nothing for a dense model."""
+    return {"output_router_logits": wanted} if hasattr(model.config, "output_router_logits") else {}
+
+
 def load_balancing_loss(model: nn.Module, router_logits: tuple[torch.Tensor, ...],
                         attention_mask: torch.Tensor | None) -> torch.Tensor:
     """The model's own load-balancing loss (``load_balancing_loss_func`` of its modeling file, Switch

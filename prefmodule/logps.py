@@ -38,7 +38,6 @@ class SequenceStats:
     token_logps: torch.Tensor | None = None
     # On request (``sum_sq_probs``): sum_t log sum_v pi(v | x, y_<t)^2 per sequence (detached; WPO's weights)
     log_sum_sq_probs: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None  # the forward's MoE load-balancing loss (scalar), if it has routers
 
     @property
     def avg_logps(self) -> torch.Tensor:
@@ -46,16 +45,15 @@ class SequenceStats:
         return self.logps / self.lengths.clamp(min=1)
 
     def split(self) -> tuple[SequenceStats, SequenceStats]:
-        """Split the concatenated batch into its chosen (first half) and rejected sequences. The
-        ``aux_loss`` of the one forward over both stays with the chosen half, so it is counted once."""
+        """Split the concatenated batch into its chosen (first half) and rejected sequences."""
         half = self.logps.shape[0] // 2
+        return self.select(slice(None, half)), self.select(slice(half, None))
 
-        def part(rows: slice, aux_loss: torch.Tensor | None) -> SequenceStats:
-            sum_sq = self.log_sum_sq_probs
-            return SequenceStats(self.logps[rows], self.lengths[rows], self.logits[rows],
-                                 log_sum_sq_probs=None if sum_sq is None else sum_sq[rows], aux_loss=aux_loss)
-
-        return part(slice(None, half), self.aux_loss), part(slice(half, None), None)
+    def select(self, rows: slice | torch.Tensor) -> SequenceStats:
+        """The per-sequence statistics of ``rows`` (a slice or a boolean mask)."""
+        sum_sq = self.log_sum_sq_probs
+        return SequenceStats(self.logps[rows], self.lengths[rows], self.logits[rows],
+                             log_sum_sq_probs=None if sum_sq is None else sum_sq[rows])
 
     def prefix_logps(self, prefix_lengths: torch.Tensor) -> torch.Tensor:
         """``[sequences]``: the log-prob of each sequence's first ``prefix_lengths`` response tokens."""

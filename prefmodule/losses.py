@@ -83,7 +83,9 @@ def f_divergence_score(logratios: Tensor, f_divergence: str, alpha: float = 0.5)
         alpha_divergence:  (u^(alpha - 1) - 1) / (alpha - 1)     (log u at alpha = 1)
 
     For ``alpha_divergence`` the exponent ``(alpha - 1) log u`` is clamped to <= 80 (TRL's float32 bound),
-    so ``exp`` stays finite.
+    so ``exp`` stays finite. ``alpha`` is TRL's coefficient: the paper's alpha-divergence with coefficient ``a``
+    (Table 1: ``f'(u) = (1 - u^-a) / a``, reverse KL as ``a -> 0``, forward KL as ``a -> 1``) is this one at
+    ``alpha = 1 - a``; the two agree at the default 0.5.
     """
     if f_divergence == "reverse_kl":
         return logratios

@@ -9,6 +9,8 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from lightning.pytorch import LightningModule, Trainer
 
+from prefmodule.data import PreferenceDataModule
+from prefmodule.data.mixture import SourceGroup
 from prefmodule.errors import ConfigError
 
 # module class -> (objective, paper); DPO's loss types name their own paper
@@ -87,8 +89,9 @@ def write_model_card(folder: str, module: LightningModule, trainer: Trainer) -> 
     hparams = dict(module.hparams)
     family, (objective, paper, arxiv) = _objective(module)
     data = dict(getattr(trainer.datamodule, "hparams", {}) or {})
-    sources = {split: data[split] for split in ("train", "val", "test") if data.get(split)}
-    datasets = sorted({found for value in sources.values() for name in _names(value) if (found := hub_id(name))})
+    sources = data_sources(trainer.datamodule)
+    datasets = sorted({found for groups in sources.values() for group in groups for name in group.names
+                       if (found := hub_id(name))})
     tags = ["prefmodule", family.lower()]
     if isinstance(hparams.get("loss_type"), str) and hparams["loss_type"] != "sigmoid":
         tags.append(hparams["loss_type"])
@@ -116,7 +119,7 @@ def write_model_card(folder: str, module: LightningModule, trainer: Trainer) -> 
         "",
         "## Data",
         "",
-        *([f"- {split}: `{value}`" for split, value in sources.items()] or ["- (not recorded)"]),
+        *([f"- {split}: {describe_groups(groups)}" for split, groups in sources.items()] or ["- (not recorded)"]),
         "",
         "## Hyperparameters",
         "",
@@ -158,5 +161,14 @@ def _objective(module: LightningModule) -> tuple[str, tuple[str, str, str]]:
     return OBJECTIVES[family][0], objective
 
 
-def _names(value) -> list[str]:
-    return [value] if isinstance(value, str) else list(value or [])
+def data_sources(datamodule) -> dict[str, list[SourceGroup]]:
+    """The source groups of the training and evaluation splits of a :class:`PreferenceDataModule` (a mixture is
+    several, each with its weight); nothing for another datamodule."""
+    groups = getattr(datamodule, "groups", None) if isinstance(datamodule, PreferenceDataModule) else None
+    return {split: groups[split] for split in ("train", "val", "test") if groups and groups.get(split)}
+
+
+def describe_groups(groups: list[SourceGroup]) -> str:
+    """``a.jsonl`` / ``a.jsonl`` (weight 0.7), ``b.jsonl`` (weight 0.3): each source of a split, Markdown."""
+    return ", ".join(", ".join(f"`{name}`" for name in group.names)
+                     + (f" (weight {group.weight:g})" if group.weight is not None else "") for group in groups)

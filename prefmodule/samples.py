@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.errors import ConfigError
+from prefmodule.generation import generate
 
 SEED = 0  # sampling (temperature > 0) draws the same random numbers at every call
 
@@ -63,8 +65,9 @@ def held_out_pairs(trainer: Trainer, count: int) -> list[dict]:
 
 
 def generate_samples(trainer: Trainer, module: LightningModule, pairs: list[dict], settings: SampleSettings) -> list[dict]:
-    """One row per pair: its prompt, chosen and rejected texts, the policy's completion and that completion's
-    implicit reward (``None`` where the objective cannot score new text).
+    """One row per pair: its prompt (whole, and ``message``: the last user message of a chat prompt, else
+    ``None``), chosen and rejected texts, the policy's completion and that completion's implicit reward
+    (``None`` where the objective cannot score new text).
 
     Every rank must call it under sharded weights (each forward gathers them); all ranks get the same rows.
     """
@@ -73,18 +76,56 @@ def generate_samples(trainer: Trainer, module: LightningModule, pairs: list[dict
     with torch.random.fork_rng(devices=devices), torch.no_grad(), eval_mode(module), \
             trainer.precision_plugin.forward_context():
         torch.manual_seed(SEED)
-        completions = _generate(module.policy, tokenizer, pairs, settings, synced=trainer.world_size > 1)
+        completions = generate(module.policy, tokenizer, [pair["prompt_ids"] for pair in pairs], settings.max_new_tokens,
+                               settings.temperature, synced=trainer.world_size > 1)
         rewards = _rewards(trainer, module, pairs, completions)
 
     def text(ids: list[int] | None) -> str | None:
         return None if ids is None else tokenizer.decode(ids, skip_special_tokens=True)
 
+    template = module.training_chat_template()
     return [
         {"step": trainer.global_step, "index": pair["index"], "prompt": text(pair["prompt_ids"]),
-         "completion": text(completion), "reward": reward, "chosen": text(pair["chosen_ids"]),
-         "rejected": text(pair["rejected_ids"])}
+         "message": last_user_message(tokenizer, pair["prompt_ids"], template), "completion": text(completion),
+         "reward": reward, "chosen": text(pair["chosen_ids"]), "rejected": text(pair["rejected_ids"])}
         for pair, completion, reward in zip(map(as_pair, pairs), completions, rewards)
     ]
+
+
+MARK = "PREFMODULE{}MARK"  # stand-ins for message contents when the chat template's turn markers are looked up
+
+
+def last_user_message(tokenizer, prompt_ids: list[int], chat_template: str | None) -> str | None:
+    """The content of the last user turn of a prompt rendered with ``chat_template`` (the tokenizer's own when
+    ``None``); ``None`` when the prompt holds no such turn (plain text) or the template's turns cannot be told apart.
+
+    The turn's opening and closing text come from the template itself: the opening is what precedes a user
+    message both first in a conversation and after an assistant turn (``<|im_start|>user\n``, Llama 3's header,
+    Gemma's ``<start_of_turn>user\n``, ...), the closing what follows it (``<|im_end|>``, ``<|eot_id|>``, ...).
+    """
+    template = chat_template or tokenizer.chat_template
+    if not template:
+        return None
+    first, assistant, last = (MARK.format(n) for n in range(3))
+    try:
+        alone = tokenizer.apply_chat_template([{"role": "user", "content": last}], chat_template=template,
+                                              tokenize=False)
+        after_turns = tokenizer.apply_chat_template(
+            [{"role": "user", "content": first}, {"role": "assistant", "content": assistant},
+             {"role": "user", "content": last}], chat_template=template, tokenize=False)
+    except Exception:  # a template that refuses these conversations (Jinja's own errors): no message to show
+        return None
+    if not isinstance(alone, str) or alone.count(last) != 1 or assistant not in after_turns:
+        return None
+    before, closing = alone.split(last)
+    opening = os.path.commonprefix([before[::-1], after_turns.split(assistant)[1].split(last)[0][::-1]])[::-1]
+    text = tokenizer.decode(prompt_ids, skip_special_tokens=False)
+    start = text.rfind(opening.strip()) if opening.strip() else -1
+    if start < 0:
+        return None
+    message = text[start + len(opening.strip()):]
+    end = message.find(closing.strip()) if closing.strip() else -1
+    return (message[:end] if end >= 0 else message).strip() or None
 
 
 def as_pair(item: dict) -> dict:
@@ -97,23 +138,6 @@ def as_pair(item: dict) -> dict:
             "chosen_ids": completion if item["label"] else None, "rejected_ids": None if item["label"] else completion}
 
 
-def _generate(policy: nn.Module, tokenizer, pairs: list[dict], settings: SampleSettings, synced: bool) -> list[list[int]]:
-    """Completion token ids, each up to and including its first end token (the tokenizer's EOS or the model's)."""
-    prompts = tokenizer.pad({"input_ids": [pair["prompt_ids"] for pair in pairs]}, padding_side="left",
-                            return_tensors="pt").to(next(policy.parameters()).device)
-    sampling = {"do_sample": True, "temperature": settings.temperature} if settings.temperature > 0 else {
-        "do_sample": False}
-    # synced_gpus: every rank runs the same number of forwards (sharded weights are gathered in each)
-    output = policy.generate(**prompts, max_new_tokens=settings.max_new_tokens, use_cache=True, synced_gpus=synced,
-                             pad_token_id=tokenizer.pad_token_id, **sampling)
-    stops = {tokenizer.eos_token_id, *np.atleast_1d(policy.generation_config.eos_token_id or []).tolist()}
-    completions = []
-    for ids in output[:, prompts["input_ids"].shape[1]:].tolist():
-        end = next((i + 1 for i, token in enumerate(ids) if token in stops), len(ids))
-        completions.append(ids[:end])
-    return completions
-
-
 def _rewards(trainer: Trainer, module: LightningModule, pairs: list[dict], completions: list[list[int]]) -> list:
     """Each completion's implicit reward: the objective run on pairs (completion, the data's rejected answer, or
     for an unpaired row its completion)."""
@@ -123,7 +147,7 @@ def _rewards(trainer: Trainer, module: LightningModule, pairs: list[dict], compl
                "rejected_ids": pair.get("rejected_ids", pair.get("completion_ids"))}
               for pair, completion in zip(pairs, completions)]
     batch = trainer.strategy.batch_to_device(PreferenceCollator(module.tokenizer.pad_token_id)(scored))
-    return module.pair_outputs(batch).chosen_rewards.float().tolist()
+    return module.batch_outputs(batch)[0].chosen_rewards.float().tolist()
 
 
 @contextmanager

@@ -99,7 +99,7 @@ def test_module_loss_and_training(loss_type, alpha, tmp_path, small_data, demo_r
     module.configure_model()
     batch = a_batch(module, demo_rows[:4])
     with torch.no_grad():
-        outputs = module.pair_outputs(batch)
+        outputs = module.batch_outputs(batch)[0]
         chosen, rejected = module.sequence_stats(module.policy, batch).split()
     logps = (chosen.avg_logps, rejected.avg_logps) if loss_type == "simpo" else (chosen.logps, rejected.logps)
     expected = cpo_loss(*logps, beta=0.1, loss_type=loss_type, alpha=alpha)[0].mean() + 0.7 * nll_loss(
@@ -114,7 +114,7 @@ def test_module_loss_and_training(loss_type, alpha, tmp_path, small_data, demo_r
     metrics = trainer.callback_metrics
     assert math.isfinite(metrics["val/loss"].item()) and metrics["val/nll_loss"] > 0
     with torch.no_grad():
-        assert module.pair_outputs(batch).loss < outputs.loss  # two steps at lr 1e-2 lowered it
+        assert module.batch_outputs(batch)[0].loss < outputs.loss  # two steps at lr 1e-2 lowered it
 
 
 def test_quickstart_config_builds_cpo(capsys):

@@ -53,7 +53,7 @@ def test_packed_equals_padded_log_probs_and_gradients(tmp_path, demo_rows):
     def run(batch):
         module.policy.zero_grad()
         stats = module.sequence_stats(module.policy, batch)
-        module.pair_outputs(batch).loss.backward()
+        module.batch_outputs(batch)[0].loss.backward()
         return stats, [p.grad.clone() for p in module.policy.parameters()]
 
     (padded_stats, padded_grads), (packed_stats, packed_grads) = run(padded), run(packed)

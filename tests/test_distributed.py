@@ -176,12 +176,13 @@ def test_fsdp2_two_processes_shard_resume_agree_with_one_and_export(tmp_path, sm
 
 @pytest.fixture
 def tied_moe(tmp_path):
-    """A Qwen2-MoE whose LM head is tied to its input embeddings, saved with the shipped tokenizer."""
+    """A Qwen2-MoE whose LM head is tied to its input embeddings and whose config asks for router logits (as
+    fine-tuned MoE checkpoints often do), saved with the shipped tokenizer."""
     config = Qwen2MoeConfig(vocab_size=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=32,
                             intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                             shared_expert_intermediate_size=32, router_aux_loss_coef=0.02, tie_word_embeddings=True,
-                            initializer_range=0.2)
+                            initializer_range=0.2, output_router_logits=True)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied_moe")
     AutoTokenizer.from_pretrained(resolve(TINY_MODEL)).save_pretrained(tmp_path / "tied_moe")
@@ -213,7 +214,10 @@ def test_tied_moe_on_two_processes_stays_tied_resumes_exports_and_agrees_with_on
               "--trainer.callbacks+=test_distributed.TieReport"]
     sharded = strategy[0] == "--config"
     first, second = tmp_path / "first", tmp_path / "second"
-    launch("fit", *common, f"--trainer.default_root_dir={first}", "--trainer.max_steps=2")
+    launch("fit", *common, f"--trainer.default_root_dir={first}", "--trainer.max_steps=2",
+           "--model.samples.num_prompts=2", "--model.samples.max_new_tokens=4", samples=True)  # sharded generation
+    samples = [json.loads(line) for line in open(first / "lightning_logs" / "version_0" / "samples.jsonl")]
+    assert [row["step"] for row in samples] == [0, 0, 2, 2]
     saved = newest_checkpoint(first)
     assert saved.name.endswith("step=2.ckpt")
     launch("fit", *common, f"--trainer.default_root_dir={second}", "--trainer.max_steps=4", f"--ckpt_path={saved}",
@@ -238,6 +242,37 @@ def test_tied_moe_on_two_processes_stays_tied_resumes_exports_and_agrees_with_on
     assert [int(r["step"]) for r in train_rows] == [2, 3] and all(float(r["train/aux_loss"]) > 1 for r in train_rows)
     one = validate_on_one_process("dpo.yaml", val, ckpt, tmp_path / "one", f"--model.model={tied_moe}")
     assert_same_metrics(logged_val(log_dir), one)
+
+
+class GradientReport(L.Callback):
+    """Runs inside the launched processes: the policy's gradients when the first optimizer step begins (after
+    DDP's all-reduce), one file per rank."""
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        if trainer.global_step == 0:
+            grads = {name: p.grad.clone() for name, p in module.policy.named_parameters() if p.grad is not None}
+            torch.save(grads, Path(trainer.default_root_dir, f"grads_rank{trainer.global_rank}.pt"))
+
+
+@pytest.mark.parametrize("chunk_size", [512, 0], ids=["chunked_head", "full_logits"])
+def test_ddp_all_reduces_the_gradients_of_the_chunked_and_full_logits_heads(chunk_size, tmp_path, demo_rows):
+    """One step on 4 pairs: 2 processes of 2 pairs each end with the gradients of 1 process on all 4 (DPO's loss
+    is a mean over pairs, DDP averages over ranks). A head whose gradients skipped the all-reduce would leave each
+    rank with its own 2 pairs' gradients."""
+    train = write_jsonl(tmp_path / "train.jsonl", demo_rows[:4])
+    common = ["fit", "--config", str(CONFIGS / "dpo.yaml"), f"--data.train={train}", "--trainer.max_steps=1",
+              "--trainer.limit_val_batches=0", f"--model.logps_chunk_size={chunk_size}", "--model.export_hf=false",
+              "--trainer.callbacks+=test_distributed.GradientReport", "--trainer.enable_checkpointing=false"]
+    launch(*common, "--trainer.strategy=ddp", f"--trainer.default_root_dir={tmp_path / 'two'}")
+    main([*common, f"--trainer.default_root_dir={tmp_path / 'one'}", "--trainer.devices=1", *QUIET,
+          "--model.samples=null"])
+    one = torch.load(tmp_path / "one" / "grads_rank0.pt")
+    ranks = [torch.load(tmp_path / "two" / f"grads_rank{rank}.pt") for rank in (0, 1)]
+    head = "lm_head.weight"
+    assert one.keys() == ranks[0].keys() == ranks[1].keys() and head in one and one[head].norm() > 0
+    for name, grad in one.items():
+        for rank in ranks:
+            torch.testing.assert_close(rank[name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
 class BatchRecorder(L.Callback):
@@ -294,7 +329,7 @@ def test_precision_flags_train_and_keep_logps_float32(module_class, precision, w
     assert next(module.policy.parameters()).dtype == weights_dtype
     batch = next(iter(data.val_dataloader()))
     with torch.no_grad(), trainer.precision_plugin.forward_context():
-        outputs = module.pair_outputs(batch)
+        outputs = module.batch_outputs(batch)[0]
     assert outputs.chosen.logps.dtype == torch.float32 and torch.isfinite(outputs.chosen.logps).all()
 
 

@@ -3,12 +3,14 @@ beta-DPO against their papers; the per-token log-prob sums they need, equal on e
 few training steps with each."""
 
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from prefmodule import DPOModule, PreferenceDataModule, PreferenceModule
+from prefmodule import DPOModule, PreferenceDataModule
+from prefmodule.cli import main
 from prefmodule.logps import SequenceStats, per_sequence
 from prefmodule.losses import (
     SCORE_LOSS_TYPES, beta_dpo_beta, beta_dpo_filter, beta_dpo_running_stats, dpo_loss, f_divergence_score, ld_logps,
@@ -20,6 +22,7 @@ from test_losses import _completion_mask, _trl_dpo_loss, logsig
 from test_logps import a_batch, packed
 
 pytest.importorskip("trl")
+CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def random_pairs(batch_size, seed, dtype=torch.float64, spread=3.0):
@@ -79,6 +82,12 @@ def test_f_divergence_scores_by_hand():
     torch.testing.assert_close(f_divergence_score(log_u, "js_divergence"), (2 * u / (1 + u)).log())
     # alpha = 0.5: (u^-0.5 - 1) / -0.5
     torch.testing.assert_close(f_divergence_score(log_u, "alpha_divergence", 0.5), (u**-0.5 - 1) / -0.5)
+    # Wang et al. (2023, Table 1) write the alpha-divergence's f'(u) = (1 - u^-a) / a: TRL's and ours at alpha = 1 - a
+    for a in (0.3, 0.5, 0.7):
+        torch.testing.assert_close(f_divergence_score(log_u, "alpha_divergence", 1 - a), (1 - u**-a) / a)
+    # and its limits: a -> 0 is reverse KL (log u), a -> 1 forward KL (1 - 1/u)
+    torch.testing.assert_close(f_divergence_score(log_u, "alpha_divergence", 1.0), log_u)
+    torch.testing.assert_close(f_divergence_score(log_u, "alpha_divergence", 0.0), f_divergence_score(log_u, "forward_kl"))
 
 
 @pytest.mark.parametrize("f_divergence", ["forward_kl", "js_divergence", "alpha_divergence"])
@@ -88,6 +97,27 @@ def test_f_divergence_gradcheck_float64(f_divergence):
     assert torch.autograd.gradcheck(
         lambda x: dpo_loss(x[:5], x[5:], ref[:5], ref[5:], loss_type=["sigmoid", "ipo"], f_divergence_type=f_divergence,
                            chosen_lengths=len_w, rejected_lengths=len_l)[0], (logps,))
+
+
+def test_f_divergence_takes_the_loss_types_trl_takes():
+    """TRL 1.16's ``DPOTrainer`` lists the loss types an f-divergence may change; prefmodule's are the same (TRL's
+    ``sft`` loss type is prefmodule's ``sft_weight``, which any f-divergence allows)."""
+    import inspect
+    import re
+
+    from trl import DPOTrainer
+
+    listed = re.search(r"f_divergence_loss_types = \{([^}]*)\}", inspect.getsource(DPOTrainer.__init__)).group(1)
+    assert set(re.findall(r'"(\w+)"', listed)) - {"sft"} == SCORE_LOSS_TYPES
+
+
+def test_f_divergence_with_another_loss_type_is_a_configuration_error(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), "--model.f_divergence_type=js_divergence",
+              "--model.loss_type=[sigmoid, nca_pair]"])
+    assert exit.value.code == 2
+    message = capsys.readouterr().err
+    assert "f_divergence_type" in message and "nca_pair" in message and "Traceback" not in message
 
 
 def test_options_on_the_score_refuse_other_loss_types():
@@ -212,7 +242,7 @@ def test_wpo_and_ld_sums_equal_on_full_and_chunked_logits(full_and_chunked, demo
     batch = a_batch(full_and_chunked[0], demo_rows[:5])
     batch = packed(batch) if layout == "packed" else batch
     (full, full_ld), (chunked, chunked_ld) = [
-        (PreferenceModule.sequence_stats(m, m.policy, batch, sum_sq_probs=True), m.sequence_stats(m.policy, batch))
+        (m.forward_stats(m.policy, batch, sum_sq_probs=True)[0], m.sequence_stats(m.policy, batch))
         for m in full_and_chunked
     ]
     torch.testing.assert_close(chunked.log_sum_sq_probs, full.log_sum_sq_probs, rtol=1e-5, atol=1e-5)

@@ -176,7 +176,8 @@ def test_validate_equals_trl_evaluate(loss_type, reference_dir, demo_rows, tmp_p
     ours = trainer.validate(module, datamodule=data, verbose=False)[0]
     batch = collate(module.tokenizer, rows, kl=loss_type == "kto")  # the batch contract, built by hand
     by_hand = trainer.validate(module, dataloaders=DataLoader([batch], batch_size=None), verbose=False)[0]
-    assert by_hand == pytest.approx(ours, rel=1e-6)
+    # padded by hand, packed by the datamodule: equal within float32 rounding of the two attention layouts
+    assert by_hand == pytest.approx(ours, rel=1e-5)
     names = ["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
              "logits/chosen", "logits/rejected"]
     for name in names:
@@ -252,7 +253,7 @@ def test_adapter_reference_is_the_base_model(rows):
     torch.testing.assert_close(adapter.reference_logps(batch), copy.reference_logps(batch), rtol=1e-6, atol=1e-6)
     assert adapter.reference_logps(batch).shape == (4, 2) and adapter.ref_model is None
     with torch.no_grad():
-        outputs = adapter.pair_outputs(batch)
+        outputs = adapter.batch_outputs(batch)[0]
     assert outputs.chosen_rewards.abs().min() > 1e-4  # the adapters moved the policy from its reference
 
 
@@ -264,7 +265,7 @@ def test_apo_zero_unpaired_needs_no_kl_rows_padded_or_packed(rows):
     batch = collate(module.tokenizer, train[:4], kl=False)
     assert batch["input_ids"].shape[0] == 4
     with torch.no_grad():
-        padded, in_one_row = module.pair_outputs(batch), module.pair_outputs(packed(batch) | {"label": batch["label"]})
+        padded, in_one_row = module.batch_outputs(batch)[0], module.batch_outputs(packed(batch) | {"label": batch["label"]})[0]
     torch.testing.assert_close(in_one_row.loss, padded.loss, rtol=1e-5, atol=1e-6)
     assert padded.chosen_rewards.numel() == 2 and padded.extra["kl"] == 0
 

@@ -55,7 +55,8 @@ def test_fit_writes_the_card_and_pushes_model_and_card(tmp_path, small_data, mon
 
     # Hub ids become metadata; local paths stay out of it.
     module.model_name = "meta-llama/Llama-3.2-1B"
-    data.hparams.train = ["HuggingFaceH4/ultrafeedback_binarized?split=train_prefs", small_data[0]]
+    data.groups = PreferenceDataModule(train=["HuggingFaceH4/ultrafeedback_binarized?split=train_prefs",
+                                              small_data[0]], val=small_data[1]).groups
     card = RepoCard.load(write_model_card(str(tmp_path / "card"), module, trainer))
     assert card.data.base_model == "meta-llama/Llama-3.2-1B"
     assert card.data.datasets == ["HuggingFaceH4/ultrafeedback_binarized"]

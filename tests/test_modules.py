@@ -142,7 +142,7 @@ def test_dpo_logps_are_sums_and_orpo_averages(demo_rows):
         m.configure_model()
     batch = a_batch(dpo, demo_rows[:4])
     with torch.no_grad():
-        out_dpo, out_orpo = dpo.pair_outputs(batch), orpo.pair_outputs(batch)
+        out_dpo, out_orpo = dpo.batch_outputs(batch)[0], orpo.batch_outputs(batch)[0]
     torch.testing.assert_close(out_dpo.chosen.logps, out_orpo.chosen.logps)
     # A fresh DPO policy equals its reference: every implicit reward is exactly zero.
     assert torch.equal(out_dpo.chosen_rewards, torch.zeros(4))

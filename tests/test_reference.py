@@ -71,7 +71,7 @@ def test_adapter_reference_equals_a_separate_copy_of_the_base(demo_rows):
     for module in (adapter, separate):
         module.policy.eval()
     with torch.no_grad():
-        ours, theirs = adapter.pair_outputs(batch), separate.pair_outputs(batch)
+        ours, theirs = adapter.batch_outputs(batch)[0], separate.batch_outputs(batch)[0]
     torch.testing.assert_close(ours.chosen_rewards, theirs.chosen_rewards, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.rejected_rewards, theirs.rejected_rewards, rtol=1e-5, atol=1e-6)
     assert ours.chosen_rewards.abs().min() > 1e-3  # the policy differs from its reference

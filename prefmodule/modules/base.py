@@ -21,7 +21,7 @@ from prefmodule.errors import ConfigError, writing
 from prefmodule.guard import check_finite_weights, default_guard, step_skipped
 from prefmodule.hf import (
     empty_causal_lm, load_balancing_loss, load_causal_lm, load_tokenizer, lora_arguments, lora_config, router_aux_loss_coef,
-    stand_in,
+    router_logits_kwargs, stand_in,
 )
 from prefmodule.logps import SequenceStats, chunked_sequence_stats, head_logits_transform, sequence_stats
 from prefmodule.metrics import PreferenceMetrics
@@ -50,7 +50,8 @@ class PairOutputs:
 
 
 class PreferenceModule(LightningModule):
-    """Base for preference objectives. Subclasses implement :meth:`pair_outputs`.
+    """Base for preference objectives. Subclasses implement :meth:`pair_outputs`; the base runs the forward passes
+    and adds a mixture-of-experts policy's load-balancing loss to every objective's loss.
 
     Args:
         model: local path, ``asset://`` name or Hugging Face hub id of a causal LM.
@@ -210,34 +211,52 @@ class PreferenceModule(LightningModule):
 
     # ----- forward ----------------------------------------------------------------------------
     def sequence_stats(self, model: nn.Module, batch: dict[str, Tensor], sum_sq_probs: bool = False) -> SequenceStats:
-        """One forward over the concatenated chosen + rejected sequences of ``batch`` (padded or packed).
+        """``model``'s statistics of the concatenated chosen + rejected sequences of ``batch`` (padded or packed),
+        never asking a mixture-of-experts model for its router logits (a reference, a scoring pass)."""
+        return self.scored_stats(self.forward_stats(model, batch, sum_sq_probs, router_loss=False)[0])
 
-        With ``logps_chunk_size`` the decoder and the LM head run separately (see ``chunked_sequence_stats``).
-        ``sum_sq_probs`` also sums ``log sum_v p_v^2`` over each response (WPO).
-        """
+    def policy_forward(self, batch: dict[str, Tensor]) -> tuple[SequenceStats, Tensor | None]:
+        """The policy's statistics of ``batch`` and, beside them, its mixture-of-experts load-balancing loss
+        (``None`` for a dense policy, or when its weight is 0)."""
+        stats, aux_loss = self.forward_stats(self.policy, batch, self.sum_sq_probs,
+                                             router_loss=self.router_loss_weight(self.policy) > 0)
+        return self.scored_stats(stats), aux_loss
+
+    def forward_stats(self, model: nn.Module, batch: dict[str, Tensor], sum_sq_probs: bool = False,
+                      router_loss: bool = False) -> tuple[SequenceStats, Tensor | None]:
+        """One forward over the sequences of ``batch``: its own statistics (before :meth:`scored_stats`) and, with
+        ``router_loss``, the load-balancing loss of its router logits. With ``logps_chunk_size`` the decoder and the
+        LM head run separately (see ``chunked_sequence_stats``). ``sum_sq_probs`` also sums ``log sum_v p_v^2``
+        over each response (WPO)."""
         if "sequence_ids" in batch:  # packed
             num_sequences = self.sequences_per_index(batch) * batch["index"].numel()
             inputs = packed_inputs(model, batch["position_ids"], batch["sequence_ids"])
             sequences = dict(sequence_ids=batch["sequence_ids"], num_sequences=num_sequences)
         else:
             inputs, sequences = dict(attention_mask=batch["attention_mask"]), {}
-        inputs.update(input_ids=batch["input_ids"], use_cache=False)
-        routed = self.router_loss_weight(model) > 0
-        if routed:
-            inputs["output_router_logits"] = True
+        inputs.update(input_ids=batch["input_ids"], use_cache=False, **router_logits_kwargs(model, router_loss))
         if self.chunked_logps:
             outputs = model.get_decoder()(**inputs)
             stats = chunked_sequence_stats(outputs.last_hidden_state, model.get_output_embeddings(), batch["labels"],
                                            self.logps_chunk_size, **sequences, transform=self.head_transform,
                                            sum_sq_probs=sum_sq_probs)
-            aux_loss = load_balancing_loss(model, outputs.router_logits, inputs["attention_mask"]) if routed else None
+            aux_loss = load_balancing_loss(model, outputs.router_logits, inputs["attention_mask"]) if router_loss else None
         else:
             outputs = model(**inputs)
             stats = sequence_stats(outputs.logits, batch["labels"], sum_sq_probs=sum_sq_probs, **sequences)
-            aux_loss = outputs.aux_loss if routed else None
-        stats.aux_loss = aux_loss
+            aux_loss = outputs.aux_loss if router_loss else None
         if not torch.is_grad_enabled():
             finish_forward(model)  # no backward will close a sharded tied head's forward
+        return stats, aux_loss
+
+    @property
+    def sum_sq_probs(self) -> bool:
+        """Whether the policy's forward also sums ``log sum_v p_v^2`` per response (WPO's weights)."""
+        return False
+
+    def scored_stats(self, stats: SequenceStats) -> SequenceStats:
+        """The statistics the objective scores, from those of a forward (policy and reference alike): as they are,
+        unless an objective reweighs the tokens (LD-DPO)."""
         return stats
 
     def sequences_per_index(self, batch: dict[str, Tensor]) -> int:
@@ -251,16 +270,19 @@ class PreferenceModule(LightningModule):
             return 0.0
         return coef if self.hparams.router_aux_loss_coef is None else self.hparams.router_aux_loss_coef
 
-    def with_router_loss(self, outputs: PairOutputs) -> PairOutputs:
-        """Add the policy's load-balancing loss (logged as ``aux_loss``) to the objective's loss, as
-        transformers' MoE models add it to their language-modelling loss."""
-        aux_loss = outputs.chosen.aux_loss
-        if aux_loss is not None:
-            outputs.loss = outputs.loss + self.router_loss_weight(self.policy) * aux_loss
-            outputs.extra["aux_loss"] = aux_loss.detach()
-        return outputs
+    def reference_logps(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """``[rows, sequences per row]`` reference log-probs of ``batch``; ``None`` for a reference-free objective."""
+        return None
 
-    def pair_outputs(self, batch: dict[str, Tensor]) -> PairOutputs:
+    def batch_outputs(self, batch: dict[str, Tensor]) -> tuple[PairOutputs, Tensor | None]:
+        """The objective on ``batch``, and beside it the policy's router loss (``None`` for a dense policy)."""
+        reference = self.reference_logps(batch)  # first: its activations are freed before the policy's exist
+        policy, aux_loss = self.policy_forward(batch)
+        return self.pair_outputs(batch, policy, reference), aux_loss
+
+    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: Tensor | None) -> PairOutputs:
+        """The objective on ``batch`` from the policy's statistics of its sequences and, for objectives with a
+        reference, the reference's ``[rows, sequences per row]`` log-probs."""
         raise NotImplementedError
 
     # ----- steps --------------------------------------------------------------------------------
@@ -274,7 +296,10 @@ class PreferenceModule(LightningModule):
         self._step(batch, "test")
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        outputs = self.with_router_loss(self.pair_outputs(batch))
+        outputs, aux_loss = self.batch_outputs(batch)
+        if aux_loss is not None:  # as transformers' MoE models add it to their language-modelling loss
+            outputs.loss = outputs.loss + self.router_loss_weight(self.policy) * aux_loss
+            outputs.extra["aux_loss"] = aux_loss.detach()
         values, weights = self._metric_values(outputs)
         key = f"{stage}_metrics"
         per_step = stage == "train"
@@ -321,7 +346,7 @@ class PreferenceModule(LightningModule):
         self.stage_metrics["train_metrics"].reset()
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict]:
-        outputs = self.pair_outputs(batch)
+        outputs, _ = self.batch_outputs(batch)
         rows = zip(
             batch["index"].tolist(),
             self._logged_logps(outputs.chosen).tolist(),
@@ -397,14 +422,14 @@ class PreferenceModule(LightningModule):
         if lora and merge:
             model = model.merge_and_unload(safe_merge=True)  # new tensors for the merged layers: no in-place sum
         tokenizer = copy.copy(self.tokenizer)
-        template = self._training_chat_template()
+        template = self.training_chat_template()
         if template is not None:
             tokenizer.chat_template = template
         with writing(path, "the Hugging Face export"):
             model.save_pretrained(path)
             tokenizer.save_pretrained(path)
 
-    def _training_chat_template(self) -> str | None:
+    def training_chat_template(self) -> str | None:
         """The ``chat_template`` the trainer's datamodule renders conversations with, if it sets one."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         chat_template = getattr(datamodule, "_chat_template", None)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from prefmodule.errors import ConfigError
+from prefmodule.logps import SequenceStats
 from prefmodule.losses import cpo_loss, nll_loss
 from prefmodule.modules.base import PairOutputs, PreferenceModule
 
@@ -51,8 +52,8 @@ class CPOModule(PreferenceModule):
             raise ConfigError(str(error)) from None
         self.length_normalized = loss_type in ("ipo", "simpo")
 
-    def pair_outputs(self, batch: dict[str, Tensor]) -> PairOutputs:
-        chosen, rejected = self.sequence_stats(self.policy, batch).split()
+    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: None) -> PairOutputs:
+        chosen, rejected = policy.split()
         losses, chosen_rewards, rejected_rewards = cpo_loss(
             self._logged_logps(chosen), self._logged_logps(rejected), **self.loss_kwargs
         )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from prefmodule.errors import ConfigError
 from prefmodule.logps import SequenceStats
@@ -99,10 +99,13 @@ class DPOModule(ReferenceModule):
     def logps_settings(self) -> dict:
         return {} if self.hparams.ld_alpha is None else {"ld_alpha": self.hparams.ld_alpha}
 
-    def sequence_stats(self, model: nn.Module, batch: dict[str, Tensor], sum_sq_probs: bool = False) -> SequenceStats:
-        """The batch's log-probs; with ``ld_alpha``, LD-DPO's, whose tokens past the pair's public length
-        (its shorter response) count ``ld_alpha``."""
-        stats = super().sequence_stats(model, batch, sum_sq_probs)
+    @property
+    def sum_sq_probs(self) -> bool:
+        return self.hparams.use_weighting
+
+    def scored_stats(self, stats: SequenceStats) -> SequenceStats:
+        """With ``ld_alpha``, LD-DPO's log-probs, whose tokens past the pair's public length (its shorter response)
+        count ``ld_alpha``."""
         if self.hparams.ld_alpha is None:
             return stats
         chosen_lengths, rejected_lengths = stats.lengths.chunk(2)
@@ -110,10 +113,8 @@ class DPOModule(ReferenceModule):
         return dataclasses.replace(stats, logps=ld_logps(stats.logps, stats.prefix_logps(public_lengths),
                                                          self.hparams.ld_alpha))
 
-    def pair_outputs(self, batch: dict[str, Tensor]) -> PairOutputs:
-        reference = self.reference_logps(batch)  # first: its activations are freed before the policy's exist
-        stats = self.sequence_stats(self.policy, batch, sum_sq_probs=self.hparams.use_weighting)
-        chosen, rejected = stats.split()
+    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: Tensor) -> PairOutputs:
+        chosen, rejected = policy.split()
         chosen_logratios = chosen.logps - reference[:, 0]
         rejected_logratios = rejected.logps - reference[:, 1]
         beta, selected, extra = self.beta, None, {}

@@ -80,9 +80,9 @@ class KTOModule(ReferenceModule):
     def sequences_per_index(self, batch: dict[str, Tensor]) -> int:
         return 2 if self.kl_completions or "label" not in batch else 1
 
-    def score_rows(self, batch: dict[str, Tensor]) -> RowScores:
-        reference = self.reference_logps(batch)  # [rows, 2]: (completion, KL completion), or [rows, 1]
-        stats = self.sequence_stats(self.policy, batch)
+    def score_rows(self, batch: dict[str, Tensor], stats: SequenceStats, reference: Tensor) -> RowScores:
+        """KTO on ``batch`` from the policy's ``stats`` of its sequences and the ``reference`` log-probs
+        (``[rows, 2]``: completion, KL completion; or ``[rows, 1]``)."""
         kl = stats.logps.new_zeros(())
         if "label" not in batch:  # pairs: the chosen rows, then the rejected ones
             desirable = torch.arange(len(stats.logps), device=stats.logps.device) < batch["index"].numel()
@@ -100,11 +100,11 @@ class KTOModule(ReferenceModule):
                                    desirable_weight=hp.desirable_weight, undesirable_weight=hp.undesirable_weight)
         return RowScores(losses, rewards, completions, desirable, kl)
 
-    def pair_outputs(self, batch: dict[str, Tensor]) -> PairOutputs:
+    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: Tensor) -> PairOutputs:
         """The batch's loss; ``chosen`` / ``rejected`` hold its desirable / undesirable rows."""
-        rows = self.score_rows(batch)
+        rows = self.score_rows(batch, policy, reference)
         d = rows.desirable
-        return PairOutputs(rows.losses.mean(), select(rows.completions, d), select(rows.completions, ~d),
+        return PairOutputs(rows.losses.mean(), rows.completions.select(d), rows.completions.select(~d),
                            rows.rewards[d], rows.rewards[~d], {"kl": rows.kl})
 
     def _metric_values(self, outputs: PairOutputs) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -117,7 +117,7 @@ class KTOModule(ReferenceModule):
         """Pairs: as every objective (``preferred`` by implicit reward). Unpaired rows: each row's reward."""
         if "label" not in batch:
             return super().predict_step(batch, batch_idx)
-        rows = self.score_rows(batch)
+        rows = self.score_rows(batch, self.sequence_stats(self.policy, batch), self.reference_logps(batch))
         return [
             {"index": index, "label": label, "logps": logps, "reward": reward}
             for index, label, logps, reward in zip(batch["index"].tolist(), rows.desirable.tolist(),
@@ -146,11 +146,6 @@ def training_labels(dataset) -> list[bool] | None:
         return [bool(dataset[i]["label"]) for i in range(len(dataset))]
     except (TypeError, KeyError, IndexError):
         return None
-
-
-def select(stats: SequenceStats, rows: Tensor) -> SequenceStats:
-    """The per-sequence sums of ``rows`` (a bool mask)."""
-    return SequenceStats(stats.logps[rows], stats.lengths[rows], stats.logits[rows])
 
 
 def kto_weight_advice(desirable: int, undesirable: int, desirable_weight: float,

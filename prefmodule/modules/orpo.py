@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from prefmodule.logps import SequenceStats
 from prefmodule.losses import nll_loss, orpo_loss
 from prefmodule.modules.base import PairOutputs, PreferenceModule
 
@@ -22,8 +23,8 @@ class ORPOModule(PreferenceModule):
     def __init__(self, model: str, beta: float = 0.1, **kwargs):
         super().__init__(model=model, beta=beta, **kwargs)
 
-    def pair_outputs(self, batch: dict[str, Tensor]) -> PairOutputs:
-        chosen, rejected = self.sequence_stats(self.policy, batch).split()
+    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: None) -> PairOutputs:
+        chosen, rejected = policy.split()
         odds_losses, log_odds = orpo_loss(chosen.avg_logps, rejected.avg_logps, beta=self.beta)
         nll = nll_loss(chosen.logps, chosen.lengths)
         extra = {

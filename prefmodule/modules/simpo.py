@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from prefmodule.logps import SequenceStats
 from prefmodule.losses import nll_loss, simpo_loss
 from prefmodule.modules.base import PairOutputs, PreferenceModule
 
@@ -26,8 +27,8 @@ class SimPOModule(PreferenceModule):
         super().__init__(model=model, beta=beta, **kwargs)
         self.gamma = gamma
 
-    def pair_outputs(self, batch: dict[str, Tensor]) -> PairOutputs:
-        chosen, rejected = self.sequence_stats(self.policy, batch).split()
+    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: None) -> PairOutputs:
+        chosen, rejected = policy.split()
         losses, chosen_rewards, rejected_rewards = simpo_loss(
             chosen.avg_logps, rejected.avg_logps, beta=self.beta, gamma=self.gamma,
             label_smoothing=self.hparams.label_smoothing,
