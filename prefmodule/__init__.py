@@ -1,8 +1,8 @@
 """prefmodule: Lightning-native preference optimisation (DPO, KTO, ORPO, SimPO, CPO) for Hugging Face causal LMs."""
 
-from prefmodule.callbacks import silence_lightning_tips
+from prefmodule.training.callbacks import silence_lightning_tips
 from prefmodule.data import DataValidationError, PreferenceDataModule
-from prefmodule.modules import (
+from prefmodule.objectives import (
     BetaDPOSettings, CPOModule, DPOModule, KTOModule, ORPOModule, PreferenceModule, ReferenceModule, SimPOModule,
 )
 

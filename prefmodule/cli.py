@@ -13,11 +13,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from prefmodule.checkpoints import resolve_checkpoint
+from prefmodule.training.checkpoints import resolve_checkpoint
 from prefmodule.data import PreferenceDataModule
 from prefmodule.errors import ConfigError, find_user_error, show_traceback
-from prefmodule.loggers import with_csv
-from prefmodule.modules import PreferenceModule
+from prefmodule.outputs.loggers import with_csv
+from prefmodule.objectives import PreferenceModule
 
 
 class PrefCLI(LightningCLI):
@@ -71,7 +71,7 @@ def main(args: list[str] | None = None) -> PrefCLI:
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["report"]:  # not a Lightning subcommand (LightningCLI's are fixed)
-        from prefmodule.report import main as report
+        from prefmodule.outputs.report import main as report
 
         return report(argv[1:])
     traceback = show_traceback(argv)

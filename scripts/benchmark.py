@@ -7,6 +7,11 @@ its peak memory is its own:
 
     python scripts/benchmark.py --json benchmark.json --markdown BENCHMARKS.md
     python scripts/benchmark.py --device cuda --preset qwen2-0.5b --dtype bf16 --max-length 2048
+    python scripts/benchmark.py --model smollm2 --data sharegpt --objectives dpo --batch-size 4 --max-length 1024
+
+``--model`` takes a pretrained folder (``smollm2``: SmolLM2-135M-Instruct from the package index, see
+``scripts/real_assets.py``) instead of a random model; ``--data sharegpt`` real conversations (ShareGPT) as
+pairs, tokenised by ``PreferenceDataModule`` with the model's tokenizer and chat template, in file order.
 
 Per run: median step time after warm-up (the wall time between consecutive optimizer steps, data
 loading and logging included), tokens/s over non-pad tokens, peak memory (process RSS on CPU,
@@ -67,6 +72,8 @@ TARGETS = {
 @dataclass
 class Settings:
     preset: str = "small-llama"
+    model: str | None = None  # a pretrained folder ("smollm2": SmolLM2-135M-Instruct) instead of the preset
+    data: str = "synthetic"  # or "sharegpt": real conversational pairs
     model_overrides: dict = field(default_factory=dict)  # config fields laid over the preset
     steps: int = 10  # timed optimizer steps
     warmup_steps: int = 2  # untimed steps before them (at least 1: a timed step starts where one ended)
@@ -86,7 +93,18 @@ class Settings:
     repeats: int = 1  # runs of each (framework, objective), interleaved; the fastest is kept
 
     def model_config(self) -> dict:
+        if self.model:
+            return json.loads(Path(pretrained_folder(self.model), "config.json").read_text())
         return {**PRESETS[self.preset], **self.model_overrides, "max_position_embeddings": self.max_length}
+
+
+def pretrained_folder(model: str) -> str:
+    if model != "smollm2":
+        return model
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from real_assets import smollm2_folder
+
+    return smollm2_folder()
 
 
 # ----- model and data ------------------------------------------------------------------------------
@@ -125,6 +143,23 @@ def synthetic_pairs(count: int, vocab_size: int, max_length: int, seed: int) -> 
         pairs.append({"index": index, "prompt_ids": tokens(prompt),
                       "chosen_ids": tokens(chosen - 1) + [EOS_ID], "rejected_ids": tokens(rejected - 1) + [EOS_ID]})
     return pairs
+
+
+def sharegpt_pairs(count: int, model_dir: str, max_length: int) -> list[dict]:
+    """The first ``count`` ShareGPT conversational pairs (of 1,000) that ``PreferenceDataModule`` keeps, tokenised as
+    prefmodule trains on them (the model's chat template; prompts cut to half of ``max_length``, keeping their end,
+    responses to the rest), in file order."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    from real_assets import sharegpt_pairs as fetch_pairs
+
+    from prefmodule import PreferenceDataModule
+
+    with tempfile.TemporaryDirectory() as cache:
+        data = PreferenceDataModule(train=fetch_pairs(max(count, 1000)), tokenizer=model_dir, max_length=max_length,
+                                    max_prompt_length=max_length // 2, cache_dir=cache, tokenize_workers=1)
+        data.setup("fit")
+        dataset = data.datasets["train"]
+        return [dataset[i] for i in range(count)]
 
 
 def batches(pairs: list[dict], batch_size: int) -> list[list[dict]]:
@@ -404,15 +439,22 @@ def benchmark(settings: Settings, profile_dir: str | None = None) -> dict:
     if "trl" in frameworks and util.find_spec("trl") is None:
         print("benchmark: trl is not installed, so prefmodule runs alone")
         frameworks.remove("trl")
-    pairs = synthetic_pairs((settings.warmup_steps + settings.steps) * settings.batch_size,
-                            settings.model_config()["vocab_size"], settings.max_length, settings.seed)
-    dtype = torch.bfloat16 if settings.dtype == "bf16" else torch.float32
-    throughputs = [matmul_throughput(settings.device, dtype)]
+    count = (settings.warmup_steps + settings.steps) * settings.batch_size
     runs = {}
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        parameters = build_model(settings, work / "model")
+        if settings.model:
+            (work / "model").symlink_to(Path(pretrained_folder(settings.model)).resolve())
+            parameters = count_parameters(work / "model")
+        else:
+            parameters = build_model(settings, work / "model")
+        if settings.data == "sharegpt":
+            pairs = sharegpt_pairs(count, str(work / "model"), settings.max_length)
+        else:
+            pairs = synthetic_pairs(count, settings.model_config()["vocab_size"], settings.max_length, settings.seed)
         (work / "pairs.json").write_text(json.dumps(pairs))
+        dtype = torch.bfloat16 if settings.dtype == "bf16" else torch.float32
+        throughputs = [matmul_throughput(settings.device, dtype)]
         for repeat in range(settings.repeats):
             for objective in settings.objectives:
                 for framework in frameworks:
@@ -424,6 +466,14 @@ def benchmark(settings: Settings, profile_dir: str | None = None) -> dict:
                     throughputs.append(matmul_throughput(settings.device, dtype))
     runs = [fastest(framework, objective, results) for (framework, objective), results in runs.items()]
     return summarise(settings, parameters, pairs, runs, throughputs)
+
+
+def count_parameters(folder: Path) -> int:
+    """Parameters of a saved model (a tied head counted once), from its safetensors header."""
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as handle:
+        return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
 
 
 def fastest(framework: str, objective: str, results: list[dict]) -> dict:
@@ -498,7 +548,7 @@ def summarise(settings: Settings, parameters: int, pairs: list[dict], runs: list
 def targets(settings: Settings, runs: list[dict]) -> list[dict]:
     """The issue's targets, judged only at the shape they were set for."""
     def shape(s: Settings) -> tuple:
-        return s.preset, s.model_overrides, s.device, s.dtype, s.batch_size, s.max_length
+        return s.preset, s.model, s.data, s.model_overrides, s.device, s.dtype, s.batch_size, s.max_length
 
     if shape(settings) != shape(Settings()):
         return []
@@ -575,12 +625,15 @@ def markdown(summary: dict, command: str) -> str:
         lines += [f"| {t['objective']} {t['ratio']} | {t['target']} | {t['reached']:.2f} | {'yes' if t['met'] else 'no'} |"
                   for t in summary["targets"]]
     config, data, m = summary["model_config"], summary["data"], summary["machine"]
+    origin = f"pretrained `{s['model']}`" if s["model"] else "random init"
+    described = (f"{data['pairs']} ShareGPT conversational pairs (chat template of the model)" if s["data"] == "sharegpt"
+                 else f"{data['pairs']} synthetic pairs, log-normal lengths")
     lines += [
         "",
-        f"- Model: {config['model_type']} random init, {summary['parameters'] / 1e6:.2f}M parameters, vocab "
+        f"- Model: {config['model_type']} {origin}, {summary['parameters'] / 1e6:.2f}M parameters, vocab "
         f"{config['vocab_size']}, hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, heads "
         f"{config['num_attention_heads']}/{config['num_key_value_heads']} kv, intermediate {config['intermediate_size']}.",
-        f"- Data: {data['pairs']} synthetic pairs, log-normal lengths, sequence tokens median "
+        f"- Data: {described}, sequence tokens median "
         f"{data['sequence_tokens_median']:.0f}, max {data['sequence_tokens_max']} (max_length {s['max_length']}); "
         f"non-pad tokens per timed step: {summary['data']['non_pad_tokens_per_step'][s['warmup_steps']:]}.",
         f"- Settings: {s['batch_size']} pairs per step, {s['steps']} timed steps after {s['warmup_steps']} warm-up, "
@@ -616,6 +669,9 @@ def write_markdown(path: Path, text: str, section: str) -> None:
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small-llama")
+    parser.add_argument("--model", help="a pretrained folder instead of the preset's random model; smollm2: "
+                        "SmolLM2-135M-Instruct from the package index")
+    parser.add_argument("--data", choices=["synthetic", "sharegpt"], default="synthetic")
     for flag, key in (("--vocab-size", "vocab_size"), ("--hidden-size", "hidden_size"),
                       ("--intermediate-size", "intermediate_size"), ("--layers", "num_hidden_layers"),
                       ("--heads", "num_attention_heads"), ("--kv-heads", "num_key_value_heads")):
@@ -648,7 +704,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     overrides = {key: getattr(args, key) for key in ("vocab_size", "hidden_size", "intermediate_size",
                  "num_hidden_layers", "num_attention_heads", "num_key_value_heads") if getattr(args, key) is not None}
     settings = Settings(
-        preset=args.preset, model_overrides=overrides, steps=args.steps, warmup_steps=args.warmup_steps,
+        preset=args.preset, model=args.model, data=args.data, model_overrides=overrides, steps=args.steps, warmup_steps=args.warmup_steps,
         batch_size=args.batch_size, max_length=args.max_length, device=args.device, dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing, objectives=args.objectives, frameworks=args.frameworks,
         lr=args.lr, max_grad_norm=args.max_grad_norm, logps_chunk_size=args.logps_chunk_size,

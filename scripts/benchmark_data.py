@@ -84,7 +84,7 @@ def run_trl(spec: dict) -> dict:
     import datasets
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    from prefmodule.hf import load_tokenizer
+    from prefmodule.models.loading import load_tokenizer
 
     datasets.disable_progress_bars()
     tokenizer = load_tokenizer(TOKENIZER)

@@ -57,7 +57,7 @@ def samples_off_unless_marked(request, monkeypatch):
         return
     import inspect
 
-    from prefmodule.modules.base import PreferenceModule
+    from prefmodule.objectives.base import PreferenceModule
 
     init = PreferenceModule.__init__
     names = [p.name for p in inspect.signature(init).parameters.values() if p.default is not inspect.Parameter.empty]

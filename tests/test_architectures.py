@@ -12,8 +12,8 @@ from transformers import (
 )
 
 from prefmodule import DPOModule, ORPOModule, PreferenceDataModule
-from prefmodule.attention import VARLEN_SDPA
-from prefmodule.logps import LogitsTransform
+from prefmodule.models.attention import VARLEN_SDPA
+from prefmodule.models.logps import LogitsTransform
 from prefmodule.paths import resolve
 
 from conftest import TINY_MODEL, write_jsonl

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from prefmodule import ORPOModule, PreferenceDataModule
-from prefmodule.attention import VARLEN_SDPA, enable_packed_attention, packed_inputs
+from prefmodule.models.attention import VARLEN_SDPA, enable_packed_attention, packed_inputs
 from prefmodule.paths import resolve
 
 TINY_MODEL = "asset://tiny-llama"

@@ -7,10 +7,10 @@ import pytest
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
 from prefmodule import DPOModule, ORPOModule
-from prefmodule.checkpoints import RunCheckpoint
+from prefmodule.training.checkpoints import RunCheckpoint
 from prefmodule.cli import main
 from prefmodule.errors import ConfigError, MissingFileError
-from prefmodule.guard import NonFiniteGuard
+from prefmodule.training.guard import NonFiniteGuard
 from prefmodule.paths import resolve
 
 from conftest import TINY_MODEL

@@ -173,7 +173,7 @@ def test_an_error_inside_fit_on_every_rank_prints_once(tmp_path, small_data):
     done = run_command([sys.executable, "-m", "prefmodule"], *fit_args(
         "orpo.yaml", tmp_path, *small_data, "--model=test_guard.PoisonedORPO", "--model.poisoned=[2]",
         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.limit_val_batches=0",
-        "--trainer.callbacks+=prefmodule.guard.NonFiniteGuard", "--trainer.callbacks.max_in_a_row=1"), *QUIET)
+        "--trainer.callbacks+=prefmodule.training.guard.NonFiniteGuard", "--trainer.callbacks.max_in_a_row=1"), *QUIET)
     assert done.returncode == 3, done.stderr[-3000:]
     (line,) = [line for line in done.stderr.splitlines() if "prefmodule: error:" in line]
     assert line.startswith("prefmodule: error: training stopped: the loss or gradient norm was non-finite")

@@ -11,7 +11,7 @@ import yaml
 
 from prefmodule import CPOModule, PreferenceDataModule
 from prefmodule.errors import ConfigError
-from prefmodule.losses import alphapo_rewards, cpo_loss, nll_loss
+from prefmodule.objectives.losses import alphapo_rewards, cpo_loss, nll_loss
 
 from conftest import TINY_MODEL
 from test_logps import a_batch

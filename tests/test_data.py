@@ -10,7 +10,7 @@ from prefmodule.data.datamodule import PreferenceDataModule, split_positions
 from prefmodule.data.formats import DataValidationError, extract_prompt
 from prefmodule.data.tokenize import tokenize_pair, tokenize_pairs
 from prefmodule.errors import ConfigError
-from prefmodule.hf import load_tokenizer
+from prefmodule.models.loading import load_tokenizer
 
 from conftest import TINY_MODEL, read_jsonl, write_jsonl
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from prefmodule.data.formats import DataValidationError
-from prefmodule.hf import load_tokenizer
+from prefmodule.models.loading import load_tokenizer
 from prefmodule.paths import resolve
 
 from test_data import GOOD, pairs_of, setup_fit, summary

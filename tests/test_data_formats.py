@@ -7,7 +7,7 @@ import pytest
 
 from prefmodule.data.formats import DataValidationError
 from prefmodule.data.llamafactory import alpaca_text
-from prefmodule.hf import load_tokenizer
+from prefmodule.models.loading import load_tokenizer
 
 from conftest import TINY_MODEL, write_jsonl
 from test_data import GOOD_CHAT, assert_same_ids, pairs_of, setup_fit, summary, trl_prepare

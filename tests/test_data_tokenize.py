@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from prefmodule.data.records import Pair
 from prefmodule.data.tokenize import Encoder, Limits, tokenize_records
-from prefmodule.hf import load_tokenizer
+from prefmodule.models.loading import load_tokenizer
 
 from conftest import TINY_MODEL
 from test_data import assert_same_ids, trl_prepare

@@ -13,7 +13,7 @@ from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.formats import DataValidationError
 from prefmodule.data.samplers import ChunkBatchSampler, EpochSampler
 from prefmodule.errors import DataError
-from prefmodule.hf import load_tokenizer
+from prefmodule.models.loading import load_tokenizer
 
 from conftest import TINY_MODEL, write_jsonl
 from test_data import GOOD, summary

@@ -16,7 +16,7 @@ import lightning as L
 import pytest
 import torch
 
-from prefmodule.checkpoints import newest_checkpoint
+from prefmodule.training.checkpoints import newest_checkpoint
 from prefmodule.cli import main
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -71,7 +71,7 @@ def fit_args(root, train, *extra):
     return ["fit", "--config", str(CONFIGS / "orpo.yaml"), f"--trainer.default_root_dir={root}",
             f"--data.train={train}",
             "--data.batch_size=4", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
-            "--trainer.enable_progress_bar=false", "--trainer.callbacks+=prefmodule.checkpoints.RunCheckpoint",
+            "--trainer.enable_progress_bar=false", "--trainer.callbacks+=prefmodule.training.checkpoints.RunCheckpoint",
             "--trainer.callbacks.every_steps=2", *extra]
 
 

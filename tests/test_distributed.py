@@ -19,11 +19,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from prefmodule import DPOModule, ORPOModule, PreferenceDataModule, SimPOModule
-from prefmodule.checkpoints import newest_checkpoint
+from prefmodule.training.checkpoints import newest_checkpoint
 from prefmodule.cli import main
 from prefmodule.paths import resolve
-from prefmodule.attention import VARLEN_SDPA
-from prefmodule.strategies import decoder_layer_classes, decoder_layer_policy, is_sharded, load_model
+from prefmodule.models.attention import VARLEN_SDPA
+from prefmodule.models.sharding import decoder_layer_classes, decoder_layer_policy, is_sharded, load_model
 
 from conftest import TINY_MODEL, write_jsonl
 
@@ -344,7 +344,7 @@ def test_strategy_configs_parse_on_top_of_any_objective(name, strategy, capsys):
     settings = config["trainer"]["strategy"]["init_args"]
     if name == "fsdp":
         assert settings["auto_wrap_policy"] == settings["activation_checkpointing_policy"] == \
-            "prefmodule.strategies.decoder_layer_policy"
+            "prefmodule.models.sharding.decoder_layer_policy"
 
 
 def test_decoder_layers_come_from_the_model_itself():

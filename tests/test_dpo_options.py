@@ -11,8 +11,8 @@ import torch
 
 from prefmodule import DPOModule, PreferenceDataModule
 from prefmodule.cli import main
-from prefmodule.logps import SequenceStats, per_sequence
-from prefmodule.losses import (
+from prefmodule.models.logps import SequenceStats, per_sequence
+from prefmodule.objectives.losses import (
     SCORE_LOSS_TYPES, beta_dpo_beta, beta_dpo_filter, beta_dpo_running_stats, dpo_loss, f_divergence_score, ld_logps,
     wpo_weights,
 )

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prefmodule import ORPOModule, PreferenceDataModule
 from prefmodule.errors import ConfigError
 from prefmodule.paths import resolve
-from prefmodule.strategies import cpu_copy
+from prefmodule.models.sharding import cpu_copy
 
 from conftest import TINY_MODEL, write_jsonl
 from test_logps import a_batch

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from prefmodule import ORPOModule, PreferenceDataModule
 from prefmodule.cli import main
 from prefmodule.errors import NonFiniteError
-from prefmodule.guard import NonFiniteGuard
+from prefmodule.training.guard import NonFiniteGuard
 
 from conftest import TINY_MODEL
 
@@ -73,8 +73,8 @@ def test_diverging_fit_stops_non_finite_names_the_last_good_checkpoint_and_expor
             "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--model.lr_schedule=constant",
             "--model.warmup=0",
             "--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=1e30",
-            "--trainer.callbacks+=prefmodule.checkpoints.RunCheckpoint", "--trainer.callbacks.every_steps=1",
-            "--trainer.callbacks+=prefmodule.guard.NonFiniteGuard", "--trainer.callbacks.max_in_a_row=3"]
+            "--trainer.callbacks+=prefmodule.training.checkpoints.RunCheckpoint", "--trainer.callbacks.every_steps=1",
+            "--trainer.callbacks+=prefmodule.training.guard.NonFiniteGuard", "--trainer.callbacks.max_in_a_row=3"]
     with pytest.raises(SystemExit) as exit_:
         main(args)
     captured = capsys.readouterr()

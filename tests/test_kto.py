@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prefmodule import KTOModule, PreferenceDataModule
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.tokenize import tokenize_pair
-from prefmodule.losses import kto_kl, kto_loss
-from prefmodule.modules.kto import kto_weight_advice
+from prefmodule.objectives.losses import kto_kl, kto_loss
+from prefmodule.objectives.kto import kto_weight_advice
 from prefmodule.paths import resolve
-from prefmodule.reference import SoftUpdate
+from prefmodule.reference.modes import SoftUpdate
 
 from conftest import TINY_MODEL, write_jsonl
 from test_logps import packed

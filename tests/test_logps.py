@@ -9,7 +9,7 @@ from transformers import (
 from prefmodule import ORPOModule
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.tokenize import tokenize_pair
-from prefmodule.logps import (
+from prefmodule.models.logps import (
     IGNORE_INDEX, LinearLogSoftmax, LogitsTransform, chunked_sequence_stats, head_logits_transform, is_plain_linear,
     sequence_stats,
 )

@@ -1,4 +1,4 @@
-"""Tests for prefmodule.losses: hand-computed values, analytic gradients, ORPO stability, TRL parity."""
+"""Tests for prefmodule.objectives.losses: hand-computed values, analytic gradients, ORPO stability, TRL parity."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from prefmodule.losses import (
+from prefmodule.objectives.losses import (
     DPO_LOSS_TYPES,
     DPO_LOSSES,
     dpo_loss,

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from prefmodule import DPOModule, PreferenceDataModule
 from prefmodule.errors import ConfigError
-from prefmodule.modelcard import HubSettings, write_model_card
+from prefmodule.outputs.modelcard import HubSettings, write_model_card
 
 from conftest import TINY_MODEL
 
@@ -70,7 +70,7 @@ def test_hub_settings_need_a_repository_id():
 
 def test_each_objective_cites_its_own_paper():
     from prefmodule import CPOModule, KTOModule
-    from prefmodule.modelcard import _objective
+    from prefmodule.outputs.modelcard import _objective
 
     def cited(module):
         family, (name, _, arxiv) = _objective(module)

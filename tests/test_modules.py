@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from prefmodule import DPOModule, ORPOModule, PreferenceDataModule, SimPOModule
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.tokenize import tokenize_pair
-from prefmodule.logps import sequence_stats
+from prefmodule.models.logps import sequence_stats
 
 from conftest import TINY_MODEL
 

@@ -21,7 +21,9 @@ STAND_INS = {  # the recipe's model -> a tiny config of its architecture (tied a
     "google/gemma-2-2b-it": lambda: Gemma2Config(**DECODER, head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
                                                  final_logit_softcapping=30.0, tie_word_embeddings=True),
     "meta-llama/Llama-3.1-8B-Instruct": lambda: LlamaConfig(**DECODER),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": lambda: LlamaConfig(**DECODER, tie_word_embeddings=True),
 }
+ON_A_CPU = {"smollm2-135m-dpo-cpu.yaml"}  # the recipes that run on a CPU: float32, shorter pairs
 ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.max_steps=2", "--trainer.max_epochs=1",
           "--trainer.accumulate_grad_batches=1",
           "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
@@ -44,7 +46,7 @@ def recipe_names():
 
 def test_the_recipes_cover_the_models_people_start_with():
     models = {yaml.safe_load((RECIPES / name).read_text())["model"]["init_args"]["model"] for name in recipe_names()}
-    assert models == STAND_INS.keys() and len(recipe_names()) == 5
+    assert models == STAND_INS.keys() and len(recipe_names()) == 6
 
 
 @pytest.mark.parametrize("name", recipe_names())
@@ -53,8 +55,12 @@ def test_recipe_parses_with_the_fields_hyperparameters(name, capsys):
         main(["fit", "--config", str(RECIPES / name), "--print_config"])
     config = yaml.safe_load(capsys.readouterr().out)
     model = config["model"]["init_args"]
-    assert config["trainer"]["precision"] == "bf16-mixed" and model["gradient_checkpointing"] is True
-    assert config["data"]["max_length"] == 2048
+    if name in ON_A_CPU:
+        assert config["trainer"]["accelerator"] == "cpu" and config["trainer"]["precision"] == "32-true"
+        assert config["data"]["max_length"] == 1024 and config["data"]["batch_size"] == 4
+    else:
+        assert config["trainer"]["precision"] == "bf16-mixed" and model["gradient_checkpointing"] is True
+        assert config["data"]["max_length"] == 2048
     if model["lora"]:
         assert model["lr"] == 5e-6 and model["lora"]["r"] == 16
     if config["model"]["class_path"] == "prefmodule.DPOModule":

@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from prefmodule.cli import main
-from prefmodule.report import read_metrics
+from prefmodule.outputs.report import read_metrics
 
 COLUMNS = ["train/loss", "val/loss", "train/rewards/accuracies", "val/rewards/accuracies", "train/rewards/margins",
            "val/rewards/margins", "train/rewards/chosen", "train/rewards/rejected", "train/logps/chosen",

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefmodule.checkpoints import PARTIAL, checkpoint_problem, newest_checkpoint, run_checkpoints
+from prefmodule.training.checkpoints import PARTIAL, checkpoint_problem, newest_checkpoint, run_checkpoints
 from prefmodule.cli import main
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -61,7 +61,7 @@ def fit_args(root, train, *extra):
             f"--data.train={train}",
             "--data.batch_size=4", "--trainer.max_steps=10", "--trainer.limit_val_batches=0", "--model.lr=1e-3",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            "--trainer.callbacks+=prefmodule.checkpoints.RunCheckpoint", "--trainer.callbacks.every_steps=3", *extra]
+            "--trainer.callbacks+=prefmodule.training.checkpoints.RunCheckpoint", "--trainer.callbacks.every_steps=3", *extra]
 
 
 def steps_of(log: Path) -> list:
@@ -245,7 +245,7 @@ def test_checkpoints_hold_plain_data_only(tmp_path, small_data):
 def test_the_module_brings_its_checkpoints_unless_the_trainer_has_its_own():
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from prefmodule.checkpoints import BestCheckpoint, RunCheckpoint, default_checkpoints
+    from prefmodule.training.checkpoints import BestCheckpoint, RunCheckpoint, default_checkpoints
 
     def kinds(**settings):
         return [type(cb) for cb in default_checkpoints(L.Trainer(logger=False, **settings))]

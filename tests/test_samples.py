@@ -11,11 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prefmodule import DPOModule, ORPOModule, PreferenceDataModule
-from prefmodule.callbacks import SampleWriter
+from prefmodule.training.callbacks import SampleWriter
 from prefmodule.cli import main
 from prefmodule.errors import ConfigError
 from prefmodule.paths import resolve
-from prefmodule.samples import SampleSettings
+from prefmodule.outputs.samples import SampleSettings
 
 from conftest import TINY_MODEL, read_jsonl
 

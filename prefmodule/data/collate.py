@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from prefmodule.logps import IGNORE_INDEX
+from prefmodule.models.logps import IGNORE_INDEX
 
 
 class PreferenceCollator:

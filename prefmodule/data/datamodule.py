@@ -28,7 +28,7 @@ from prefmodule.data.samplers import (
 from prefmodule.data.sources import find_sources
 from prefmodule.data.tokenize import Encoder, TruncationMode
 from prefmodule.errors import ConfigError, DataError
-from prefmodule.hf import load_tokenizer
+from prefmodule.models.loading import load_tokenizer
 from prefmodule.paths import resolve
 
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}

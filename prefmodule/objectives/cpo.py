@@ -8,14 +8,14 @@ import torch
 from torch import Tensor
 
 from prefmodule.errors import ConfigError
-from prefmodule.logps import SequenceStats
-from prefmodule.losses import cpo_loss, nll_loss
-from prefmodule.modules.base import PairOutputs, PreferenceModule
+from prefmodule.models.logps import SequenceStats
+from prefmodule.objectives.losses import cpo_loss, nll_loss
+from prefmodule.objectives.base import PairOutputs, PreferenceModule
 
 
 class CPOModule(PreferenceModule):
     """Contrastive Preference Optimization: ``L = -log sigmoid(beta * (logp_w - logp_l)) + cpo_alpha * NLL(y_w)``,
-    and the hinge, IPO and SimPO forms of TRL's ``CPOTrainer`` (see ``prefmodule.losses.cpo_loss``).
+    and the hinge, IPO and SimPO forms of TRL's ``CPOTrainer`` (see ``prefmodule.objectives.losses.cpo_loss``).
 
     Args:
         beta: scale of the reward margin (TRL's default 0.1).

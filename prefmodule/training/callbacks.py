@@ -16,8 +16,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from prefmodule.loggers import log_samples_table, metrics_location
-from prefmodule.samples import SampleSettings, generate_samples, held_out_pairs
+from prefmodule.outputs.loggers import log_samples_table, metrics_location
+from prefmodule.outputs.samples import SampleSettings, generate_samples, held_out_pairs
 
 
 def log_dir(trainer: Trainer) -> str:
@@ -43,7 +43,7 @@ def silence_lightning_tips() -> None:
 
 class SampleWriter(Callback):
     """At the start of ``fit`` and at each validation in it, the policy completes a few held-out prompts of
-    the validation data (see :class:`~prefmodule.samples.SampleSettings`): rows appended to
+    the validation data (see :class:`~prefmodule.outputs.samples.SampleSettings`): rows appended to
     ``<log dir>/samples.jsonl`` (``step``, ``index``, ``prompt``, ``message``, ``completion``, ``reward``,
     ``chosen``, ``rejected``), shown as a table by the loggers that take one, and the first one printed (a chat
     prompt by its last user message).
@@ -152,8 +152,8 @@ class FitSummary(Callback):
         self._start = time.perf_counter()
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from prefmodule.modelcard import push_to_hub, write_model_card
-        from prefmodule.report import write_report
+        from prefmodule.outputs.modelcard import push_to_hub, write_model_card
+        from prefmodule.outputs.report import write_report
 
         run_dir = log_dir(trainer)
         hf_dir = os.path.join(run_dir, "hf_model")

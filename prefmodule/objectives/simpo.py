@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from prefmodule.logps import SequenceStats
-from prefmodule.losses import nll_loss, simpo_loss
-from prefmodule.modules.base import PairOutputs, PreferenceModule
+from prefmodule.models.logps import SequenceStats
+from prefmodule.objectives.losses import nll_loss, simpo_loss
+from prefmodule.objectives.base import PairOutputs, PreferenceModule
 
 
 class SimPOModule(PreferenceModule):

@@ -13,7 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from prefmodule.checkpoints import newest_checkpoint
+from prefmodule.training.checkpoints import newest_checkpoint
 from prefmodule.errors import ConfigError, NonFiniteError
 
 

@@ -21,7 +21,7 @@ def require(ok: bool, option: str, value: Any, allowed: str) -> None:
 
 def check_settings(beta: float, lr: float, weight_decay: float, warmup: float, logps_chunk_size: int, dtype: str,
                    attn_implementation: str | None) -> None:
-    """The numeric and named settings every :class:`~prefmodule.modules.PreferenceModule` takes."""
+    """The numeric and named settings every :class:`~prefmodule.objectives.PreferenceModule` takes."""
     require(_finite(beta) and beta > 0, "beta", beta, "must be > 0 (the objective's temperature or weight; DPO "
             "typically 0.1)")
     require(_finite(lr) and lr > 0, "lr", lr, "must be > 0 (the peak learning rate, e.g. 5e-7 for DPO on a 7B model)")

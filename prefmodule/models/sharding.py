@@ -18,8 +18,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
-from prefmodule.attention import enable_packed_attention
-from prefmodule.hf import empty_causal_lm, load_causal_lm, prepare_empty, stand_in, stream_weights
+from prefmodule.models.attention import enable_packed_attention
+from prefmodule.models.loading import empty_causal_lm, load_causal_lm, prepare_empty, stand_in, stream_weights
 
 
 def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
@@ -52,7 +52,7 @@ def load_model(name_or_path: str, strategy: Strategy | None, dtype: str = "float
     """A causal LM ready for ``strategy``, its attention switched to per-sequence SDPA for packed batches
     when a probe allows it. Under FSDP2 (``ModelParallelStrategy``) it is built on the meta device, sharded,
     and each rank reads only its shards from the safetensors files, so no rank holds the whole model
-    (:func:`prefmodule.hf.empty_causal_lm`; a checkpoint whose names need converting is loaded whole, then
+    (:func:`prefmodule.models.loading.empty_causal_lm`; a checkpoint whose names need converting is loaded whole, then
     sharded); the probe runs on a small stand-in. Otherwise it is loaded whole, for Lightning's strategy to
     place. ``frozen``: no gradients, eval mode (a reference model).
     """
@@ -72,7 +72,7 @@ def load_model(name_or_path: str, strategy: Strategy | None, dtype: str = "float
 def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:
     """Under ``ModelParallelStrategy``, shard a causal LM with FSDP2 in place (and return it); otherwise,
     or if it is sharded already, leave it as is. A model built on the meta device is then filled from its
-    safetensors files, each rank its own shards (:func:`prefmodule.hf.stream_weights`).
+    safetensors files, each rank its own shards (:func:`prefmodule.models.loading.stream_weights`).
 
     Units: each decoder layer, the rest of the decoder (final norm, and the embeddings unless tied) and the
     LM head; a head tied to the input embeddings shares one unit with them, so the tie holds. Each may be

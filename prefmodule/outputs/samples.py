@@ -15,7 +15,7 @@ from torch import nn
 
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.errors import ConfigError
-from prefmodule.generation import generate
+from prefmodule.models.generation import generate
 
 SEED = 0  # sampling (temperature > 0) draws the same random numbers at every call
 

@@ -14,20 +14,20 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import get_scheduler
 
-from prefmodule.attention import enable_packed_attention, packed_inputs, takes_sequence_bounds
-from prefmodule.checkpoints import restore_data_position
-from prefmodule.checks import check_causal_lm, check_settings, check_source
+from prefmodule.models.attention import enable_packed_attention, packed_inputs, takes_sequence_bounds
+from prefmodule.training.checkpoints import restore_data_position
+from prefmodule.models.checks import check_causal_lm, check_settings, check_source
 from prefmodule.errors import ConfigError, writing
-from prefmodule.guard import check_finite_weights, default_guard, step_skipped
-from prefmodule.hf import (
+from prefmodule.training.guard import check_finite_weights, default_guard, step_skipped
+from prefmodule.models.loading import (
     empty_causal_lm, load_balancing_loss, load_causal_lm, load_tokenizer, lora_arguments, lora_config, router_aux_loss_coef,
     router_logits_kwargs, stand_in,
 )
-from prefmodule.logps import SequenceStats, chunked_sequence_stats, head_logits_transform, sequence_stats
-from prefmodule.metrics import PreferenceMetrics
-from prefmodule.modelcard import HubSettings
-from prefmodule.samples import SampleSettings
-from prefmodule.strategies import cpu_copy, finish_forward, gather_unsharded, is_sharded, reshard, shard
+from prefmodule.models.logps import SequenceStats, chunked_sequence_stats, head_logits_transform, sequence_stats
+from prefmodule.objectives.metrics import PreferenceMetrics
+from prefmodule.outputs.modelcard import HubSettings
+from prefmodule.outputs.samples import SampleSettings
+from prefmodule.models.sharding import cpu_copy, finish_forward, gather_unsharded, is_sharded, reshard, shard
 
 STAGES = ("train", "val", "test")
 PROGRESS_BAR_METRICS = ("loss", "rewards/accuracies")
@@ -83,10 +83,10 @@ class PreferenceModule(LightningModule):
         export_merged: with ``lora``, the export merges the adapters into the base weights; ``False`` saves the
             adapters alone (``adapter_model.safetensors``, loaded with ``peft.AutoPeftModelForCausalLM``).
         samples: completions of held-out prompts at the start of ``fit`` and at each validation
-            (``{num_prompts, max_new_tokens, temperature}``, see :class:`~prefmodule.samples.SampleSettings`); ``None``
+            (``{num_prompts, max_new_tokens, temperature}``, see :class:`~prefmodule.outputs.samples.SampleSettings`); ``None``
             turns them off.
         push_to_hub: upload the exported model to this Hub repository after ``fit`` (``{repo_id, private}``, see
-            :class:`~prefmodule.modelcard.HubSettings`).
+            :class:`~prefmodule.outputs.modelcard.HubSettings`).
     """
 
     length_normalized = False  # log ``logps/*`` as per-token averages (ORPO, SimPO) or sums (DPO)
@@ -391,8 +391,8 @@ class PreferenceModule(LightningModule):
     def configure_callbacks(self):
         from lightning.pytorch.callbacks import LearningRateMonitor
 
-        from prefmodule.callbacks import FitSummary, PredictionWriter, SampleWriter, Throughput
-        from prefmodule.checkpoints import default_checkpoints
+        from prefmodule.training.callbacks import FitSummary, PredictionWriter, SampleWriter, Throughput
+        from prefmodule.training.checkpoints import default_checkpoints
 
         callbacks = [SampleWriter(self.samples)] if self.samples is not None else []  # first: before the clocks start
         callbacks += [Throughput(), FitSummary(), PredictionWriter(self.predictions_path)]

@@ -11,10 +11,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from prefmodule.errors import ConfigError
-from prefmodule.logps import SequenceStats
-from prefmodule.losses import KTO_LOSS_TYPES, kto_kl, kto_loss
-from prefmodule.modules.base import PairOutputs
-from prefmodule.modules.reference import ReferenceModule
+from prefmodule.models.logps import SequenceStats
+from prefmodule.objectives.losses import KTO_LOSS_TYPES, kto_kl, kto_loss
+from prefmodule.objectives.base import PairOutputs
+from prefmodule.reference.module import ReferenceModule
 
 
 @dataclass
@@ -34,7 +34,7 @@ class KTOModule(ReferenceModule):
     ``kto``: a desirable row's loss is ``w_D * (1 - sigmoid(beta * (r - z0)))``, an undesirable one's
     ``w_U * (1 - sigmoid(beta * (z0 - r)))``, with ``r`` the log-ratio to the reference and ``z0`` the
     batch's KL estimate from each prompt paired with the previous row's completion (see
-    ``prefmodule.losses.kto_loss``, ``kto_kl``). ``apo_zero_unpaired`` drops ``z0`` (no KL completions).
+    ``prefmodule.objectives.losses.kto_loss``, ``kto_kl``). ``apo_zero_unpaired`` drops ``z0`` (no KL completions).
 
     Batches (built by the datamodule, which reads ``unpaired`` and ``kl_completions`` from this module):
     sequences ``0..n-1`` are prompt + completion, ``n..2n-1`` (with ``kl_completions``) prompt + KL

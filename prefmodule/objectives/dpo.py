@@ -10,12 +10,12 @@ import torch
 from torch import Tensor
 
 from prefmodule.errors import ConfigError
-from prefmodule.logps import SequenceStats
-from prefmodule.losses import (
+from prefmodule.models.logps import SequenceStats
+from prefmodule.objectives.losses import (
     beta_dpo_beta, beta_dpo_filter, beta_dpo_running_stats, dpo_loss, ld_logps, nll_loss, wpo_weights,
 )
-from prefmodule.modules.base import PairOutputs
-from prefmodule.modules.reference import ReferenceModule
+from prefmodule.objectives.base import PairOutputs
+from prefmodule.reference.module import ReferenceModule
 
 
 @dataclass
@@ -37,14 +37,14 @@ class DPOModule(ReferenceModule):
 
     Args:
         beta: strength of the implicit KL penalty towards the reference (typical 0.1).
-        loss_type: one name, or a list combined with ``loss_weights`` (see ``prefmodule.losses``).
+        loss_type: one name, or a list combined with ``loss_weights`` (see ``prefmodule.objectives.losses``).
         label_smoothing: assumed label-noise rate ``eps`` (cDPO with ``sigmoid``, ``robust``, ``exo_pair``, ``aot``).
         sft_weight: weight of an added NLL term on the chosen response (RPO); 0 turns it off.
         discopop_tau: temperature of the ``discopop`` loss.
         use_weighting: WPO (Zhou et al., 2024, arXiv 2406.11827): weigh each pair by how likely the policy is
-            to generate it, per token (``prefmodule.losses.wpo_weights``), as TRL's ``use_weighting``.
+            to generate it, per token (``prefmodule.objectives.losses.wpo_weights``), as TRL's ``use_weighting``.
         ld_alpha: LD-DPO (Liu et al., 2024, arXiv 2409.06411): response tokens past the shorter response of the
-            pair count with this weight in every log-prob, policy and reference (``prefmodule.losses.ld_logps``).
+            pair count with this weight in every log-prob, policy and reference (``prefmodule.objectives.losses.ld_logps``).
         f_divergence_type, f_alpha_divergence_coef: f-DPO (Wang et al., 2023, arXiv 2309.16240): the divergence
             from the reference the loss regularises (``reverse_kl`` is DPO), as TRL's options of these names.
         dpop_lambda: DPO-Positive (Pal et al., 2024, arXiv 2402.13228): penalise the chosen log-prob falling

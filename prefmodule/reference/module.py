@@ -1,5 +1,5 @@
 """The base of objectives scored against a frozen reference model (DPO, KTO): Lightning's hooks wired to
-one :class:`prefmodule.reference.Reference`."""
+one :class:`prefmodule.reference.modes.Reference`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Literal
 from torch import Tensor, nn
 
 from prefmodule.errors import ConfigError
-from prefmodule.modules.base import PreferenceModule
-from prefmodule.reference import REFERENCES, default_cache_dir, make_reference
+from prefmodule.objectives.base import PreferenceModule
+from prefmodule.reference.modes import REFERENCES, default_cache_dir, make_reference
 
 
 class ReferenceModule(PreferenceModule):

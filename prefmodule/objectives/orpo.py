@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from prefmodule.logps import SequenceStats
-from prefmodule.losses import nll_loss, orpo_loss
-from prefmodule.modules.base import PairOutputs, PreferenceModule
+from prefmodule.models.logps import SequenceStats
+from prefmodule.objectives.losses import nll_loss, orpo_loss
+from prefmodule.objectives.base import PairOutputs, PreferenceModule
 
 
 class ORPOModule(PreferenceModule):

@@ -42,12 +42,12 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from prefmodule.attention import enable_packed_attention
+from prefmodule.models.attention import enable_packed_attention
 from prefmodule.errors import ConfigError
-from prefmodule.hf import load_causal_lm
+from prefmodule.models.loading import load_causal_lm
 from prefmodule.paths import resolve
 from prefmodule.progress import progress
-from prefmodule.strategies import shard
+from prefmodule.models.sharding import shard
 
 CACHE_FORMAT = 1
 REFERENCES = ("copy", "adapter", "precomputed", "sync")

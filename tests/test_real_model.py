@@ -1,0 +1,86 @@
+"""A real pretrained chat model: SmolLM2-135M-Instruct, converted once from the package index
+(``scripts/real_assets.py``; ChatML, ``pad_token`` = ``eos_token`` = ``<|im_end|>``, tied embeddings). DPO, ORPO and
+KTO train a few steps on the shipped conversational data; every response's end token is trained, the model still
+ends its answers with it, and the export reloads and still knows the capital of France. Minutes on 2 CPU cores:
+``slow``; skipped, with the reason, where the package index cannot be reached."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prefmodule.cli import main
+from prefmodule.models.generation import end_tokens, generate
+
+from conftest import read_jsonl
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+from real_assets import Unavailable, smollm2_folder  # noqa: E402
+
+pytestmark = pytest.mark.slow
+CONVERSATIONS = "asset://demo/conversational.jsonl"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return smollm2_folder()
+    except Unavailable as error:
+        pytest.skip(f"SmolLM2-135M-Instruct cannot be made here: {error}")
+
+
+def answers(folder: str, conversations: list[list[dict]], max_new_tokens: int = 96):
+    """Greedy completions of ``conversations`` by the model saved in ``folder`` (token ids), its tokenizer and model."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+               for c in conversations]
+    return generate(model, tokenizer, prompts, max_new_tokens), tokenizer, model
+
+
+def test_the_converted_model_is_smollm2_instruct(smollm2):
+    completions, tokenizer, model = answers(smollm2, [QUESTION], max_new_tokens=24)
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.num_parameters() == 134_515_008
+    assert "Paris" in tokenizer.decode(completions[0]) and completions[0][-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("objective", ["DPOModule", "ORPOModule", "KTOModule"])
+def test_fit_trains_the_end_token_keeps_it_and_the_export_still_knows_paris(objective, smollm2, tmp_path):
+    cli = main(["fit", f"--model=prefmodule.{objective}", f"--model.model={smollm2}", "--model.lr=1e-6",
+                "--model.warmup=0", f"--data.train={CONVERSATIONS}", f"--data.val={CONVERSATIONS}",
+                "--data.batch_size=2", "--data.max_length=256", "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+                "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={tmp_path}", "--model.samples.num_prompts=2",
+                "--model.samples.max_new_tokens=32"])
+    trainer, module = cli.trainer, cli.model
+    assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["val/loss"])
+
+    # Every response of a training batch ends with <|im_end|> among its trained (labelled) tokens, once.
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    sequences = module.sequences_per_index(batch) * batch["index"].numel()
+    eos = module.tokenizer.eos_token_id
+    assert eos == module.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert int((batch["labels"] == eos).sum()) == sequences
+
+    # The samples show each chat prompt by its last user message.
+    rows = read_jsonl(CONVERSATIONS)
+    samples = read_jsonl(f"{trainer.log_dir}/samples.jsonl")
+    last_messages = {row["prompt"][-1]["content"] for row in rows}
+    assert samples and all(sample["message"] in last_messages for sample in samples)
+
+    # The export is the trained policy, ends its answers with <|im_end|> and knows the capital of France.
+    exported = f"{trainer.log_dir}/hf_model"
+    with safe_open(f"{exported}/model.safetensors", "pt") as moved, safe_open(f"{smollm2}/model.safetensors",
+                                                                                "pt") as start:
+        name = "model.layers.0.mlp.down_proj.weight"
+        assert not torch.equal(moved.get_tensor(name), start.get_tensor(name))
+    questions = [QUESTION] + [[row["prompt"][-1]] for row in rows[:3]]
+    completions, tokenizer, model = answers(exported, questions)
+    assert "Paris" in tokenizer.decode(completions[0])
+    stops = end_tokens(model, tokenizer)
+    assert all(completion[-1] in stops for completion in completions), [tokenizer.decode(c) for c in completions]
