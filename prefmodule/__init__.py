@@ -1,15 +1,16 @@
 """prefmodule: Lightning-native preference optimisation (DPO, KTO, ORPO, SimPO, CPO) for Hugging Face causal LMs."""
 
-from prefmodule.training.callbacks import silence_lightning_tips
-from prefmodule.data import DataValidationError, PreferenceDataModule
+from prefmodule.data import BatchFormat, DataValidationError, PreferenceDataModule
 from prefmodule.objectives import (
-    BetaDPOSettings, CPOModule, DPOModule, KTOModule, ORPOModule, PreferenceModule, ReferenceModule, SimPOModule,
+    BetaDPOSettings, CPOModule, DPOModule, KTOModule, ORPOModule, PreferenceModule, SimPOModule,
 )
+from prefmodule.outputs.loggers import silence_lightning_tips
+from prefmodule.reference import ReferenceModule
 
 silence_lightning_tips()
 
 __version__ = "0.1.0"
 __all__ = [
-    "BetaDPOSettings", "CPOModule", "DPOModule", "DataValidationError", "KTOModule", "ORPOModule",
+    "BatchFormat", "BetaDPOSettings", "CPOModule", "DPOModule", "DataValidationError", "KTOModule", "ORPOModule",
     "PreferenceDataModule", "PreferenceModule", "ReferenceModule", "SimPOModule",
 ]

@@ -6,60 +6,15 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
 
 import torch
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from prefmodule.training.checkpoints import resolve_checkpoint
 from prefmodule.data import PreferenceDataModule
-from prefmodule.errors import ConfigError, find_user_error, show_traceback
-from prefmodule.outputs.loggers import with_csv
+from prefmodule.errors import find_user_error, show_traceback
 from prefmodule.objectives import PreferenceModule
-
-
-class PrefCLI(LightningCLI):
-    """Any :class:`PreferenceModule` subclass as ``model`` (``--model=prefmodule.DPOModule``) and the
-    one fixed :class:`PreferenceDataModule` as ``data`` (``--data.train=...``).
-
-    Metrics always go to ``<default_root_dir>/lightning_logs/version_N/metrics.csv`` (the run's folder), also
-    with other loggers (``--trainer.logger=WandbLogger``, ...), unless ``--trainer.logger=false``.
-    ``--ckpt_path=last`` resumes from the newest complete checkpoint under ``default_root_dir``; checkpoints
-    load with ``weights_only=True`` (no code in them runs) unless ``--weights_only=false``.
-    """
-
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if "weights_only" in self._subcommand_method_arguments[subcommand]:
-            parser.set_defaults(weights_only=True)
-        return parser
-
-    def _parse_ckpt_path(self) -> None:
-        subcommand = self.config.get("subcommand")
-        if subcommand:
-            config = self.config[subcommand]
-            root = config.trainer.get("default_root_dir") or os.getcwd()
-            config.ckpt_path = resolve_checkpoint(config.get("ckpt_path"), root)
-        super()._parse_ckpt_path()  # lays the checkpoint's hyperparameters over the configuration
-
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except Exception as error:
-            cause = _root_cause(error)
-            if find_user_error(error) is None and isinstance(cause, (ValueError, MisconfigurationException)):
-                # a constructor refused a value of the configuration (Lightning's Trainer, a transformers class)
-                raise ConfigError(str(cause)) from error
-            raise
-
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
-        logger = config.get("logger")
-        if logger is not False:
-            loggers = [] if logger in (None, True) else list(logger) if isinstance(logger, (list, tuple)) else [logger]
-            config["logger"] = with_csv(loggers, config.get("default_root_dir") or os.getcwd())
-        return super()._instantiate_trainer(config, callbacks)
+from prefmodule.training.cli import PrefCLI
 
 
 def main(args: list[str] | None = None) -> PrefCLI:
@@ -110,12 +65,6 @@ def main(args: list[str] | None = None) -> PrefCLI:
         torch.distributed.barrier()  # every rank done (rank 0 may still be writing the export)
         torch.distributed.destroy_process_group()
     return cli
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
 
 
 def console() -> None:

@@ -9,10 +9,12 @@ shows the traceback of a user error too.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 class UserError(Exception):
@@ -46,6 +48,17 @@ class NonFiniteError(UserError, ArithmeticError):
 
     exit_code = 3
     on_every_rank = True
+
+
+def require(ok: bool, option: str, value: Any, allowed: str) -> None:
+    """Raise a :class:`ConfigError` ``<option>=<value>: <allowed>.`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{option}={value!r}: {allowed}.")
+
+
+def finite(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def show_traceback(argv: list[str] | None = None) -> bool:

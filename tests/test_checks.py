@@ -75,7 +75,7 @@ def test_a_tokenizer_without_eos_is_refused(tokenizer_without_eos, capsys, tmp_p
     (dict(dtype="float8"), "model.dtype='float8': must be one of ['float32', 'bfloat16', 'float16']"),
     (dict(attn_implementation="fast"), "model.attn_implementation='fast': must be one of ['eager', "),
     (dict(lora={"r": 0}), "model.lora.r=0: must be a whole number >= 1"),
-    (dict(lora={"r": 4, "dropout": 1.0}), "model.lora.lora_dropout=1.0: must be in [0, 1)"),
+    (dict(lora={"r": 4, "lora_dropout": 1.0}), "model.lora.lora_dropout=1.0: must be in [0, 1)"),
     (dict(lora={"rank": 4}), "model.lora: ['rank'] are not peft.LoraConfig arguments"),
     (dict(model=""), "model.model='': must be a model folder"),
 ])

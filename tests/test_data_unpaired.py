@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from prefmodule.data import PreferenceDataModule
+from prefmodule.data import BatchFormat, PreferenceDataModule
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.formats import DataValidationError
 from prefmodule.data.samplers import ChunkBatchSampler, EpochSampler
@@ -247,23 +247,12 @@ def test_a_paired_objective_refuses_unpaired_data(tmp_path, capsys):
     assert "and ORPOModule trains on pairs (prompt, chosen, rejected)" in capsys.readouterr().err
 
 
-class Unpaired(L.LightningModule):
-    """What the datamodule reads from the module being trained (KTO sets these)."""
-
-    unpaired = True
-    kl_completions = True
-
-    def __init__(self):
-        super().__init__()
-        self.tokenizer = load_tokenizer(TINY_MODEL)
-
-
-def test_shape_follows_the_trained_module_and_predict_keeps_pairs(tmp_path, demo_rows):
+def test_shape_follows_the_connected_objective_and_predict_keeps_pairs(tmp_path, demo_rows):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", demo_rows[:3])
     rows = write_jsonl(tmp_path / "rows.jsonl", unpaired_rows(demo_rows, 3))
     data = PreferenceDataModule(train=pairs, val=rows, predict=pairs, cache_dir=str(tmp_path / "cache"), batch_size=2)
     data.trainer = L.Trainer(logger=False)
-    data.trainer.strategy.connect(Unpaired())
+    data.connect(BatchFormat(load_tokenizer(TINY_MODEL), unpaired=True, kl_completions=True))  # what KTO says
     assert data.unpaired() and data.kl_completions()
     data.setup("fit")
     assert len(data.datasets["train"]) == 6 and "kl_completion_ids" in data.datasets["train"][0]

@@ -23,7 +23,7 @@ from prefmodule.training.checkpoints import newest_checkpoint
 from prefmodule.cli import main
 from prefmodule.paths import resolve
 from prefmodule.models.attention import VARLEN_SDPA
-from prefmodule.models.sharding import decoder_layer_classes, decoder_layer_policy, is_sharded, load_model
+from prefmodule.models.sharding import decoder_layer_classes, decoder_layer_policy, is_sharded
 
 from conftest import TINY_MODEL, write_jsonl
 
@@ -358,8 +358,10 @@ def test_decoder_layers_come_from_the_model_itself():
         decoder_layer_classes(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def test_load_model_gives_a_frozen_reference_that_attends_per_sequence():
-    reference = load_model(TINY_MODEL, None, frozen=True)  # no FSDP2: loaded whole, for Lightning to place
+def test_a_reference_loaded_from_its_source_is_frozen_and_attends_per_sequence():
+    module = DPOModule(model=TINY_MODEL, ref_model=TINY_MODEL)
+    module.configure_model()  # no FSDP2: loaded whole, for Lightning to place
+    reference = module.ref_model
     assert not reference.training and not any(p.requires_grad for p in reference.parameters())
     assert reference.config._attn_implementation == VARLEN_SDPA and not is_sharded(reference)
 

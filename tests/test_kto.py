@@ -241,7 +241,7 @@ def test_sync_reference_is_kept_saved_and_updated():
 
 def test_adapter_reference_is_the_base_model(rows):
     train, _ = rows
-    adapter = KTOModule(model=TINY_MODEL, lora={"r": 4, "alpha": 8}, reference="adapter")
+    adapter = KTOModule(model=TINY_MODEL, lora={"r": 4, "lora_alpha": 8}, reference="adapter")
     copy = KTOModule(model=TINY_MODEL)
     for module in (adapter, copy):
         module.configure_model()
@@ -254,7 +254,7 @@ def test_adapter_reference_is_the_base_model(rows):
     assert adapter.reference_logps(batch).shape == (4, 2) and adapter.ref_model is None
     with torch.no_grad():
         outputs = adapter.batch_outputs(batch)[0]
-    assert outputs.chosen_rewards.abs().min() > 1e-4  # the adapters moved the policy from its reference
+    assert outputs.desirable_rewards.abs().min() > 1e-4  # the adapters moved the policy from its reference
 
 
 def test_apo_zero_unpaired_needs_no_kl_rows_padded_or_packed(rows):
@@ -267,7 +267,7 @@ def test_apo_zero_unpaired_needs_no_kl_rows_padded_or_packed(rows):
     with torch.no_grad():
         padded, in_one_row = module.batch_outputs(batch)[0], module.batch_outputs(packed(batch) | {"label": batch["label"]})[0]
     torch.testing.assert_close(in_one_row.loss, padded.loss, rtol=1e-5, atol=1e-6)
-    assert padded.chosen_rewards.numel() == 2 and padded.extra["kl"] == 0
+    assert padded.desirable_rewards.numel() == 2 and padded.extra["kl"] == 0
 
 
 def test_predict_scores_pairs_and_rows(rows, demo_rows):

@@ -234,7 +234,7 @@ def test_throughput_counts_pairs_tokens_and_model_flops(tmp_path, small_data):
 
 
 def test_flops_per_token_with_lora_and_an_adapter_reference():
-    from prefmodule.training.callbacks import flops_per_token
+    from prefmodule.training.throughput import flops_per_token
 
     module = DPOModule(model=TINY_MODEL, lora={"r": 4}, reference="adapter", samples=None)
     module.configure_model()

@@ -78,7 +78,7 @@ def test_chunked_saves_no_vocabulary_sized_tensor_for_backward(plain_and_chunked
         shapes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
             module.sequence_stats(module.policy, batch)
-        saved_vocab_rows[module.logps_chunk_size] = max(
+        saved_vocab_rows[module.model_settings.logps_chunk_size] = max(
             (s.numel() // vocab for s in shapes if s and s[-1] == vocab), default=0)
     assert saved_vocab_rows == {0: rows * (length - 1), 7: 0}  # chunks are recomputed, not saved
 

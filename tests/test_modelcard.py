@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from prefmodule import DPOModule, PreferenceDataModule
 from prefmodule.errors import ConfigError
-from prefmodule.outputs.modelcard import HubSettings, write_model_card
+from prefmodule.outputs.hub import HubSettings
+from prefmodule.outputs.modelcard import write_model_card
 
 from conftest import TINY_MODEL
 
@@ -54,7 +55,7 @@ def test_fit_writes_the_card_and_pushes_model_and_card(tmp_path, small_data, mon
     AutoModelForCausalLM.from_pretrained(hf_dir)  # the card sits next to a loadable model
 
     # Hub ids become metadata; local paths stay out of it.
-    module.model_name = "meta-llama/Llama-3.2-1B"
+    module.model_settings.model = "meta-llama/Llama-3.2-1B"
     data.groups = PreferenceDataModule(train=["HuggingFaceH4/ultrafeedback_binarized?split=train_prefs",
                                               small_data[0]], val=small_data[1]).groups
     card = RepoCard.load(write_model_card(str(tmp_path / "card"), module, trainer))

@@ -32,7 +32,7 @@ def test_plain_trainer_fit(module_class, tmp_path, small_data):
     module = module_class(model=TINY_MODEL, lr=1e-3)
     data = PreferenceDataModule(train=train, val=val, batch_size=4)
     trainer(tmp_path).fit(module, datamodule=data)
-    assert data.tokenizer is module.tokenizer  # the datamodule borrowed the model's tokenizer
+    assert data.get_tokenizer() is module.tokenizer  # the datamodule was given the model's tokenizer (connect)
     assert (tmp_path / "lightning_logs" / "version_0" / "hf_model" / "config.json").is_file()
     results = trainer(tmp_path).validate(module, datamodule=data)[0]
     scored = [row for batch in trainer(tmp_path).predict(module, datamodule=data) for row in batch]
@@ -128,7 +128,7 @@ def test_hf_export_loads_and_gives_same_logps(tmp_path, demo_rows):
 
 def test_lora_trains_only_adapters_and_export_merges(tmp_path, small_data):
     train, val = small_data
-    module = ORPOModule(model=TINY_MODEL, lr=1e-2, lora={"r": 4, "alpha": 8})
+    module = ORPOModule(model=TINY_MODEL, lr=1e-2, lora={"r": 4, "lora_alpha": 8})
     trainer(tmp_path).fit(module, datamodule=PreferenceDataModule(train=train, val=val, batch_size=4))
     trainable = [n for n, p in module.policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)

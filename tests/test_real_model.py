@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prefmodule.cli import main
 from prefmodule.models.generation import end_tokens, generate
 
+from prefmodule.paths import resolve
+
 from conftest import read_jsonl
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
@@ -68,7 +70,7 @@ def test_fit_trains_the_end_token_keeps_it_and_the_export_still_knows_paris(obje
     assert int((batch["labels"] == eos).sum()) == sequences
 
     # The samples show each chat prompt by its last user message.
-    rows = read_jsonl(CONVERSATIONS)
+    rows = read_jsonl(resolve(CONVERSATIONS))
     samples = read_jsonl(f"{trainer.log_dir}/samples.jsonl")
     last_messages = {row["prompt"][-1]["content"] for row in rows}
     assert samples and all(sample["message"] in last_messages for sample in samples)

@@ -49,7 +49,7 @@ def test_incompatible_reference_settings_fail_at_construction(kwargs, message):
 
 
 def test_adapter_reference_equals_a_separate_copy_of_the_base(demo_rows):
-    lora = {"r": 4, "alpha": 8, "dropout": 0.5}
+    lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.5}
     adapter = DPOModule(model=TINY_MODEL, lora=lora, reference="adapter")
     separate = DPOModule(model=TINY_MODEL, lora=lora, reference="copy")
     for module in (adapter, separate):

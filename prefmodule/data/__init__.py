@@ -1,4 +1,5 @@
+from prefmodule.data.contract import BatchFormat
 from prefmodule.data.datamodule import PreferenceDataModule
 from prefmodule.data.formats import DataValidationError
 
-__all__ = ["DataValidationError", "PreferenceDataModule"]
+__all__ = ["BatchFormat", "DataValidationError", "PreferenceDataModule"]

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from prefmodule.data import cache
 from prefmodule.data.checks import check_arguments
 from prefmodule.data.collate import PreferenceCollator
+from prefmodule.data.contract import BatchFormat
 from prefmodule.data.dataset import PairDataset, Table, UnpairedDataset
 from prefmodule.data.formats import (
     DETECTION_ROWS, BadRow, DataValidationError, Format, PairsFromRatings, describe, make_checker,
@@ -31,7 +32,7 @@ from prefmodule.errors import ConfigError, DataError
 from prefmodule.models.loading import load_tokenizer
 from prefmodule.paths import resolve
 
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+SPLITS_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 DataSpec = str | list[str | dict[str, Any]] | dict[str, Any] | None
 
 
@@ -44,9 +45,12 @@ class PreferenceDataModule(LightningDataModule):
     list of ``{path, weight, format, columns, tags, pairs_from_ratings}`` sources, each read with its own
     settings and, with weights, drawn by weight every training epoch (see :mod:`prefmodule.data.mixture`).
 
-    What a batch holds follows the module being trained: pairs (DPO, ORPO, SimPO, ...), or, for a module with
-    ``unpaired = True`` (KTO), unpaired rows (a paired file gives two rows per pair), with a KL completion per
-    row when the module's ``kl_completions`` is True. See :class:`~prefmodule.data.collate.PreferenceCollator`.
+    What a batch holds follows the objective being trained, which says what it needs through :meth:`connect` (a
+    :class:`~prefmodule.data.contract.BatchFormat`: its tokenizer, pairs or unpaired rows, KL completions, packed
+    batches); every prefmodule module connects its trainer's datamodule once its models are set up. Pairs (DPO,
+    ORPO, SimPO, ...), or for KTO unpaired rows (a paired file gives two rows per pair), with a KL completion per
+    row. See :class:`~prefmodule.data.collate.PreferenceCollator`. Without a connection (data alone, or another
+    module) the datamodule's own settings say it: ``tokenizer`` is then needed.
 
     Each batch holds ``index``, every item's row number among all rows of its split's sources (bad and dropped
     rows included), so results map back to the data; an unpaired row made of a pair's rejected response has
@@ -63,7 +67,7 @@ class PreferenceDataModule(LightningDataModule):
         eval_batch_size: pairs per evaluation batch; defaults to ``batch_size``.
         max_length: most tokens of ``prompt + response``; longer responses are cut at the end, and a pair whose
             prompt leaves no room for a response is dropped (and counted).
-        tokenizer: path or hub id; by default the model's tokenizer.
+        tokenizer: path or hub id; by default the connected objective's (the model's).
         on_bad_rows: ``error`` stops before training on any malformed row (listing the first 20 by file, line or
             row, and field), ``skip`` trains on the good rows and reports the same list.
         num_workers: DataLoader worker processes.
@@ -77,14 +81,15 @@ class PreferenceDataModule(LightningDataModule):
         group_by_length: batch pairs of similar length together (less padding); still shuffled every epoch.
         padding_free: pack each batch into one row without padding (``position_ids`` restart per sequence);
             same log-probs as padded batches, less compute and memory. ``None`` (default): pack when the
-            module's models attend to packed rows per sequence (``sdpa`` and flash-attention models), else pad.
+            connected objective's models attend to packed rows per sequence (``sdpa`` and flash-attention
+            models), else pad.
         pad_to_multiple_of: round the padded width up to a multiple of this.
         cache_dir: where tokenised data is cached (default ``~/.cache/prefmodule/data``), keyed by the data's
             content, the tokenizer and these settings.
         tags: ShareGPT key and role names, LLaMA-Factory's ``tags`` (``{role_tag: from, user_tag: human, ...}``).
         pairs_from_ratings: how rated completions become a pair: ``best_worst`` or ``best_random``.
-        unpaired: batches of unpaired rows (True) or pairs (False); default: the module's ``unpaired``.
-        kl_completions: unpaired rows carry KL completions; default: the module's ``kl_completions``.
+        unpaired: batches of unpaired rows (True) or pairs (False); default: the connected objective's.
+        kl_completions: unpaired rows carry KL completions; default: the connected objective's.
         tokenize_workers: threads tokenising in parallel (default: the usable cores, at most 8).
     """
 
@@ -121,74 +126,91 @@ class PreferenceDataModule(LightningDataModule):
         self.save_hyperparameters(ignore=["tokenizer"] if isinstance(tokenizer, PreTrainedTokenizerBase) else None)
         self.groups = check_arguments(self.hparams, tokenizer)
         self.tokenizer = tokenizer
+        self.batch_format: BatchFormat | None = None  # what the connected objective needs
         self.datasets: dict[str, PairDataset | UnpairedDataset | list] = {}
         self._loaded: dict[str, Table] = {}  # by cache key: each source is read and reported once
 
-    def resolve_tokenizer(self) -> PreTrainedTokenizerBase:
-        """The given tokenizer, else the one of the module being trained."""
-        if isinstance(self.tokenizer, PreTrainedTokenizerBase):
-            return self.tokenizer
-        if self.tokenizer is not None:
-            self.tokenizer = load_tokenizer(self.tokenizer)
-            return self.tokenizer
-        module = self._module()
-        if module is None or getattr(module, "tokenizer", None) is None:
-            raise ConfigError("PreferenceDataModule needs a tokenizer: pass `tokenizer=` or attach it to a Trainer "
-                              "with a prefmodule module.")
-        self.tokenizer = module.tokenizer
-        return self.tokenizer
+    # ----- the objective's needs ----------------------------------------------------------------------------
+    def connect(self, batch_format: BatchFormat) -> str | None:
+        """Take what the objective being trained needs (its tokenizer, pairs or unpaired rows, KL completions,
+        packed batches); this datamodule's own settings of the same take precedence. Returns the chat template
+        conversations are rendered with when ``chat_template`` is set (``None``: the tokenizer's own), which
+        the export saves with the tokenizer. Datasets built for another format are built again."""
+        if batch_format != self.batch_format:
+            self.datasets.clear()
+        self.batch_format = batch_format
+        return self.chat_template()
 
-    # ----- what the module being trained asks for --------------------------------------------------------------
-    def _module(self):
-        return self.trainer.lightning_module if self.trainer is not None else None
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer: the ``tokenizer`` setting, else the connected objective's."""
+        if isinstance(self.tokenizer, str):
+            self.tokenizer = load_tokenizer(self.tokenizer)
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.batch_format is None:
+            raise ConfigError("PreferenceDataModule needs a tokenizer: pass `tokenizer=`, or connect it to the "
+                              "objective being trained (a prefmodule module connects its trainer's datamodule).")
+        return self.batch_format.tokenizer
 
     def unpaired(self) -> bool:
-        """Whether items are unpaired rows: ``unpaired``, or when unset, the trained module's ``unpaired``."""
-        if self.hparams.unpaired is not None:
-            return self.hparams.unpaired
-        return bool(getattr(self._module(), "unpaired", False))
+        """Whether items are unpaired rows: ``unpaired``, or when unset, the connected objective's."""
+        return self._setting("unpaired", "unpaired")
 
     def kl_completions(self) -> bool:
-        if self.hparams.kl_completions is not None:
-            return self.hparams.kl_completions
-        return bool(getattr(self._module(), "kl_completions", False))
+        return self._setting("kl_completions", "kl_completions")
 
     def packs(self) -> bool:
-        """Whether batches are packed: ``padding_free``, or when unset, what the trained module's models allow."""
-        if self.hparams.padding_free is not None:
-            return self.hparams.padding_free
-        return bool(getattr(self._module(), "packed_attention", False))
+        """Whether batches are packed: ``padding_free``, or when unset, what the connected objective's models allow."""
+        return self._setting("padding_free", "packed")
+
+    def _setting(self, name: str, need: str) -> bool:
+        own = self.hparams[name]
+        return own if own is not None else bool(self.batch_format is not None and getattr(self.batch_format, need))
+
+    def _ready(self) -> bool:
+        """Whether the items' format is settled: connected, or nothing will connect (no trainer attached)."""
+        return self.batch_format is not None or (self.trainer is None and self.tokenizer is not None)
 
     # ----- Lightning hooks ---------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Read, validate, tokenise and cache the data of the current stage, once per node, before ``setup``."""
-        if self.trainer is not None and self.trainer.state.fn is not None:
-            for split in STAGE_SPLITS[self.trainer.state.fn.value]:
-                if found := self._data_of(split):
-                    self._tables(*found, self._items_unpaired(*found, split))
+        """Read, validate, tokenise and cache the data of the current stage, once per node, before ``setup``;
+        before a connection, the first dataloader does it."""
+        if self._ready() and self.trainer is not None and self.trainer.state.fn is not None:
+            self._prepare(SPLITS_OF_STAGE[self.trainer.state.fn.value])
 
     def setup(self, stage: str) -> None:
-        for split in STAGE_SPLITS[stage]:
-            self.datasets[split] = self._dataset(split, optional=stage == "fit" and split == "val")
+        if self._ready():
+            for split in SPLITS_OF_STAGE[stage]:
+                self.datasets[split] = self._dataset(split, optional=stage == "fit" and split == "val")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Count the training batches that reach the model: the position a mid-epoch checkpoint resumes from."""
-        loader = self.trainer.train_dataloader if self.trainer is not None and self.trainer.training else None
-        if isinstance(loader, ResumableLoader):
-            loader.trained += 1
-        return batch
-
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val") if self.datasets.get("val") else []
+        return self._loader("val") if self._split("val", optional=True) else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
+
+    def _split(self, split: str, optional: bool = False) -> PairDataset | UnpairedDataset | list:
+        """The split's dataset, built on first use: tokenised once per node (the other ranks wait, then read the
+        cache) when the connection came after Lightning's ``prepare_data``."""
+        if split not in self.datasets:
+            trainer = self.trainer
+            if trainer is not None and trainer.world_size > 1:
+                if trainer.local_rank == 0:
+                    self._prepare([split])
+                trainer.strategy.barrier("prefmodule.data_prepared")
+            self.datasets[split] = self._dataset(split, optional=optional)
+        return self.datasets[split]
+
+    def _prepare(self, splits) -> None:
+        for split in splits:
+            if found := self._data_of(split):
+                self._tables(*found, self._items_unpaired(*found, split))
 
     # ----- data --------------------------------------------------------------------------------------------
     def _data_of(self, split: str) -> tuple[list[SourceGroup], str] | None:
@@ -267,9 +289,9 @@ class PreferenceDataModule(LightningDataModule):
     def _table(self, group: SourceGroup, kind: str, unpaired: bool) -> Table:
         """One group's tokenised items: from the cache, or read, validated, tokenised and cached."""
         hp = self.hparams
-        tokenizer = self.resolve_tokenizer()
+        tokenizer = self.get_tokenizer()
         sources = find_sources(list(group.names), "train" if kind == "train" else "test")
-        chat_template = self._chat_template()
+        chat_template = self.chat_template()
         options = group.settings(self._settings_defaults())
         seed = hp.seed if options["pairs_from_ratings"] == "best_random" else 0  # only a random draw depends on it
         settings = Settings(**options, seed=seed, max_length=hp.max_length,
@@ -297,8 +319,7 @@ class PreferenceDataModule(LightningDataModule):
     def _tokenize(self, sources, settings: Settings, encoder: Encoder, label: str, cache_dir: str, key: str):
         """Stream the rows into a new cache entry; where it cannot be written, into memory for this run."""
         hp = self.hparams
-        module = self._module()
-        objective = type(module).__name__ if module is not None else "a paired objective"
+        objective = self.batch_format.objective if self.batch_format is not None else "a paired objective"
 
         def run(columns):
             try:
@@ -346,7 +367,7 @@ class PreferenceDataModule(LightningDataModule):
             rank_zero_info(f"prefmodule data: skipped {meta['bad_count']} bad rows of {kind}:\n  "
                            f"{describe(bad, meta['bad_count'])}")
 
-    def _chat_template(self) -> str | None:
+    def chat_template(self) -> str | None:
         """The ``chat_template`` setting as Jinja text: given inline, or read from the file it names."""
         template = self.hparams.chat_template
         if template is None or "{{" in template or "{%" in template:
@@ -371,7 +392,7 @@ class PreferenceDataModule(LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         hp = self.hparams
-        dataset = self.datasets[split]
+        dataset = self._split(split)
         size = hp.batch_size if split == "train" else (hp.eval_batch_size or hp.batch_size)
         shard = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
         ranks = dict(num_replicas=shard.get("num_replicas", 1), rank=shard.get("rank", 0))
@@ -388,7 +409,7 @@ class PreferenceDataModule(LightningDataModule):
             self._report_mixture(mixture)
         return ResumableLoader(
             dataset, batch_sampler=batches, num_workers=hp.num_workers,
-            collate_fn=PreferenceCollator(self.resolve_tokenizer().pad_token_id, hp.pad_to_multiple_of, self.packs()),
+            collate_fn=PreferenceCollator(self.get_tokenizer().pad_token_id, hp.pad_to_multiple_of, self.packs()),
             persistent_workers=hp.num_workers > 0,
         )
 

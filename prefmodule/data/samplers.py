@@ -181,9 +181,9 @@ class ResumableLoader(DataLoader):
     """A DataLoader Lightning can resume mid-epoch (it saves ``state_dict`` in every checkpoint).
 
     Its state is the epoch and how many of its batches were trained (``trained``, counted by whoever
-    consumes them: :class:`PreferenceDataModule` counts in ``on_before_batch_transfer``, not here,
-    since Lightning fetches a batch ahead). Resumed in the same epoch, the rest of that epoch's
-    batches come in their original order, as if training had never stopped.
+    consumes them: :class:`prefmodule.training.resume.DataPosition`, not here, since Lightning fetches a
+    batch ahead). Resumed in the same epoch, the rest of that epoch's batches come in their original
+    order, as if training had never stopped.
     """
 
     # Class defaults, not ``__init__``: Lightning rebuilds DataLoaders from their constructor arguments.

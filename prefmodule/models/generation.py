@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prefmodule.models.loading import router_logits_kwargs
+from prefmodule.models.moe import router_logits_kwargs
 
 
 def end_tokens(model: nn.Module, tokenizer) -> set[int]:

@@ -1,27 +1,23 @@
-"""Loading Hugging Face models and tokenizers from a local path, an ``asset://`` name or a hub id; LoRA
-settings; the MoE router loss; models built empty whose weights stream in from their safetensors files."""
+"""Loading Hugging Face models and tokenizers from a local path, an ``asset://`` name or a hub id; models built
+empty whose weights stream in from their safetensors files; small stand-ins of an architecture for probes."""
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 import math
 import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants
 from torch import nn
 from transformers import (
     AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase,
 )
 
 from prefmodule.errors import ConfigError
+from prefmodule.models.settings import ModelSettings
 from prefmodule.paths import resolve
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Names the LoRA settings had before they became peft.LoraConfig's own.
-OLD_LORA_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -37,15 +33,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                   attn_implementation: str | None = None) -> PreTrainedModel:
-    """Load a causal LM with float32 weights by default (Lightning's precision flag handles mixed precision)."""
-    return _from_pretrained(AutoModelForCausalLM, name_or_path, **_model_kwargs(dtype, trust_remote_code,
-                                                                                attn_implementation))
+def load_causal_lm(name_or_path: str, settings: ModelSettings) -> PreTrainedModel:
+    """Load a causal LM in ``settings.dtype`` (float32 by default: Lightning's precision flag handles mixed
+    precision), with its remote code and attention as ``settings`` say."""
+    return _from_pretrained(AutoModelForCausalLM, name_or_path, **settings.load_kwargs())
 
 
-def empty_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                    attn_implementation: str | None = None) -> PreTrainedModel | None:
+def empty_causal_lm(name_or_path: str, settings: ModelSettings) -> PreTrainedModel | None:
     """The model of ``name_or_path`` built on the meta device (no memory for its weights), to be sharded
     and then filled from its safetensors files (:func:`stream_weights`); ``None`` when its files cannot
     fill it as they are: no safetensors, or names that ``from_pretrained`` converts (MoE experts saved one
@@ -55,23 +49,15 @@ def empty_causal_lm(name_or_path: str, dtype: str = "float32", trust_remote_code
     files = checkpoint_files(location) if location else {}
     if not files:
         return None
-    kwargs = _model_kwargs(dtype, trust_remote_code, attn_implementation)
-    config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(location, trust_remote_code=settings.trust_remote_code)
     with torch.device("meta"):  # as from_pretrained builds it before loading
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, **settings.load_kwargs())
     if not set(checkpoint_keys(model)) <= files.keys():
         return None
     model.name_or_path = location
     if (Path(location) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(location)
     return model
-
-
-def _model_kwargs(dtype: str, trust_remote_code: bool, attn_implementation: str | None) -> dict:
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return dict(dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **attention)
 
 
 def _from_pretrained(auto_class, name_or_path: str, **kwargs):
@@ -81,8 +67,8 @@ def _from_pretrained(auto_class, name_or_path: str, **kwargs):
     except OSError as error:
         if os.path.isdir(location):
             raise
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = "HF_HUB_OFFLINE is set, so the Hub is not contacted" if offline else "the Hub could not be reached"
+        hint = "HF_HUB_OFFLINE is set, so the Hub is not contacted" if constants.HF_HUB_OFFLINE \
+            else "the Hub could not be reached"
         raise OSError(
             f"Could not load {name_or_path!r}: it is not a local directory and {hint}. "
             "Pass a local path (a folder written by save_pretrained) or run where the Hub is reachable."
@@ -236,65 +222,3 @@ def _shard_offset(tensor: torch.Tensor) -> int:
         return 0
     rows_per_rank = math.ceil(tensor.shape[0] / mesh.size())
     return min(mesh.get_local_rank() * rows_per_rank, tensor.shape[0])
-
-
-# ----- LoRA ---------------------------------------------------------------------------------------
-def lora_config(settings) -> "peft.LoraConfig | None":  # noqa: F821
-    """``peft.LoraConfig`` from a module's ``lora`` setting: ``None``, a ``LoraConfig``, or its keyword
-    arguments (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``use_dora``, ``use_rslora``,
-    ``modules_to_save``, ...). ``task_type`` defaults to ``CAUSAL_LM``. The older ``alpha`` and ``dropout``
-    still mean ``lora_alpha`` and ``lora_dropout``."""
-    from peft import LoraConfig
-
-    if settings is None or isinstance(settings, LoraConfig):
-        return settings
-    if not isinstance(settings, dict):
-        raise ConfigError(f"model.lora={settings!r}: expected a mapping of peft.LoraConfig arguments")
-    settings = {OLD_LORA_NAMES.get(name, name): value for name, value in settings.items()}
-    allowed = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
-    unknown = sorted(settings.keys() - allowed)
-    if unknown:
-        raise ConfigError(f"model.lora: {unknown} are not peft.LoraConfig arguments; allowed: {sorted(allowed)}")
-    config = LoraConfig(**{"task_type": "CAUSAL_LM", "target_modules": "all-linear", **settings})
-    if not (isinstance(config.r, int) and config.r >= 1):
-        raise ConfigError(f"model.lora.r={config.r!r}: must be a whole number >= 1 (the adapters' rank).")
-    if not 0 <= config.lora_dropout < 1:
-        raise ConfigError(f"model.lora.lora_dropout={config.lora_dropout!r}: must be in [0, 1).")
-    if not config.target_modules:
-        raise ConfigError("model.lora.target_modules is empty: name the layers to adapt, e.g. all-linear or "
-                          "[q_proj, v_proj].")
-    return config
-
-
-def lora_arguments(config: "peft.LoraConfig") -> dict:  # noqa: F821
-    """The arguments of ``config`` that differ from ``peft.LoraConfig``'s defaults, as plain data."""
-    from peft import LoraConfig
-
-    default = LoraConfig()
-    plain = {field.name: getattr(config, field.name) for field in dataclasses.fields(LoraConfig)
-             if field.init and getattr(config, field.name) != getattr(default, field.name)}
-    return json.loads(json.dumps(plain, default=lambda value: sorted(value) if isinstance(value, set) else str(value)))
-
-
-# ----- mixture of experts -------------------------------------------------------------------------
-def router_aux_loss_coef(model: nn.Module) -> float | None:
-    """The weight of the load-balancing loss the model's config sets; ``None`` for a model without routers."""
-    config = model.config
-    if not hasattr(config, "output_router_logits"):
-        return None
-    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
-
-
-def router_logits_kwargs(model: nn.Module, wanted: bool) -> dict:
-    """The forward (or ``generate``) keyword that asks a mixture-of-experts ``model`` for its router logits or not,
-    whatever its config's ``output_router_logits`` says; nothing for a dense model."""
-    return {"output_router_logits": wanted} if hasattr(model.config, "output_router_logits") else {}
-
-
-def load_balancing_loss(model: nn.Module, router_logits: tuple[torch.Tensor, ...],
-                        attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The model's own load-balancing loss (``load_balancing_loss_func`` of its modeling file, Switch
-    Transformer eqs. 4-6) over ``router_logits`` of one decoder forward, as its ``forward`` computes ``aux_loss``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    loss_func = inspect.getmodule(type(base)).load_balancing_loss_func
-    return loss_func(router_logits, base.num_experts, base.num_experts_per_tok, attention_mask)

@@ -18,8 +18,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
-from prefmodule.models.attention import enable_packed_attention
-from prefmodule.models.loading import empty_causal_lm, load_causal_lm, prepare_empty, stand_in, stream_weights
+from prefmodule.models.loading import prepare_empty, stream_weights
 
 
 def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
@@ -45,28 +44,6 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
         raise ValueError(f"{type(model).__name__} names no decoder-layer class of its own in `_no_split_modules`: "
                          "FSDP cannot shard it per layer.")
     return classes
-
-
-def load_model(name_or_path: str, strategy: Strategy | None, dtype: str = "float32", trust_remote_code: bool = False,
-               attn_implementation: str | None = None, frozen: bool = False) -> nn.Module:
-    """A causal LM ready for ``strategy``, its attention switched to per-sequence SDPA for packed batches
-    when a probe allows it. Under FSDP2 (``ModelParallelStrategy``) it is built on the meta device, sharded,
-    and each rank reads only its shards from the safetensors files, so no rank holds the whole model
-    (:func:`prefmodule.models.loading.empty_causal_lm`; a checkpoint whose names need converting is loaded whole, then
-    sharded); the probe runs on a small stand-in. Otherwise it is loaded whole, for Lightning's strategy to
-    place. ``frozen``: no gradients, eval mode (a reference model).
-    """
-    model = None
-    if isinstance(strategy, ModelParallelStrategy):
-        model = empty_causal_lm(name_or_path, dtype, trust_remote_code, attn_implementation)
-    if model is None:
-        model = load_causal_lm(name_or_path, dtype, trust_remote_code, attn_implementation)
-    if frozen:
-        model.requires_grad_(False).eval()
-    shard(model, strategy)
-    enable_packed_attention(model, probe=(stand_in(model) or model) if is_sharded(model) else None)
-    reshard(model)  # if the probe ran on the sharded model itself
-    return model
 
 
 def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:

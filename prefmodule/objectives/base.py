@@ -1,52 +1,39 @@
-"""The shared base of every objective: policy loading, the concatenated forward, metrics,
-optimiser and schedule, predictions and the Hugging Face export."""
+"""The shared base of every objective: the policy's forward, the router loss, the steps and their metrics; the
+settings of each concern in their own dataclass (model, optimizer, export, samples, hub), each checked when built."""
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from transformers import get_scheduler
+from torchmetrics import MetricCollection
 
-from prefmodule.models.attention import enable_packed_attention, packed_inputs, takes_sequence_bounds
-from prefmodule.training.checkpoints import restore_data_position
-from prefmodule.models.checks import check_causal_lm, check_settings, check_source
-from prefmodule.errors import ConfigError, writing
-from prefmodule.training.guard import check_finite_weights, default_guard, step_skipped
-from prefmodule.models.loading import (
-    empty_causal_lm, load_balancing_loss, load_causal_lm, load_tokenizer, lora_arguments, lora_config, router_aux_loss_coef,
-    router_logits_kwargs, stand_in,
-)
-from prefmodule.models.logps import SequenceStats, chunked_sequence_stats, head_logits_transform, sequence_stats
-from prefmodule.objectives.metrics import PreferenceMetrics
-from prefmodule.outputs.modelcard import HubSettings
+from prefmodule.data.contract import BatchFormat
+from prefmodule.errors import finite, require
+from prefmodule.models.attention import takes_sequence_bounds
+from prefmodule.models.export import ExportSettings, export_policy
+from prefmodule.models.loading import load_tokenizer
+from prefmodule.models.logps import LogitsTransform, SequenceStats
+from prefmodule.models.moe import router_aux_loss_coef
+from prefmodule.models.scoring import batch_stats
+from prefmodule.models.settings import ModelSettings
+from prefmodule.models.setup import load_policy, place, trainable
+from prefmodule.objectives.metrics import preference_metrics
+from prefmodule.objectives.outputs import PairOutputs, RowOutputs, logged_logps
+from prefmodule.outputs.hub import HubSettings
 from prefmodule.outputs.samples import SampleSettings
-from prefmodule.models.sharding import cpu_copy, finish_forward, gather_unsharded, is_sharded, reshard, shard
+from prefmodule.training.callbacks import module_callbacks
+from prefmodule.training.guard import step_skipped
+from prefmodule.training.optimization import OptimizerSettings, configure_optimizer
 
 STAGES = ("train", "val", "test")
 PROGRESS_BAR_METRICS = ("loss", "rewards/accuracies")
-# ``lr_schedule`` -> ``transformers.get_scheduler`` name, and its default ``lr_schedule_kwargs``
-LR_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup",
-                "cosine_with_min_lr": "cosine_with_min_lr", "warmup_stable_decay": "warmup_stable_decay"}
-LR_SCHEDULE_DEFAULTS = {"cosine_with_min_lr": {"min_lr_rate": 0.1}, "warmup_stable_decay": {"num_decay_steps": 0.1}}
-
-
-@dataclass
-class PairOutputs:
-    """What an objective computes for a batch of pairs."""
-
-    loss: Tensor  # scalar, differentiable
-    chosen: SequenceStats
-    rejected: SequenceStats
-    chosen_rewards: Tensor  # [pairs], detached
-    rejected_rewards: Tensor  # [pairs], detached
-    extra: dict[str, Tensor] = field(default_factory=dict)  # objective-specific metrics
+# Run-time choices stay out of hparams: LightningCLI lays a checkpoint's hparams over the command line.
+RUN_TIME = ("optimizer", "predictions_path", "export_hf", "export_merged", "logps_chunk_size", "attn_implementation",
+            "samples", "push_to_hub")
 
 
 class PreferenceModule(LightningModule):
@@ -83,17 +70,18 @@ class PreferenceModule(LightningModule):
         export_merged: with ``lora``, the export merges the adapters into the base weights; ``False`` saves the
             adapters alone (``adapter_model.safetensors``, loaded with ``peft.AutoPeftModelForCausalLM``).
         samples: completions of held-out prompts at the start of ``fit`` and at each validation
-            (``{num_prompts, max_new_tokens, temperature}``, see :class:`~prefmodule.outputs.samples.SampleSettings`); ``None``
-            turns them off.
+            (``{num_prompts, max_new_tokens, temperature}``, see :class:`~prefmodule.outputs.samples.SampleSettings`);
+            ``None`` turns them off.
         push_to_hub: upload the exported model to this Hub repository after ``fit`` (``{repo_id, private}``, see
-            :class:`~prefmodule.outputs.modelcard.HubSettings`).
+            :class:`~prefmodule.outputs.hub.HubSettings`).
+
+    The options keep their flat names (``model.lr``, ``model.export_hf``, ...) and are grouped right away into
+    ``self.model_settings``, ``self.optimizer_settings``, ``self.export``, ``self.samples`` and ``self.push_to_hub``.
     """
 
     length_normalized = False  # log ``logps/*`` as per-token averages (ORPO, SimPO) or sums (DPO)
-    unpaired = False  # batches of unpaired rows (KTO) rather than pairs; the datamodule reads it
-    # Run-time choices stay out of hparams: LightningCLI lays a checkpoint's hparams over the command line.
-    runtime_args = ("optimizer", "predictions_path", "export_hf", "export_merged", "logps_chunk_size",
-                    "attn_implementation", "samples", "push_to_hub")
+    unpaired = False  # batches of unpaired rows (KTO) rather than pairs
+    run_time = RUN_TIME
 
     def __init__(
         self,
@@ -120,100 +108,91 @@ class PreferenceModule(LightningModule):
         push_to_hub: HubSettings | dict | None = None,
     ):
         super().__init__()
-        check_settings(beta, lr, weight_decay, warmup, logps_chunk_size, dtype, attn_implementation)
-        if router_aux_loss_coef is not None and router_aux_loss_coef < 0:
-            raise ConfigError(f"model.router_aux_loss_coef={router_aux_loss_coef!r}: must be >= 0 (0 turns the MoE "
-                              "load-balancing loss off; unset takes the model config's).")
-        self.lora = lora_config(lora)
-        check_causal_lm("model", model, trust_remote_code)  # from its config.json, before any weights load
-        if tokenizer is not None:
-            check_source("tokenizer", tokenizer)
-        self.save_hyperparameters(ignore=list(self.runtime_args))
-        if lora is not None and not isinstance(lora, dict):
-            self.hparams.lora = lora_arguments(self.lora)  # plain data: checkpoints load with weights_only=True
-        self.logps_chunk_size = logps_chunk_size
-        self.head_transform = None  # set in ``configure_model`` when the model allows chunked log-probs
-        self.predictions_path = predictions_path
-        self.export_hf_after_fit = export_hf
+        require(finite(beta) and beta > 0, "model.beta", beta, "must be > 0 (the objective's temperature or weight; "
+                "DPO typically 0.1)")
+        self.optimizer_settings = OptimizerSettings(lr, weight_decay, warmup, lr_schedule, lr_schedule_kwargs)
+        self.model_settings = ModelSettings(model, tokenizer, dtype, trust_remote_code, attn_implementation, lora,
+                                            gradient_checkpointing, logps_chunk_size, router_aux_loss_coef)
+        self.export = ExportSettings(export_hf, export_merged)
         self.samples = SampleSettings(**samples) if isinstance(samples, dict) else samples
         self.push_to_hub = HubSettings(**push_to_hub) if isinstance(push_to_hub, dict) else push_to_hub
-        self.export_merged = export_merged
-        self.model_name = model
-        self.attn_implementation = attn_implementation
-        self.beta = beta
+        self.predictions_path = predictions_path
         self.optimizer_factory = optimizer
+        self.save_hyperparameters(ignore=list(self.run_time))
+        if lora is not None and not isinstance(lora, dict):
+            self.hparams.lora = self.model_settings.lora_arguments  # plain data: checkpoints load weights_only
+        self.beta = beta
         self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code)
         self.policy: nn.Module | None = None
-        # Keyed "<stage>_metrics": a bare "train" key would shadow ``nn.Module.train``.
-        self.stage_metrics = nn.ModuleDict({f"{s}_metrics": PreferenceMetrics(paired=not self.unpaired)
-                                            for s in STAGES})
+        self.head_transform: LogitsTransform | None = None  # set by ``configure_model`` when the head allows chunks
+        self.metrics: nn.ModuleDict | None = None  # a MetricCollection per stage, once the policy is known
+        self.chat_template: str | None = None  # the data's, saved with the export (``connect``)
 
-    # ----- model construction ---------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.model_settings.model
+
+    @property
+    def lora(self):
+        return self.model_settings.lora
+
+    # ----- models ---------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Load the policy, and shard it under FSDP2 (idempotent: Lightning may call it more than once).
+        """Load the policy (and a reference), add adapters, shard and probe them for the strategy (once: Lightning
+        may call this for every stage), then tell the trainer's datamodule what the objective needs."""
+        if self.policy is None:
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            policy = load_policy(self.model_settings, strategy)
+            self.configure_reference(policy)  # a copy of the starting weights, before adapters are added
+            self.policy = trainable(policy, self.model_settings)
+            chunked = self.model_settings.logps_chunk_size > 0
+            self.head_transform = place(self.policy, strategy, probe_head=chunked)
+            for reference in self.reference_models():
+                place(reference, strategy)
+            if chunked and self.head_transform is None:
+                rank_zero_warn(f"{self.model_name}: its logits are not its LM head applied to its decoder's last "
+                               "hidden state (or a scale or soft-cap of that): log-probs come from the full logits "
+                               "(logps_chunk_size ignored).")
+            self.metrics = self.stage_metrics()
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if callable(getattr(datamodule, "connect", None)):
+            self.chat_template = datamodule.connect(self.batch_format())
 
-        Under FSDP2 the policy (and a copy of it as reference) is built on the meta device and each rank
-        reads only its own shards from the safetensors files (``strategies.shard``); the probes that
-        follow (packed attention, the LM head) then run on a small stand-in of the architecture.
-        """
-        if self.policy is not None:
-            return
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        settings = (self.hparams.dtype, self.hparams.trust_remote_code, self.attn_implementation)
-        policy = empty_causal_lm(self.model_name, *settings) if self._streams(strategy) else None
-        if policy is None:
-            policy = load_causal_lm(self.model_name, *settings)
-        self.configure_reference(policy)
-        if self.lora is not None:
-            from peft import get_peft_model
+    def configure_reference(self, policy: nn.Module) -> None:
+        """Hook for objectives with a reference model, called with the freshly loaded policy (on the meta
+        device under FSDP2: a copy of it is filled from the same files when sharded)."""
 
-            policy = get_peft_model(policy, self.lora)
-        if self.hparams.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.policy = policy.train()  # from_pretrained returns eval mode; Lightning keeps modes as found
-        for model in [child for child in self.children() if hasattr(child, "config")]:  # the policy, a reference
-            shard(model, strategy)
-            # A sharded model is probed through a small stand-in of its architecture: no weights gathered.
-            probe = (stand_in(model) or model) if is_sharded(model) else model
-            enable_packed_attention(model, probe)
-            if model is self.policy and self.logps_chunk_size > 0:
-                self.head_transform = head_logits_transform(probe)
-            reshard(model)  # if the probes ran on the sharded model itself
-        if self.logps_chunk_size > 0 and self.head_transform is None:
-            rank_zero_warn(f"{self.model_name}: its logits are not its LM head applied to its decoder's last hidden "
-                           "state (or a scale or soft-cap of that): log-probs come from the full logits "
-                           "(logps_chunk_size ignored).")
+    def reference_models(self) -> list[nn.Module]:
+        """The reference models this module holds (placed for the strategy like the policy)."""
+        return []
 
-    def _streams(self, strategy) -> bool:
-        """Whether the policy is built empty and filled from its files once sharded: under FSDP2, unless a
-        LoRA initialisation needs the full base weights (DoRA, PiSSA, ...)."""
-        from lightning.pytorch.strategies import ModelParallelStrategy
+    def batch_format(self) -> BatchFormat:
+        """What this objective needs from its data (see :meth:`PreferenceDataModule.connect`)."""
+        return BatchFormat(self.tokenizer, unpaired=self.unpaired, packed=self.packed_attention,
+                           objective=type(self).__name__)
 
-        plain_lora = self.lora is None or (not self.lora.use_dora and self.lora.init_lora_weights in (True, False,
-                                                                                                      "gaussian"))
-        return isinstance(strategy, ModelParallelStrategy) and plain_lora
+    @property
+    def packed_attention(self) -> bool:
+        """Whether every model this module runs attends to packed rows per sequence, with no quadratic mask."""
+        models = [self.policy, *self.reference_models()]
+        return self.policy is not None and all(takes_sequence_bounds(model) for model in models)
+
+    scores_new_text = True  # the objective can score completions its data does not hold (samples' rewards)
+
+    def reference_parameters(self) -> int:
+        """Parameters of the reference forward that runs beside the policy's in training (0: none)."""
+        return 0
 
     @property
     def chunked_logps(self) -> bool:
         """Whether log-probs come from the decoder's hidden states through the LM head in chunks."""
         return self.head_transform is not None
 
-    def configure_reference(self, policy: nn.Module) -> None:
-        """Hook for objectives with a reference model, called with the freshly loaded policy (on the meta
-        device under FSDP2: a copy of it is filled from the same files when sharded)."""
-
-    @property
-    def packed_attention(self) -> bool:
-        """Whether every model this module runs attends to packed rows per sequence, with no quadratic
-        mask; the datamodule (``padding_free=None``) packs batches then."""
-        models = [child for child in self.children() if hasattr(child, "config")]
-        return bool(models) and all(takes_sequence_bounds(model) for model in models)
-
     # ----- forward ----------------------------------------------------------------------------
     def sequence_stats(self, model: nn.Module, batch: dict[str, Tensor], sum_sq_probs: bool = False) -> SequenceStats:
         """``model``'s statistics of the concatenated chosen + rejected sequences of ``batch`` (padded or packed),
         never asking a mixture-of-experts model for its router logits (a reference, a scoring pass)."""
-        return self.scored_stats(self.forward_stats(model, batch, sum_sq_probs, router_loss=False)[0])
+        return self.scored_stats(self.forward_stats(model, batch, sum_sq_probs)[0])
 
     def policy_forward(self, batch: dict[str, Tensor]) -> tuple[SequenceStats, Tensor | None]:
         """The policy's statistics of ``batch`` and, beside them, its mixture-of-experts load-balancing loss
@@ -224,30 +203,11 @@ class PreferenceModule(LightningModule):
 
     def forward_stats(self, model: nn.Module, batch: dict[str, Tensor], sum_sq_probs: bool = False,
                       router_loss: bool = False) -> tuple[SequenceStats, Tensor | None]:
-        """One forward over the sequences of ``batch``: its own statistics (before :meth:`scored_stats`) and, with
-        ``router_loss``, the load-balancing loss of its router logits. With ``logps_chunk_size`` the decoder and the
-        LM head run separately (see ``chunked_sequence_stats``). ``sum_sq_probs`` also sums ``log sum_v p_v^2``
-        over each response (WPO)."""
-        if "sequence_ids" in batch:  # packed
-            num_sequences = self.sequences_per_index(batch) * batch["index"].numel()
-            inputs = packed_inputs(model, batch["position_ids"], batch["sequence_ids"])
-            sequences = dict(sequence_ids=batch["sequence_ids"], num_sequences=num_sequences)
-        else:
-            inputs, sequences = dict(attention_mask=batch["attention_mask"]), {}
-        inputs.update(input_ids=batch["input_ids"], use_cache=False, **router_logits_kwargs(model, router_loss))
-        if self.chunked_logps:
-            outputs = model.get_decoder()(**inputs)
-            stats = chunked_sequence_stats(outputs.last_hidden_state, model.get_output_embeddings(), batch["labels"],
-                                           self.logps_chunk_size, **sequences, transform=self.head_transform,
-                                           sum_sq_probs=sum_sq_probs)
-            aux_loss = load_balancing_loss(model, outputs.router_logits, inputs["attention_mask"]) if router_loss else None
-        else:
-            outputs = model(**inputs)
-            stats = sequence_stats(outputs.logits, batch["labels"], sum_sq_probs=sum_sq_probs, **sequences)
-            aux_loss = outputs.aux_loss if router_loss else None
-        if not torch.is_grad_enabled():
-            finish_forward(model)  # no backward will close a sharded tied head's forward
-        return stats, aux_loss
+        """One forward over the sequences of ``batch`` (:func:`~prefmodule.models.scoring.batch_stats`): its own
+        statistics, before :meth:`scored_stats`, and with ``router_loss`` the load-balancing loss."""
+        num_sequences = self.sequences_per_index(batch) * batch["index"].numel()
+        return batch_stats(model, batch, num_sequences, self.head_transform, self.model_settings.logps_chunk_size,
+                           sum_sq_probs, router_loss)
 
     @property
     def sum_sq_probs(self) -> bool:
@@ -268,24 +228,38 @@ class PreferenceModule(LightningModule):
         coef = router_aux_loss_coef(model)
         if coef is None:
             return 0.0
-        return coef if self.hparams.router_aux_loss_coef is None else self.hparams.router_aux_loss_coef
+        own = self.model_settings.router_aux_loss_coef
+        return coef if own is None else own
 
     def reference_logps(self, batch: dict[str, Tensor]) -> Tensor | None:
         """``[rows, sequences per row]`` reference log-probs of ``batch``; ``None`` for a reference-free objective."""
         return None
 
-    def batch_outputs(self, batch: dict[str, Tensor]) -> tuple[PairOutputs, Tensor | None]:
+    def batch_outputs(self, batch: dict[str, Tensor]) -> tuple[PairOutputs | RowOutputs, Tensor | None]:
         """The objective on ``batch``, and beside it the policy's router loss (``None`` for a dense policy)."""
         reference = self.reference_logps(batch)  # first: its activations are freed before the policy's exist
         policy, aux_loss = self.policy_forward(batch)
         return self.pair_outputs(batch, policy, reference), aux_loss
 
-    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: Tensor | None) -> PairOutputs:
+    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats,
+                     reference: Tensor | None) -> PairOutputs | RowOutputs:
         """The objective on ``batch`` from the policy's statistics of its sequences and, for objectives with a
         reference, the reference's ``[rows, sequences per row]`` log-probs."""
         raise NotImplementedError
 
-    # ----- steps --------------------------------------------------------------------------------
+    # ----- steps and metrics ------------------------------------------------------------------------------
+    def extra_metrics(self, stage: str) -> tuple[str, ...]:
+        """The names of the metrics this objective logs besides the common ones, in ``stage``."""
+        return ()
+
+    def stage_metrics(self) -> nn.ModuleDict:
+        """A :class:`MetricCollection` per stage (keyed ``<stage>_metrics``: a bare ``train`` would shadow
+        ``nn.Module.train``), its names prefixed ``train/``, ``val/``, ``test/``."""
+        aux = ("aux_loss",) if self.router_loss_weight(self.policy) > 0 else ()
+        return nn.ModuleDict({f"{stage}_metrics": preference_metrics((*self.extra_metrics(stage), *aux),
+                                                                     not self.unpaired).clone(prefix=f"{stage}/")
+                              for stage in STAGES})
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")
 
@@ -300,142 +274,58 @@ class PreferenceModule(LightningModule):
         if aux_loss is not None:  # as transformers' MoE models add it to their language-modelling loss
             outputs.loss = outputs.loss + self.router_loss_weight(self.policy) * aux_loss
             outputs.extra["aux_loss"] = aux_loss.detach()
-        values, weights = self._metric_values(outputs)
-        key = f"{stage}_metrics"
-        per_step = stage == "train"
-        self.stage_metrics[key].update(values, weights, per_step=per_step)
-        for name, (metric, attribute) in self.stage_metrics[key].metrics().items():
-            self.log(
-                f"{stage}/{name}", metric, on_step=per_step, on_epoch=not per_step,
-                prog_bar=name in PROGRESS_BAR_METRICS, batch_size=outputs.chosen_rewards.numel(),
-                metric_attribute=f"stage_metrics.{key}.{attribute}",
-            )
+        values, weights = outputs.metric_values(self.length_normalized)
+        metrics: MetricCollection = self.metrics[f"{stage}_metrics"]
+        if stage == "train":  # each step's own values
+            logged, on_step = metrics(values, weights), True
+        else:  # the epoch's, over all its items and ranks
+            metrics.update(values, weights)
+            logged, on_step = dict(metrics.items(keep_base=False)), False
+        for prog_bar in (True, False):
+            self.log_dict({name: value for name, value in logged.items()
+                           if (name.split("/", 1)[1] in PROGRESS_BAR_METRICS) is prog_bar},
+                          prog_bar=prog_bar, on_step=on_step, on_epoch=not on_step, batch_size=outputs.items)
         return outputs.loss
 
-    def _metric_values(self, outputs: PairOutputs) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        chosen, rejected = outputs.chosen, outputs.rejected
-        pairs = outputs.chosen_rewards.numel()
-        values = {
-            "loss": outputs.loss.detach(),
-            "rewards/chosen": outputs.chosen_rewards,
-            "rewards/rejected": outputs.rejected_rewards,
-            "logps/chosen": self._logged_logps(chosen).detach(),
-            "logps/rejected": self._logged_logps(rejected).detach(),
-            "logits/chosen": chosen.logits / chosen.lengths.clamp(min=1),
-            "logits/rejected": rejected.logits / rejected.lengths.clamp(min=1),
-            **{name: value.detach() for name, value in outputs.extra.items()},
-        }
-        # Token-weighted logits means, as TRL's; the batch loss weighs by its number of pairs. The NLL
-        # (a token mean over the batch) weighs by its tokens: its epoch value is then the token mean of
-        # all pairs, however they were batched or split across ranks.
-        weights = {
-            "loss": torch.tensor(float(pairs), device=chosen.logps.device),
-            "logits/chosen": chosen.lengths.float(),
-            "logits/rejected": rejected.lengths.float(),
-            "nll_loss": chosen.lengths.sum().float(),
-        }
-        return values, weights
-
-    def _logged_logps(self, stats: SequenceStats) -> Tensor:
-        return stats.avg_logps if self.length_normalized else stats.logps
-
-    def on_train_start(self) -> None:
-        restore_data_position(self.trainer)  # a resumed fit goes on mid-epoch where it stopped
-
     def on_train_epoch_end(self) -> None:
-        self.stage_metrics["train_metrics"].reset()
+        self.metrics["train_metrics"].reset()
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict]:
-        outputs, _ = self.batch_outputs(batch)
-        rows = zip(
-            batch["index"].tolist(),
-            self._logged_logps(outputs.chosen).tolist(),
-            self._logged_logps(outputs.rejected).tolist(),
-            outputs.chosen_rewards.tolist(),
-            outputs.rejected_rewards.tolist(),
-        )
+        return self.predictions(batch, self.batch_outputs(batch)[0])
+
+    def predictions(self, batch: dict[str, Tensor], outputs: PairOutputs) -> list[dict]:
+        """One row per pair of ``batch``: its log-probs and rewards, and which response the model prefers."""
+        rows = zip(batch["index"].tolist(), logged_logps(outputs.chosen, self.length_normalized).tolist(),
+                   logged_logps(outputs.rejected, self.length_normalized).tolist(), outputs.chosen_rewards.tolist(),
+                   outputs.rejected_rewards.tolist())
         return [
-            {
-                "index": index,
-                "chosen_logps": chosen_logps,
-                "rejected_logps": rejected_logps,
-                "chosen_reward": chosen_reward,
-                "rejected_reward": rejected_reward,
-                "preferred": "chosen" if chosen_reward > rejected_reward else "rejected",
-            }
+            {"index": index, "chosen_logps": chosen_logps, "rejected_logps": rejected_logps,
+             "chosen_reward": chosen_reward, "rejected_reward": rejected_reward,
+             "preferred": "chosen" if chosen_reward > rejected_reward else "rejected"}
             for index, chosen_logps, rejected_logps, chosen_reward, rejected_reward in rows
         ]
 
-    # ----- optimisation ---------------------------------------------------------------------------
+    # ----- optimisation, callbacks, export ------------------------------------------------------------------
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        if self.optimizer_factory is not None:
-            optimizer = self.optimizer_factory(params)
-        else:
-            # fused: one kernel for all parameters (10x faster on CPU than the per-parameter loop), same values
-            optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-                                          fused=True)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        options = {**LR_SCHEDULE_DEFAULTS.get(self.hparams.lr_schedule, {}), **(self.hparams.lr_schedule_kwargs or {})}
-        if "num_decay_steps" in options:
-            options["num_decay_steps"] = steps(options["num_decay_steps"], total)
-        scheduler = get_scheduler(LR_SCHEDULES[self.hparams.lr_schedule], optimizer, steps(self.hparams.warmup, total),
-                                  total, scheduler_specific_kwargs=options)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+        return configure_optimizer(params, self.optimizer_settings, int(self.trainer.estimated_stepping_batches),
+                                   self.optimizer_factory)
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         if not step_skipped(self.trainer):  # the non-finite guard dropped this step's update: the schedule waits too
             super().lr_scheduler_step(scheduler, metric)
 
-    # ----- callbacks, checkpoints, export -------------------------------------------------------
     def configure_callbacks(self):
-        from lightning.pytorch.callbacks import LearningRateMonitor
-
-        from prefmodule.training.callbacks import FitSummary, PredictionWriter, SampleWriter, Throughput
-        from prefmodule.training.checkpoints import default_checkpoints
-
-        callbacks = [SampleWriter(self.samples)] if self.samples is not None else []  # first: before the clocks start
-        callbacks += [Throughput(), FitSummary(), PredictionWriter(self.predictions_path)]
-        if self._trainer is not None and self._trainer.loggers:  # it refuses to run without a logger
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-        return callbacks + default_checkpoints(self._trainer) + default_guard(self._trainer)
+        return module_callbacks(self._trainer, self.samples, self.export.hf, self.push_to_hub, self.predictions_path)
 
     def export_hf(self, path: str, merge_adapters: bool | None = None) -> None:
         """Save the policy and tokenizer with ``save_pretrained`` as the base model had them (config with its
         ``use_cache``, generation config, tied weights), with the chat template the data was rendered with
-        (``data.chat_template``, read from the trainer's datamodule) saved in the tokenizer.
+        (``data.chat_template``, from the datamodule's ``connect``) saved in the tokenizer.
 
         LoRA adapters are merged into a CPU copy of the weights (``merge_adapters``, default ``export_merged``),
         or saved alone. Global rank 0 writes. Sharded (FSDP) weights are gathered to it first: then every
         rank must call this.
         """
-        merge = self.export_merged if merge_adapters is None else merge_adapters
-        lora = hasattr(self.policy, "merge_and_unload")
-        sharded = is_sharded(self.policy)
-        check_finite_weights(self.policy, path, sharded)  # never export a diverged policy
-        if sharded:
-            model = gather_unsharded(self, "policy", self.hparams.trust_remote_code)
-        else:
-            model = cpu_copy(self.policy, self.hparams.trust_remote_code) if lora and merge else self.policy
-        if self.global_rank != 0:
-            return
-        if lora and merge:
-            model = model.merge_and_unload(safe_merge=True)  # new tensors for the merged layers: no in-place sum
-        tokenizer = copy.copy(self.tokenizer)
-        template = self.training_chat_template()
-        if template is not None:
-            tokenizer.chat_template = template
-        with writing(path, "the Hugging Face export"):
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
-
-    def training_chat_template(self) -> str | None:
-        """The ``chat_template`` the trainer's datamodule renders conversations with, if it sets one."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        chat_template = getattr(datamodule, "_chat_template", None)
-        return chat_template() if callable(chat_template) else None
-
-
-def steps(value: float, total: int) -> int:
-    """A step count given as a fraction of ``total`` steps (< 1) or as a count."""
-    return int(value * total) if value < 1 else int(value)
+        merge = self.export.merged if merge_adapters is None else merge_adapters
+        export_policy(self, path, merge, self.chat_template, self.model_settings.trust_remote_code)

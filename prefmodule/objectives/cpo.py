@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from prefmodule.errors import ConfigError
 from prefmodule.models.logps import SequenceStats
-from prefmodule.objectives.losses import cpo_loss, nll_loss
-from prefmodule.objectives.base import PairOutputs, PreferenceModule
+from prefmodule.objectives.base import PreferenceModule
+from prefmodule.objectives.losses import check_cpo_options, cpo_loss, nll_loss
+from prefmodule.objectives.outputs import PairOutputs, logged_logps
 
 
 class CPOModule(PreferenceModule):
@@ -43,20 +43,25 @@ class CPOModule(PreferenceModule):
         super().__init__(model=model, beta=beta, **kwargs)
         if cpo_alpha < 0:
             raise ConfigError(f"cpo_alpha must be >= 0, got {cpo_alpha}")
-        self.loss_kwargs = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=simpo_gamma,
-                                alpha=alpha)
-        try:  # fail at construction, not at the first step
-            probe = torch.tensor([-1.0])
-            cpo_loss(probe, probe, **self.loss_kwargs)
+        try:
+            check_cpo_options(loss_type, label_smoothing)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        self.length_normalized = loss_type in ("ipo", "simpo")
+
+    @property
+    def length_normalized(self) -> bool:
+        """``ipo`` and ``simpo`` score per-token average log-probs, the others summed ones (as TRL)."""
+        return self.hparams.loss_type in ("ipo", "simpo")
+
+    def extra_metrics(self, stage: str) -> tuple[str, ...]:
+        return ("nll_loss",)
 
     def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: None) -> PairOutputs:
         chosen, rejected = policy.split()
+        hp = self.hparams
         losses, chosen_rewards, rejected_rewards = cpo_loss(
-            self._logged_logps(chosen), self._logged_logps(rejected), **self.loss_kwargs
-        )
+            logged_logps(chosen, self.length_normalized), logged_logps(rejected, self.length_normalized), beta=hp.beta,
+            loss_type=hp.loss_type, label_smoothing=hp.label_smoothing, gamma=hp.simpo_gamma, alpha=hp.alpha)
         nll = nll_loss(chosen.logps, chosen.lengths)
         loss = losses.mean() + self.hparams.cpo_alpha * nll
         return PairOutputs(loss, chosen, rejected, chosen_rewards, rejected_rewards, {"nll_loss": nll})

@@ -12,10 +12,14 @@ from torch import Tensor
 from prefmodule.errors import ConfigError
 from prefmodule.models.logps import SequenceStats
 from prefmodule.objectives.losses import (
-    beta_dpo_beta, beta_dpo_filter, beta_dpo_running_stats, dpo_loss, ld_logps, nll_loss, wpo_weights,
+    beta_dpo_beta, beta_dpo_filter, beta_dpo_running_stats, check_dpo_options, dpo_loss, ld_logps, nll_loss, wpo_weights,
 )
-from prefmodule.objectives.base import PairOutputs
+from prefmodule.objectives.outputs import PairOutputs
 from prefmodule.reference.module import ReferenceModule
+
+# The options ``dpo_loss`` takes as they are.
+LOSS_OPTIONS = ("loss_type", "loss_weights", "label_smoothing", "discopop_tau", "f_divergence_type",
+                "f_alpha_divergence_coef", "dpop_lambda")
 
 
 @dataclass
@@ -30,6 +34,10 @@ class BetaDPOSettings:
     alpha: float = 0.6
     filter_ratio: float = 0.2
     momentum: float = 0.9
+
+    def __post_init__(self):
+        if not 0.0 <= self.filter_ratio < 1.0 or not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"beta_dpo needs 0 <= filter_ratio < 1 and 0 <= momentum < 1, got {self}")
 
 
 class DPOModule(ReferenceModule):
@@ -72,29 +80,20 @@ class DPOModule(ReferenceModule):
         **kwargs,
     ):
         super().__init__(model=model, beta=beta, **kwargs)
-        self.loss_kwargs = dict(
-            loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
-            discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
-            f_alpha_divergence_coef=f_alpha_divergence_coef, dpop_lambda=dpop_lambda,
-        )
-        self._check_loss_settings()
+        try:
+            check_dpo_options(loss_type, loss_weights, label_smoothing, f_divergence_type, dpop_lambda)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
             raise ConfigError(f"ld_alpha must be in [0, 1] (1 is plain DPO), got {ld_alpha}")
         self.beta_dpo = BetaDPOSettings(**beta_dpo) if isinstance(beta_dpo, dict) else beta_dpo
         if self.beta_dpo is not None:
-            if not 0.0 <= self.beta_dpo.filter_ratio < 1.0 or not 0.0 <= self.beta_dpo.momentum < 1.0:
-                raise ConfigError(f"beta_dpo needs 0 <= filter_ratio < 1 and 0 <= momentum < 1, got {self.beta_dpo}")
             # The running mean and standard deviation of the margins, saved with checkpoints.
             self.register_buffer("beta_dpo_margin_stats", torch.zeros(2))
 
-    def _check_loss_settings(self) -> None:
-        """Fail at construction, not at the first step, on an unknown loss type or bad weights."""
-        probe = torch.tensor([-1.0, -2.0])
-        try:
-            dpo_loss(probe, probe, probe, probe, chosen_lengths=probe.abs(), rejected_lengths=probe.abs(),
-                     beta=self.beta, **self.loss_kwargs)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+    def extra_metrics(self, stage: str) -> tuple[str, ...]:
+        return (("nll_loss",) if self.hparams.sft_weight > 0 else ()) + (
+            ("beta",) if self.beta_dpo is not None and stage == "train" else ())
 
     def logps_settings(self) -> dict:
         return {} if self.hparams.ld_alpha is None else {"ld_alpha": self.hparams.ld_alpha}
@@ -117,12 +116,13 @@ class DPOModule(ReferenceModule):
         chosen, rejected = policy.split()
         chosen_logratios = chosen.logps - reference[:, 0]
         rejected_logratios = rejected.logps - reference[:, 1]
-        beta, selected, extra = self.beta, None, {}
+        beta, selected, extra = self.hparams.beta, None, {}
         if self.beta_dpo is not None and self.training:
             beta, selected = self.beta_dpo_batch((chosen_logratios - rejected_logratios).detach())
             extra["beta"] = beta
         losses, _, _ = dpo_loss(chosen.logps, rejected.logps, reference[:, 0], reference[:, 1], beta=beta,
-                                chosen_lengths=chosen.lengths, rejected_lengths=rejected.lengths, **self.loss_kwargs)
+                                chosen_lengths=chosen.lengths, rejected_lengths=rejected.lengths,
+                                **{name: self.hparams[name] for name in LOSS_OPTIONS})
         if self.hparams.use_weighting:
             losses = losses * wpo_weights(chosen.logps, rejected.logps, chosen.log_sum_sq_probs,
                                           rejected.log_sum_sq_probs, chosen.lengths, rejected.lengths)
@@ -130,8 +130,8 @@ class DPOModule(ReferenceModule):
         if self.hparams.sft_weight > 0:
             extra["nll_loss"] = nll_loss(chosen.logps, chosen.lengths)
             loss = loss + self.hparams.sft_weight * extra["nll_loss"]
-        chosen_rewards = self.beta * chosen_logratios.detach()
-        rejected_rewards = self.beta * rejected_logratios.detach()
+        chosen_rewards = self.hparams.beta * chosen_logratios.detach()
+        rejected_rewards = self.hparams.beta * rejected_logratios.detach()
         return PairOutputs(loss, chosen, rejected, chosen_rewards, rejected_rewards, extra)
 
     def beta_dpo_batch(self, margins: Tensor) -> tuple[Tensor, Tensor]:
@@ -146,5 +146,5 @@ class DPOModule(ReferenceModule):
         generator = torch.Generator().manual_seed(self.trainer.fit_loop.total_batch_idx)
         uniform = torch.rand(gaps.numel(), generator=generator).to(gaps.device)
         selected = beta_dpo_filter(gaps, mean, std, keep, uniform)
-        beta = beta_dpo_beta(self.beta, settings.alpha, gaps, selected, mean)
+        beta = beta_dpo_beta(self.hparams.beta, settings.alpha, gaps, selected, mean)
         return beta, selected.view(-1, margins.numel())[self.global_rank]

@@ -3,6 +3,7 @@ frozen reference model."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,10 +11,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from prefmodule.data.contract import BatchFormat
 from prefmodule.errors import ConfigError
 from prefmodule.models.logps import SequenceStats
 from prefmodule.objectives.losses import KTO_LOSS_TYPES, kto_kl, kto_loss
-from prefmodule.objectives.base import PairOutputs
+from prefmodule.objectives.outputs import PairOutputs, RowOutputs
 from prefmodule.reference.module import ReferenceModule
 
 
@@ -36,7 +38,7 @@ class KTOModule(ReferenceModule):
     batch's KL estimate from each prompt paired with the previous row's completion (see
     ``prefmodule.objectives.losses.kto_loss``, ``kto_kl``). ``apo_zero_unpaired`` drops ``z0`` (no KL completions).
 
-    Batches (built by the datamodule, which reads ``unpaired`` and ``kl_completions`` from this module):
+    Batches (the datamodule builds them as this module's ``batch_format`` says: unpaired rows, KL completions):
     sequences ``0..n-1`` are prompt + completion, ``n..2n-1`` (with ``kl_completions``) prompt + KL
     completion, plus ``label`` (bool ``[n]``, True = desirable) and ``index``. A batch of pairs without
     ``label`` (``predict`` on a paired file) is scored as its chosen rows (desirable) and rejected rows
@@ -77,6 +79,12 @@ class KTOModule(ReferenceModule):
         """Whether batches carry a KL completion per row (``kto``'s reference point needs them)."""
         return self.hparams.loss_type == "kto"
 
+    def batch_format(self) -> BatchFormat:
+        return dataclasses.replace(super().batch_format(), kl_completions=self.kl_completions)
+
+    def extra_metrics(self, stage: str) -> tuple[str, ...]:
+        return ("kl",)
+
     def sequences_per_index(self, batch: dict[str, Tensor]) -> int:
         return 2 if self.kl_completions or "label" not in batch else 1
 
@@ -96,22 +104,21 @@ class KTOModule(ReferenceModule):
         else:
             desirable, completions, ref_logps = batch["label"].bool(), stats, reference[:, 0]
         hp = self.hparams
-        losses, rewards = kto_loss(completions.logps, ref_logps, desirable, kl, beta=self.beta, loss_type=hp.loss_type,
+        losses, rewards = kto_loss(completions.logps, ref_logps, desirable, kl, beta=hp.beta, loss_type=hp.loss_type,
                                    desirable_weight=hp.desirable_weight, undesirable_weight=hp.undesirable_weight)
         return RowScores(losses, rewards, completions, desirable, kl)
 
-    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: Tensor) -> PairOutputs:
-        """The batch's loss; ``chosen`` / ``rejected`` hold its desirable / undesirable rows."""
+    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats,
+                     reference: Tensor) -> RowOutputs | PairOutputs:
+        """The batch's loss over its desirable and its undesirable rows; on a batch of pairs (``predict``, the
+        samples), each answer's reward, chosen as desirable and rejected as undesirable."""
         rows = self.score_rows(batch, policy, reference)
+        if "label" not in batch:  # the chosen rows, then the rejected ones
+            (chosen, rejected), (chosen_rewards, rejected_rewards) = rows.completions.split(), rows.rewards.chunk(2)
+            return PairOutputs(rows.losses.mean(), chosen, rejected, chosen_rewards, rejected_rewards)
         d = rows.desirable
-        return PairOutputs(rows.losses.mean(), rows.completions.select(d), rows.completions.select(~d),
-                           rows.rewards[d], rows.rewards[~d], {"kl": rows.kl})
-
-    def _metric_values(self, outputs: PairOutputs) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        values, weights = super()._metric_values(outputs)
-        rows = outputs.chosen_rewards.numel() + outputs.rejected_rewards.numel()
-        weights["loss"] = weights["kl"] = torch.tensor(float(rows), device=outputs.loss.device)  # means over rows
-        return values, weights
+        return RowOutputs(rows.losses.mean(), rows.completions.select(d), rows.completions.select(~d),
+                          rows.rewards[d], rows.rewards[~d], {"kl": rows.kl})
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict]:
         """Pairs: as every objective (``preferred`` by implicit reward). Unpaired rows: each row's reward."""

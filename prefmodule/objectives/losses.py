@@ -42,6 +42,8 @@ __all__ = [
     "beta_dpo_beta",
     "beta_dpo_filter",
     "beta_dpo_running_stats",
+    "check_cpo_options",
+    "check_dpo_options",
     "cpo_loss",
     "dpo_loss",
     "f_divergence_score",
@@ -369,6 +371,39 @@ DPO_LOSS_TYPES: tuple[str, ...] = tuple(DPO_LOSSES)
 """Names of the built-in DPO loss types. ``DPO_LOSSES`` also holds any registered later."""
 
 
+def check_dpo_options(loss_type: str | Sequence[str] = "sigmoid", loss_weights: Sequence[float] | None = None,
+                      label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
+                      dpop_lambda: float = 0.0) -> tuple[list[str], list[float]]:
+    """:func:`dpo_loss`'s options checked (``ValueError`` naming what is wrong); returns the loss types and their
+    weights as lists."""
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(loss_types) if loss_weights is None else [float(w) for w in loss_weights]
+    if not loss_types:
+        raise ValueError("loss_type must name at least one DPO loss type")
+    if len(weights) != len(loss_types):
+        raise ValueError(
+            f"loss_weights has {len(weights)} entries but loss_type has {len(loss_types)}: {loss_types}"
+        )
+    unknown = [name for name in loss_types if name not in DPO_LOSSES]
+    if unknown:
+        raise ValueError(f"Unknown DPO loss_type {unknown}; valid names are {sorted(DPO_LOSSES)}")
+    if "robust" in loss_types and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"loss_type='robust' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    if "exo_pair" in loss_types and not 0.0 < label_smoothing < 1.0:
+        raise ValueError(
+            f"loss_type='exo_pair' needs 0 < label_smoothing < 1 (the EXO paper recommends 1e-3), got {label_smoothing}"
+        )
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {f_divergence_type!r}")
+    for option, changed in (("f_divergence_type", f_divergence_type != "reverse_kl"), ("dpop_lambda", dpop_lambda)):
+        if changed and not set(loss_types) <= SCORE_LOSS_TYPES:
+            raise ValueError(f"{option} shapes the chosen-minus-rejected score: it works with the loss types "
+                             f"{sorted(SCORE_LOSS_TYPES)}, not {sorted(set(loss_types) - SCORE_LOSS_TYPES)}")
+    if dpop_lambda < 0:
+        raise ValueError(f"dpop_lambda must be >= 0, got {dpop_lambda}")
+    return loss_types, weights
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -420,31 +455,7 @@ def dpo_loss(
     chosen tokens with a weight (RPO). TRL's ``use_weighting`` (WPO) multiplies these losses by
     ``wpo_weights``; its ``ld_alpha`` (LD-DPO) changes the log-probs passed in (``ld_logps``).
     """
-    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = [1.0] * len(loss_types) if loss_weights is None else [float(w) for w in loss_weights]
-    if not loss_types:
-        raise ValueError("loss_type must name at least one DPO loss type")
-    if len(weights) != len(loss_types):
-        raise ValueError(
-            f"loss_weights has {len(weights)} entries but loss_type has {len(loss_types)}: {loss_types}"
-        )
-    unknown = [name for name in loss_types if name not in DPO_LOSSES]
-    if unknown:
-        raise ValueError(f"Unknown DPO loss_type {unknown}; valid names are {sorted(DPO_LOSSES)}")
-    if "robust" in loss_types and not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"loss_type='robust' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-    if "exo_pair" in loss_types and not 0.0 < label_smoothing < 1.0:
-        raise ValueError(
-            f"loss_type='exo_pair' needs 0 < label_smoothing < 1 (the EXO paper recommends 1e-3), got {label_smoothing}"
-        )
-    if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {f_divergence_type!r}")
-    for option, changed in (("f_divergence_type", f_divergence_type != "reverse_kl"), ("dpop_lambda", dpop_lambda)):
-        if changed and not set(loss_types) <= SCORE_LOSS_TYPES:
-            raise ValueError(f"{option} shapes the chosen-minus-rejected score: it works with the loss types "
-                             f"{sorted(SCORE_LOSS_TYPES)}, not {sorted(set(loss_types) - SCORE_LOSS_TYPES)}")
-    if dpop_lambda < 0:
-        raise ValueError(f"dpop_lambda must be >= 0, got {dpop_lambda}")
+    loss_types, weights = check_dpo_options(loss_type, loss_weights, label_smoothing, f_divergence_type, dpop_lambda)
     logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     shapes = {tuple(t.shape) for t in logps}
     if len(shapes) != 1:
@@ -621,6 +632,14 @@ def alphapo_rewards(logps: Tensor, alpha: float) -> Tensor:
     return logps if alpha == 0 else -torch.expm1(-alpha * logps) / alpha
 
 
+def check_cpo_options(loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> None:
+    """:func:`cpo_loss`'s options checked (``ValueError`` naming what is wrong)."""
+    if loss_type not in CPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {CPO_LOSS_TYPES}, got {loss_type!r}")
+    if loss_type in ("hinge", "ipo") and label_smoothing:
+        raise ValueError(f"loss_type={loss_type!r} takes no label_smoothing (got {label_smoothing})")
+
+
 def cpo_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
@@ -649,10 +668,7 @@ def cpo_loss(
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are ``beta * r``, detached.
     """
-    if loss_type not in CPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {CPO_LOSS_TYPES}, got {loss_type!r}")
-    if loss_type in ("hinge", "ipo") and label_smoothing:
-        raise ValueError(f"loss_type={loss_type!r} takes no label_smoothing (got {label_smoothing})")
+    check_cpo_options(loss_type, label_smoothing)
     chosen_rewards = alphapo_rewards(_upcast(chosen_logps), alpha)
     rejected_rewards = alphapo_rewards(_upcast(rejected_logps), alpha)
     margin = chosen_rewards - rejected_rewards

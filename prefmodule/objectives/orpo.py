@@ -7,7 +7,8 @@ from torch import Tensor
 
 from prefmodule.models.logps import SequenceStats
 from prefmodule.objectives.losses import nll_loss, orpo_loss
-from prefmodule.objectives.base import PairOutputs, PreferenceModule
+from prefmodule.objectives.base import PreferenceModule
+from prefmodule.objectives.outputs import PairOutputs
 
 
 class ORPOModule(PreferenceModule):
@@ -20,12 +21,15 @@ class ORPOModule(PreferenceModule):
 
     length_normalized = True
 
+    def extra_metrics(self, stage: str) -> tuple[str, ...]:
+        return ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+
     def __init__(self, model: str, beta: float = 0.1, **kwargs):
         super().__init__(model=model, beta=beta, **kwargs)
 
     def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: None) -> PairOutputs:
         chosen, rejected = policy.split()
-        odds_losses, log_odds = orpo_loss(chosen.avg_logps, rejected.avg_logps, beta=self.beta)
+        odds_losses, log_odds = orpo_loss(chosen.avg_logps, rejected.avg_logps, beta=self.hparams.beta)
         nll = nll_loss(chosen.logps, chosen.lengths)
         extra = {
             "nll_loss": nll,
@@ -36,7 +40,7 @@ class ORPOModule(PreferenceModule):
             loss=nll + odds_losses.mean(),
             chosen=chosen,
             rejected=rejected,
-            chosen_rewards=self.beta * chosen.avg_logps.detach(),
-            rejected_rewards=self.beta * rejected.avg_logps.detach(),
+            chosen_rewards=self.hparams.beta * chosen.avg_logps.detach(),
+            rejected_rewards=self.hparams.beta * rejected.avg_logps.detach(),
             extra=extra,
         )

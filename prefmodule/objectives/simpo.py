@@ -6,7 +6,8 @@ from torch import Tensor
 
 from prefmodule.models.logps import SequenceStats
 from prefmodule.objectives.losses import nll_loss, simpo_loss
-from prefmodule.objectives.base import PairOutputs, PreferenceModule
+from prefmodule.objectives.base import PreferenceModule
+from prefmodule.objectives.outputs import PairOutputs
 
 
 class SimPOModule(PreferenceModule):
@@ -25,12 +26,14 @@ class SimPOModule(PreferenceModule):
     def __init__(self, model: str, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0,
                  sft_weight: float = 0.0, **kwargs):
         super().__init__(model=model, beta=beta, **kwargs)
-        self.gamma = gamma
+
+    def extra_metrics(self, stage: str) -> tuple[str, ...]:
+        return ("nll_loss",) if self.hparams.sft_weight > 0 else ()
 
     def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: None) -> PairOutputs:
         chosen, rejected = policy.split()
         losses, chosen_rewards, rejected_rewards = simpo_loss(
-            chosen.avg_logps, rejected.avg_logps, beta=self.beta, gamma=self.gamma,
+            chosen.avg_logps, rejected.avg_logps, beta=self.hparams.beta, gamma=self.hparams.gamma,
             label_smoothing=self.hparams.label_smoothing,
         )
         loss = losses.mean()

@@ -3,8 +3,10 @@ writes, and how each one takes the table of generated samples."""
 
 from __future__ import annotations
 
+import logging
 import os
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 SAMPLE_COLUMNS = ("step", "prompt", "completion", "reward", "chosen", "rejected")
@@ -21,6 +23,21 @@ def with_csv(loggers: list[Logger], root: str) -> list[Logger]:
             if tensorboard is not None else dict(save_dir=root)
         csv = [CSVLogger(**where)]
     return csv + others
+
+
+def log_dir(trainer: Trainer) -> str:
+    """The run's folder (metrics, samples, report, HF export): the first logger's version folder, where
+    Lightning's ``ModelCheckpoint`` puts ``checkpoints/`` too; ``default_root_dir`` without a logger.
+
+    Call it on every rank (the path is broadcast from rank 0).
+    """
+    if not trainer.loggers:
+        return trainer.default_root_dir
+    logger = trainer.loggers[0]
+    if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+        return trainer.log_dir
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return trainer.strategy.broadcast(os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version))
 
 
 def metrics_location(logger: Logger) -> str:
@@ -59,3 +76,9 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(SAMPLE_COLUMNS) + " |", "|" + "---|" * len(SAMPLE_COLUMNS)]
     lines += ["| " + " | ".join(cell(row[c]) for c in SAMPLE_COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def silence_lightning_tips() -> None:
+    """Drop Lightning's promotional "💡 Tip: ..." lines (litlogger, litmodels) from its rank-zero log."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))

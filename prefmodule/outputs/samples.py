@@ -83,7 +83,7 @@ def generate_samples(trainer: Trainer, module: LightningModule, pairs: list[dict
     def text(ids: list[int] | None) -> str | None:
         return None if ids is None else tokenizer.decode(ids, skip_special_tokens=True)
 
-    template = module.training_chat_template()
+    template = module.chat_template
     return [
         {"step": trainer.global_step, "index": pair["index"], "prompt": text(pair["prompt_ids"]),
          "message": last_user_message(tokenizer, pair["prompt_ids"], template), "completion": text(completion),
@@ -141,7 +141,7 @@ def as_pair(item: dict) -> dict:
 def _rewards(trainer: Trainer, module: LightningModule, pairs: list[dict], completions: list[list[int]]) -> list:
     """Each completion's implicit reward: the objective run on pairs (completion, the data's rejected answer, or
     for an unpaired row its completion)."""
-    if module.hparams.get("reference") == "precomputed":  # reference log-probs exist for the data's responses only
+    if not module.scores_new_text:  # a precomputed reference has log-probs for the data's responses only
         return [None] * len(pairs)
     scored = [{"index": pair["index"], "prompt_ids": pair["prompt_ids"], "chosen_ids": completion,
                "rejected_ids": pair.get("rejected_ids", pair.get("completion_ids"))}

@@ -52,7 +52,7 @@ from prefmodule.models.sharding import shard
 CACHE_FORMAT = 1
 REFERENCES = ("copy", "adapter", "precomputed", "sync")
 # Lightning's running stage -> the data split its batches come from.
-STAGE_SPLITS = {"train": "train", "sanity_check": "val", "validate": "val", "test": "test", "predict": "predict"}
+SPLIT_OF_RUNNING_STAGE = {"train": "train", "sanity_check": "val", "validate": "val", "test": "test", "predict": "predict"}
 
 # The frozen reference is in eval mode by design; Lightning's start-of-fit notice about it is noise.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -64,8 +64,7 @@ def load_reference_model(source: str, module) -> nn.Module:
 
     The one place a reference model is read from disk: a sharded or meta-device loader replaces this function.
     """
-    hp = module.hparams
-    model = load_causal_lm(source, hp.dtype, hp.trust_remote_code, module.attn_implementation)
+    model = load_causal_lm(source, module.model_settings)
     enable_packed_attention(model)
     return frozen(model)
 
@@ -100,6 +99,8 @@ class Reference:
     (``ref_model``), ``None`` for the policy's starting weights."""
 
     saved = False  # whether the kept model changes during training and belongs in checkpoints
+    runs_policy = False  # whether the reference forward runs the policy itself (its adapters disabled)
+    scores_new_text = True  # whether any text can be scored (a precomputed table holds the data's only)
 
     def __init__(self, source: str | None = None):
         self.source = source
@@ -146,6 +147,8 @@ class SyncReference(CopyReference):
 class AdapterReference(Reference):
     """The policy's base model: its LoRA adapters disabled for the reference forward."""
 
+    runs_policy = True
+
     def logps(self, module, batch: dict[str, Tensor]) -> Tensor:
         with base_model(module.policy) as model:
             return score(module, model, batch)
@@ -160,13 +163,15 @@ class PrecomputedReference(Reference):
     copies of the weights at most, less than training holds with gradients and optimizer state.
     """
 
+    scores_new_text = False
+
     def __init__(self, source: str | None, cache_dir: str | os.PathLike):
         super().__init__(source)
         self.cache_dir = cache_dir
         self.tables: dict[str, Tensor] = {}  # split -> [rows, sequences per row], row i for index i
 
     def logps(self, module, batch: dict[str, Tensor]) -> Tensor:
-        split = STAGE_SPLITS[module.trainer.state.stage.value]
+        split = SPLIT_OF_RUNNING_STAGE[module.trainer.state.stage.value]
         if split not in self.tables:
             raise RuntimeError(f"no precomputed reference log-probs for the {split!r} split: they are computed at the "
                                "start of fit/validate/test/predict from the trainer's datamodule.")
@@ -212,7 +217,7 @@ class PrecomputedReference(Reference):
     def cache_key(self, module, loader: DataLoader) -> dict:
         return {
             "reference": weights_fingerprint(self.source or module.model_name),
-            "dtype": module.hparams.dtype,
+            "dtype": module.model_settings.dtype,
             "precision": str(module.trainer.precision),
             "pairs": pairs_fingerprint(loader.dataset),
             **module.logps_settings(),

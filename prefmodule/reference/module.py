@@ -33,7 +33,7 @@ class ReferenceModule(PreferenceModule):
         **kwargs: see :class:`PreferenceModule`.
     """
 
-    runtime_args = PreferenceModule.runtime_args + ("ref_cache_dir",)
+    run_time = PreferenceModule.run_time + ("ref_cache_dir",)
 
     def __init__(
         self,
@@ -49,7 +49,7 @@ class ReferenceModule(PreferenceModule):
         if reference not in REFERENCES:
             raise ConfigError(f"reference must be one of {REFERENCES}, got {reference!r}")
         if reference == "adapter" and (self.lora is None or ref_model is not None):
-            raise ConfigError(f"model.reference='adapter' with lora={self.hparams.lora!r}, ref_model={ref_model!r}: the "
+            raise ConfigError(f"model.reference='adapter' with lora={self.model_settings.lora_arguments!r}, ref_model={ref_model!r}: the "
                               "adapter reference is the policy with its LoRA adapters disabled, so it needs `lora` "
                               "(e.g. lora: {r: 8}) and takes no `ref_model`. Without LoRA use reference: copy or "
                               "precomputed.")
@@ -64,6 +64,20 @@ class ReferenceModule(PreferenceModule):
 
     def configure_reference(self, policy: nn.Module) -> None:
         self.ref_model = self.reference.build(self, policy)
+
+    def reference_models(self) -> list[nn.Module]:
+        return [] if self.ref_model is None else [self.ref_model]
+
+    @property
+    def scores_new_text(self) -> bool:
+        """Whether the objective can score text its data does not hold (a precomputed reference cannot)."""
+        return self.reference.scores_new_text
+
+    def reference_parameters(self) -> int:
+        """Parameters of the reference's forward while training: its copy, or the policy with adapters off."""
+        if self.ref_model is not None:
+            return sum(p.numel() for p in self.ref_model.parameters())
+        return sum(p.numel() for p in self.policy.parameters()) if self.reference.runs_policy else 0
 
     def logps_settings(self) -> dict:
         """Settings besides the weights and the data that change the log-probs this objective scores

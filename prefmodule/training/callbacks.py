@@ -1,44 +1,39 @@
-"""Callbacks every preference module brings: generated samples, throughput, the end-of-fit export, model
-card, report and summary, and the writer of ``predict`` results."""
+"""The callbacks every preference module brings (:func:`module_callbacks`), and two of them: generated samples
+during ``fit`` and the writer of ``predict`` results."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ThroughputMonitor
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from prefmodule.outputs.loggers import log_samples_table, metrics_location
+from prefmodule.outputs.hub import HubSettings
+from prefmodule.outputs.loggers import log_dir, log_samples_table
 from prefmodule.outputs.samples import SampleSettings, generate_samples, held_out_pairs
+from prefmodule.training.checkpoints import default_checkpoints
+from prefmodule.training.fit_end import fit_end_callbacks
+from prefmodule.training.guard import default_guard
+from prefmodule.training.resume import DataPosition
+from prefmodule.training.throughput import Throughput
 
 
-def log_dir(trainer: Trainer) -> str:
-    """The run's folder (metrics, samples, report, HF export): the first logger's version folder, where
-    Lightning's ``ModelCheckpoint`` puts ``checkpoints/`` too; ``default_root_dir`` without a logger.
-
-    Call it on every rank (the path is broadcast from rank 0).
-    """
-    if not trainer.loggers:
-        return trainer.default_root_dir
-    logger = trainer.loggers[0]
-    if isinstance(logger, (CSVLogger, TensorBoardLogger)):
-        return trainer.log_dir
-    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-    return trainer.strategy.broadcast(os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version))
-
-
-def silence_lightning_tips() -> None:
-    """Drop Lightning's promotional "💡 Tip: ..." lines (litlogger, litmodels) from its rank-zero log."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
+def module_callbacks(trainer: Trainer | None, samples: SampleSettings | None, export: bool, hub: HubSettings | None,
+                     predictions_path: str | None) -> list[Callback]:
+    """A module's callbacks (its ``configure_callbacks``): samples (first: before the clocks start), throughput,
+    the data position, what ``fit`` leaves (export, card, upload, report, summary), the ``predict`` writer, the
+    learning rate with a logger, and the checkpoints and the non-finite guard unless the trainer has its own."""
+    callbacks = [SampleWriter(samples)] if samples is not None else []
+    callbacks += [Throughput(), DataPosition(), *fit_end_callbacks(export, hub), PredictionWriter(predictions_path)]
+    if trainer is not None and trainer.loggers:  # Lightning's LearningRateMonitor refuses to run without a logger
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return callbacks + default_checkpoints(trainer) + default_guard(trainer)
 
 
 class SampleWriter(Callback):
@@ -89,100 +84,6 @@ class SampleWriter(Callback):
 def _short(text: str, width: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-class Throughput(ThroughputMonitor):
-    """Lightning's ``ThroughputMonitor`` counting pairs (its samples) and non-padding tokens (its items), with the
-    FLOPs of each batch for MFU; ``train/tokens_per_sec`` (all ranks) also goes to the progress bar.
-
-    Lightning logs, every ``log_every_n_steps``: ``train/device/samples_per_sec`` (pairs),
-    ``train/device/items_per_sec`` (tokens), ``train/device/flops_per_sec`` and, on devices whose peak it
-    knows, ``train/device/mfu``; without ``device/``, the same summed over ranks. Rates average over the
-    last ``log_every_n_steps`` steps. FLOPs per token are the usual 2 per parameter and token for a forward
-    and 4 for a backward (Kaplan et al. 2020, arXiv 2001.08361), attention's length term left out:
-    training ``2N + 2N + 2N_trainable`` (forward; backward through the activations; weight gradients of the
-    trainable parameters: ``6N`` without LoRA) plus ``2N_ref`` for a reference model run alongside;
-    evaluation ``2N + 2N_ref``. Recomputation (activation checkpointing) is not counted, as MFU requires.
-    """
-
-    def __init__(self):
-        super().__init__(batch_size_fn=lambda batch: batch["index"].numel(), length_fn=tokens)
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.kwargs["window_size"] = trainer.log_every_n_steps * trainer.accumulate_grad_batches + 1
-        super().setup(trainer, pl_module, stage)
-
-    def _update(self, trainer: Trainer, pl_module: LightningModule, batch, iter_num: int) -> None:
-        # ThroughputMonitor reads the batch's FLOPs from the module.
-        pl_module.flops_per_batch = flops_per_token(pl_module, trainer.training) * tokens(batch)
-        super()._update(trainer, pl_module, batch, iter_num)
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not trainer.is_global_zero:  # ThroughputMonitor counts on rank 0 only
-            return
-        rate = self._throughputs[RunningStage.TRAINING].compute().get("device/items_per_sec")
-        if rate is not None:
-            pl_module.log("train/tokens_per_sec", rate * trainer.world_size, prog_bar=True, on_step=True,
-                          on_epoch=False, batch_size=1, rank_zero_only=True)
-
-
-def tokens(batch: dict) -> int:
-    """Non-padding tokens of a batch (packed rows have no padding: their mask is all ones)."""
-    return int(batch["attention_mask"].sum())
-
-
-def flops_per_token(module: LightningModule, training: bool) -> int:
-    """Model FLOPs per token, as :class:`Throughput` says."""
-    policy = sum(p.numel() for p in module.policy.parameters())
-    trainable = sum(p.numel() for p in module.policy.parameters() if p.requires_grad)
-    reference = getattr(module, "ref_model", None)
-    if reference is not None:
-        reference = sum(p.numel() for p in reference.parameters())
-    else:  # the policy with its adapters disabled serves as the reference
-        reference = policy if module.hparams.get("reference") == "adapter" else 0
-    return (4 * policy + 2 * trainable if training else 2 * policy) + 2 * reference
-
-
-class FitSummary(Callback):
-    """After ``fit``: export the policy in Hugging Face format with a model card (and push it to the Hub if
-    asked), write the report, and print one line saying where everything went."""
-
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from prefmodule.outputs.modelcard import push_to_hub, write_model_card
-        from prefmodule.outputs.report import write_report
-
-        run_dir = log_dir(trainer)
-        hf_dir = os.path.join(run_dir, "hf_model")
-        if pl_module.export_hf_after_fit:
-            pl_module.export_hf(hf_dir)  # on every rank: sharded weights are gathered to rank 0, which writes
-        if not trainer.is_global_zero:
-            return
-        for logger in trainer.loggers:
-            logger.save()  # the report reads metrics.csv
-        reported = any(os.path.isfile(os.path.join(run_dir, name)) for name in ("metrics.csv", "samples.jsonl"))
-        report = write_report(run_dir) if reported else "(nothing to report: no metrics.csv, no samples)"
-        if pl_module.export_hf_after_fit:
-            write_model_card(hf_dir, pl_module, trainer)
-            if pl_module.push_to_hub is not None:
-                hf_dir += f" (pushed to {push_to_hub(hf_dir, pl_module.push_to_hub)})"
-        else:
-            hf_dir = "(export_hf disabled)"
-        checkpoints = trainer.checkpoint_callbacks
-        ckpt = next((c.best_model_path for c in checkpoints if c.best_model_path), "") or next(
-            (c.last_model_path for c in checkpoints if c.last_model_path), "")  # the best, else the newest
-        metrics = ", ".join(metrics_location(logger) for logger in trainer.loggers) or "(no logger)"
-        name = next((n for n in ("val/rewards/accuracies", "val/loss") if n in trainer.callback_metrics),
-                    "val/rewards/accuracies")
-        value = trainer.callback_metrics.get(name)
-        minutes = (time.perf_counter() - self._start) / 60
-        rank_zero_info(
-            f"prefmodule: fit done in {minutes:.1f} min | {name}={f'{value.item():.3f}' if value is not None else 'n/a'} | "
-            f"checkpoint: {ckpt or '(none)'} | HF model: {hf_dir} | metrics: {metrics} | report: {report}"
-        )
 
 
 class PredictionWriter(BasePredictionWriter):

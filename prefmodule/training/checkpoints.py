@@ -166,19 +166,6 @@ def _is_lightning_default(callback: ModelCheckpoint) -> bool:
         for name in ("dirpath", "filename", "monitor", "save_top_k", "save_last", "state_key"))
 
 
-def restore_data_position(trainer: Trainer) -> None:
-    """Hand the restored position in the training data to its loader, when Lightning would drop it.
-
-    Lightning applies a checkpoint's loader state when it sets the training data up; a module whose
-    ``configure_optimizers`` asks ``trainer.estimated_stepping_batches`` (with ``max_epochs`` set) has it set
-    up before the checkpoint is restored, and the resumed epoch then starts again from its first batch.
-    Call from ``on_train_start``."""
-    loop = trainer.fit_loop
-    if loop._combined_loader_states_to_load and loop._combined_loader is not None and loop._data_fetcher is not None:
-        loop._load_combined_loader_states()
-        iter(loop._data_fetcher)  # a new iterator, from the restored position (as ``FitLoop.setup_data`` does)
-
-
 # ----- finding the checkpoint to resume from ---------------------------------------------------------
 def run_checkpoints(root: str | os.PathLike) -> list[Path]:
     """The checkpoints written under a run folder (in any version folder), newest first; links resolved.

@@ -1,0 +1,27 @@
+"""The one contract between an objective and its data: :class:`BatchFormat`, what the module being trained
+needs, handed to the datamodule through ``PreferenceDataModule.connect``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class BatchFormat:
+    """What batches an objective trains on.
+
+    Args:
+        tokenizer: tokenises the data (the datamodule's own ``tokenizer`` setting takes precedence).
+        unpaired: items are unpaired rows (KTO: a paired file gives two rows per pair) rather than pairs.
+        kl_completions: each unpaired row carries a KL completion (KTO's reference point).
+        packed: batches go in one row without padding: the module's models attend to packed rows per sequence.
+        objective: the objective's name, for messages about data it cannot train on.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    unpaired: bool = False
+    kl_completions: bool = False
+    packed: bool = False
+    objective: str = "a paired objective"

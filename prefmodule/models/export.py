@@ -1,0 +1,51 @@
+"""The trained policy as a Hugging Face folder (``save_pretrained``), as the base model came: its config
+(``use_cache`` included), generation config and tied weights, the tokenizer with the chat template the data was
+rendered with, LoRA adapters merged into a CPU copy of the weights or saved alone."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from lightning.pytorch import LightningModule
+
+from prefmodule.errors import writing
+from prefmodule.models.sharding import cpu_copy, gather_unsharded, is_sharded
+from prefmodule.training.guard import check_finite_weights
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """What ``fit`` leaves in ``<log dir>/hf_model``: with ``hf`` the policy and tokenizer and a model card;
+    ``merged``: LoRA adapters merged into the base weights (``False``: the adapters alone, for
+    ``peft.AutoPeftModelForCausalLM``). The module's ``export_hf`` and ``export_merged`` options."""
+
+    hf: bool = True
+    merged: bool = True
+
+
+def export_policy(module: LightningModule, path: str, merge: bool, chat_template: str | None,
+                  trust_remote_code: bool = False) -> None:
+    """Save ``module.policy`` and ``module.tokenizer`` (with ``chat_template`` when given) to ``path``.
+
+    Global rank 0 writes. Sharded (FSDP) weights are gathered to it first: then every rank must call this. A policy
+    holding a NaN or infinite weight is never written (:class:`~prefmodule.errors.NonFiniteError`).
+    """
+    policy = module.policy
+    lora = hasattr(policy, "merge_and_unload")
+    sharded = is_sharded(policy)
+    check_finite_weights(policy, path, sharded)
+    if sharded:
+        model = gather_unsharded(module, "policy", trust_remote_code)
+    else:
+        model = cpu_copy(policy, trust_remote_code) if lora and merge else policy
+    if module.global_rank != 0:
+        return
+    if lora and merge:
+        model = model.merge_and_unload(safe_merge=True)  # new tensors for the merged layers: no in-place sum
+    tokenizer = copy.copy(module.tokenizer)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    with writing(path, "the Hugging Face export"):
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)

@@ -1,0 +1,66 @@
+"""Lightning's CLI as prefmodule runs it: any objective as ``model``, the one ``PreferenceDataModule`` as ``data``.
+
+Checked on Lightning 2.6: :class:`PrefCLI` overrides ``LightningCLI``'s protected ``_prepare_subcommand_parser``,
+``_parse_ckpt_path`` and ``_instantiate_trainer``, and reads its ``_subcommand_method_arguments`` (it has no public
+hook for a subcommand's defaults, the checkpoint path or the trainer's loggers).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from prefmodule.errors import ConfigError, find_user_error
+from prefmodule.outputs.loggers import with_csv
+from prefmodule.training.checkpoints import resolve_checkpoint
+
+
+class PrefCLI(LightningCLI):
+    """Any :class:`PreferenceModule` subclass as ``model`` (``--model=prefmodule.DPOModule``) and the
+    one fixed :class:`PreferenceDataModule` as ``data`` (``--data.train=...``).
+
+    Metrics always go to ``<default_root_dir>/lightning_logs/version_N/metrics.csv`` (the run's folder), also
+    with other loggers (``--trainer.logger=WandbLogger``, ...), unless ``--trainer.logger=false``.
+    ``--ckpt_path=last`` resumes from the newest complete checkpoint under ``default_root_dir``; checkpoints
+    load with ``weights_only=True`` (no code in them runs) unless ``--weights_only=false``.
+    """
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "weights_only" in self._subcommand_method_arguments[subcommand]:
+            parser.set_defaults(weights_only=True)
+        return parser
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            config = self.config[subcommand]
+            root = config.trainer.get("default_root_dir") or os.getcwd()
+            config.ckpt_path = resolve_checkpoint(config.get("ckpt_path"), root)
+        super()._parse_ckpt_path()  # lays the checkpoint's hyperparameters over the configuration
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            cause = _root_cause(error)
+            if find_user_error(error) is None and isinstance(cause, (ValueError, MisconfigurationException)):
+                # a constructor refused a value of the configuration (Lightning's Trainer, a transformers class)
+                raise ConfigError(str(cause)) from error
+            raise
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        logger = config.get("logger")
+        if logger is not False:
+            loggers = [] if logger in (None, True) else list(logger) if isinstance(logger, (list, tuple)) else [logger]
+            config["logger"] = with_csv(loggers, config.get("default_root_dir") or os.getcwd())
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
