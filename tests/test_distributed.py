@@ -23,6 +23,7 @@ from prefmodule.training.checkpoints import newest_checkpoint
 from prefmodule.cli import main
 from prefmodule.paths import resolve
 from prefmodule.models.attention import VARLEN_SDPA
+from prefmodule.reference.modes import load_table
 from prefmodule.models.sharding import decoder_layer_classes, decoder_layer_policy, is_sharded
 
 from conftest import TINY_MODEL, write_jsonl
@@ -95,10 +96,10 @@ def test_ddp_two_processes_train_checkpoint_and_agree_with_one(config, reference
                                   *([f"--model.ref_cache_dir={one_rank_cache}"] if reference else []))
     assert_same_metrics(logged_val(log_dir), one)
     if reference == "precomputed":  # each rank scored its shard; the gathered table equals one process's
-        (val_table,) = one_rank_cache.glob("*.pt")
-        assert len(list(two_ranks_cache.glob("*.pt"))) == 2  # train and val
-        gathered = torch.load(two_ranks_cache / val_table.name, weights_only=False)["logps"]
-        torch.testing.assert_close(gathered, torch.load(val_table, weights_only=False)["logps"], rtol=0, atol=0)
+        (val_entry,) = one_rank_cache.iterdir()
+        assert len(list(two_ranks_cache.iterdir())) == 2  # train and val
+        gathered = load_table(two_ranks_cache, val_entry.name)
+        torch.testing.assert_close(gathered, load_table(one_rank_cache, val_entry.name), rtol=0, atol=0)
         assert gathered.shape == (16, 2) and not gathered.isnan().any()
 
 

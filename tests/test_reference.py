@@ -12,6 +12,7 @@ from prefmodule import DPOModule, PreferenceDataModule
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.tokenize import tokenize_pair
 from prefmodule.paths import resolve
+from prefmodule.reference.modes import load_table, save_table
 
 from conftest import TINY_MODEL, read_jsonl, write_jsonl
 
@@ -117,10 +118,8 @@ def test_cache_is_reused_unless_reference_data_or_tokenisation_change(tmp_path, 
         return module.reference.tables["val"]
 
     first = val_logps()
-    (path,) = cache.iterdir()
-    saved = torch.load(path)
-    saved["logps"] += 1000.0  # marked: only a run that reads the file sees these values
-    torch.save(saved, path)
+    (entry,) = cache.iterdir()
+    save_table(cache, entry.name, load_table(cache, entry.name) + 1000.0, {})  # marked: only a run that reads it
     torch.testing.assert_close(val_logps(beta=0.5), first + 1000.0, rtol=0, atol=0)
 
     other_rows = write_jsonl(tmp_path / "other.jsonl", read_jsonl(val)[1:])

@@ -13,7 +13,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from prefmodule.data import cache
 from prefmodule.data.checks import check_arguments
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.contract import BatchFormat
@@ -27,11 +26,13 @@ from prefmodule.data.samplers import (
     ChunkBatchSampler, EpochSampler, PairBatchSampler, ResumableLoader, chunk_sizes, kl_chunks,
 )
 from prefmodule.data.sources import find_sources
-from prefmodule.data.tokenize import Encoder, TruncationMode
+from prefmodule.data.tokenize import Encoder, TruncationMode, tokenizer_fingerprint
+from prefmodule import cache
 from prefmodule.errors import ConfigError, DataError
 from prefmodule.models.loading import load_tokenizer
 from prefmodule.paths import resolve
 
+DEFAULT_CACHE_DIR = "~/.cache/prefmodule/data"
 SPLITS_OF_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 DataSpec = str | list[str | dict[str, Any]] | dict[str, Any] | None
 
@@ -298,10 +299,10 @@ class PreferenceDataModule(LightningDataModule):
                             max_prompt_length=hp.max_prompt_length, truncation_mode=hp.truncation_mode,
                             unpaired=unpaired)
         key = cache.cache_key(sources=[source.fingerprint() for source in sources],
-                              tokenizer=cache.tokenizer_fingerprint(tokenizer, chat_template), **vars(settings))
+                              tokenizer=tokenizer_fingerprint(tokenizer, chat_template), **vars(settings))
         if key in self._loaded:
             return self._loaded[key]
-        cache_dir = hp.cache_dir or cache.DEFAULT_DIR
+        cache_dir = hp.cache_dir or DEFAULT_CACHE_DIR
         found = cache.load(cache_dir, key)
         if isinstance(found, tuple):
             arrays, meta = found
@@ -331,7 +332,7 @@ class PreferenceDataModule(LightningDataModule):
                 raise
 
         try:
-            arrays, meta = run(cache.EntryWriter(cache_dir, key))
+            arrays, meta = run(cache.EntryWriter(cache_dir, key, "the data cache"))
             return arrays, meta, f"cache miss, saved to {Path(cache_dir).expanduser() / key}"
         except cache.CacheWriteError as error:
             rank_zero_warn(f"prefmodule data: {error}; tokenising {label} into memory for this run (set "

@@ -12,8 +12,8 @@ what to keep in memory (``build``) and what the reference log-probs of a batch a
 The log-probs of a batch are ``[rows, sequences per row]``: a pair's ``(chosen, rejected)``, an
 unpaired row's ``(completion, KL completion)`` or ``(completion,)``, row ``i`` for ``index[i]``.
 
-A precomputed cache file holds one split's ``[rows, sequences per row]`` table, row ``i`` for the row
-with ``index == i``. Its name is a hash of everything the values depend on: the reference weights
+A precomputed cache entry (:mod:`prefmodule.cache`, as tokenised data) holds one split's ``[rows, sequences per
+row]`` table, row ``i`` for the row with ``index == i``. Its name is a hash of everything the values depend on: the reference weights
 (fingerprinted from their files' names, sizes, modification times and safetensors headers, never by
 reading the weights), the dtype and precision they ran in, every row's token ids with their
 prompt/response split (which covers the data and whatever the tokenisation settings did to it), and
@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
@@ -43,13 +44,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from prefmodule.models.attention import enable_packed_attention
+from prefmodule import cache
 from prefmodule.errors import ConfigError
 from prefmodule.models.loading import load_causal_lm
 from prefmodule.paths import resolve
 from prefmodule.progress import progress
 from prefmodule.models.sharding import shard
 
-CACHE_FORMAT = 1
 REFERENCES = ("copy", "adapter", "precomputed", "sync")
 # Lightning's running stage -> the data split its batches come from.
 SPLIT_OF_RUNNING_STAGE = {"train": "train", "sanity_check": "val", "validate": "val", "test": "test", "predict": "predict"}
@@ -192,13 +193,14 @@ class PrecomputedReference(Reference):
         with ExitStack() as stack:
             model = None  # loaded for the first split the cache does not answer
             for split, loader in loaders.items():
-                path = parts = None
+                key = parts = None
                 if trainer.is_global_zero:  # rank 0 decides, so every rank takes the same branch
                     parts = self.cache_key(module, loader)
-                    path = cache_file(self.cache_dir, parts)
-                table = trainer.strategy.broadcast(load_table(path) if path is not None else None)
+                    key = cache.cache_key(reference_logps=parts)
+                table = trainer.strategy.broadcast(load_table(self.cache_dir, key) if key is not None else None)
                 if table is not None:
-                    rank_zero_info(f"prefmodule: reference log-probs of {split} reused from {path}")
+                    rank_zero_info(f"prefmodule: reference log-probs of {split} reused from "
+                                   f"{Path(self.cache_dir).expanduser() / key}")
                 else:
                     if model is None:
                         model = stack.enter_context(self.scoring_model(module))
@@ -208,8 +210,8 @@ class PrecomputedReference(Reference):
                             shard_loader(loader, trainer.global_rank, trainer.world_size), module.all_gather,
                             f"reference log-probs of {split}",
                         )
-                    if path is not None:
-                        save_table(path, table, parts)
+                    if key is not None:
+                        path = save_table(self.cache_dir, key, table, parts)
                         rank_zero_info(f"prefmodule: reference log-probs of {split} ({len(loader.dataset)} rows) "
                                        f"-> {path}")
                 self.tables[split] = table
@@ -322,22 +324,25 @@ def pairs_fingerprint(dataset) -> str:
     return digest.hexdigest()
 
 
-def cache_file(directory: str | os.PathLike, parts: dict) -> Path:
-    """The cache file for the values ``parts`` (a JSON-able dict) determine."""
-    key = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True).encode()).hexdigest()
-    return Path(directory) / f"{key[:32]}.pt"
+def load_table(directory: str | os.PathLike, key: str) -> Tensor | None:
+    """The ``[rows, sequences per row]`` table of cache entry ``key``, or ``None`` (missing, corrupt: computed again)."""
+    found = cache.load(directory, key)
+    if isinstance(found, str):
+        return None
+    arrays, meta = found
+    return torch.from_numpy(np.array(arrays["logps"])).view(-1, meta["columns"])
 
 
-def load_table(path: Path) -> Tensor | None:
-    return torch.load(path, weights_only=True)["logps"] if path.is_file() else None
-
-
-def save_table(path: Path, table: Tensor, parts: dict) -> None:
-    """Write atomically, so a concurrent or killed run never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({"logps": table, "parts": parts}, partial)
-    os.replace(partial, path)
+def save_table(directory: str | os.PathLike, key: str, table: Tensor, parts: dict) -> Path:
+    """Write ``table`` as cache entry ``key`` (atomically: a concurrent or killed run never leaves half of it)."""
+    writer = cache.EntryWriter(directory, key, "the reference log-probs cache")
+    try:
+        writer.append("logps", table.reshape(-1).numpy())
+        writer.finish({"columns": table.shape[1], "rows": table.shape[0], "parts": parts})
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.final
 
 
 def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:

@@ -1,11 +1,12 @@
-"""The on-disk cache of tokenised data, so that a second run starts without re-tokenising.
+"""The on-disk cache of everything computed once and reused: tokenised data (``data/``) and precomputed
+reference log-probs (``reference/``), so that a second run starts without computing them again.
 
-An entry is a folder named by a key that hashes everything its content depends on: the bytes of the
-source files (or the Hub dataset's name, subset, split, revision and fingerprint), the tokenizer's
-identity (its vocabulary, merges, special tokens and chat template, not its path) and every tokenisation
-setting. Its columns are ``.npy`` files streamed to disk chunk by chunk while tokenising (memory stays
-bounded whatever the size of the data) in a temporary folder renamed into place at the end, so a killed
-run never leaves a half-written entry.
+An entry is a folder named by a key that hashes everything its content depends on (:func:`cache_key`; for
+data: the bytes of the source files or the Hub dataset's name, subset, split, revision and fingerprint, the
+tokenizer's identity and every tokenisation setting; for a reference: its weights' fingerprint, precision,
+every row's token ids and the scoring settings). Its columns are ``.npy`` files streamed to disk chunk by chunk
+(memory stays bounded whatever the size of the data) in a temporary folder renamed into place at the end, so
+a killed run never leaves a half-written entry.
 
 Reading an entry runs no code: ``numpy.load(..., allow_pickle=False)`` memory-maps plain integer arrays
 (an object array, e.g. a planted pickle, is refused) and ``meta.json`` is JSON. An entry is used only if
@@ -25,23 +26,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 from numpy.lib import format as npy
-from transformers import PreTrainedTokenizerBase
-
 VERSION = 2  # bump when tokenisation or the layout changes
-DEFAULT_DIR = "~/.cache/prefmodule/data"
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> str:
-    """A hash of what makes ``tokenizer`` produce its ids, whatever path it was loaded from."""
-    digest = hashlib.sha256(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        digest.update(backend.to_str().encode())
-    else:
-        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    special = {name: str(value) for name, value in tokenizer.special_tokens_map.items()}
-    digest.update(json.dumps([special, chat_template or tokenizer.chat_template], sort_keys=True).encode())
-    return digest.hexdigest()
 
 
 def cache_key(**parts) -> str:
@@ -81,7 +66,8 @@ class EntryWriter(MemoryColumns):
     a :class:`CacheWriteError` naming the path; the caller removes the staging folder with ``abort``.
     """
 
-    def __init__(self, directory: str | os.PathLike, key: str):
+    def __init__(self, directory: str | os.PathLike, key: str, what: str = "the cache"):
+        self.what = what
         self.root = Path(directory).expanduser()
         self.final = self.root / key
         self.key = key
@@ -91,15 +77,14 @@ class EntryWriter(MemoryColumns):
             self.root.mkdir(parents=True, exist_ok=True)
             self.staging.mkdir()
 
-    @staticmethod
     @contextmanager
-    def _naming(path: Path):
+    def _naming(self, path: Path):
         try:
             yield
         except CacheWriteError:
             raise
         except OSError as error:
-            raise CacheWriteError(f"cannot write the data cache at {path}: {error.strerror or error}") from error
+            raise CacheWriteError(f"cannot write {self.what} at {path}: {error.strerror or error}") from error
 
     def append(self, name: str, values: np.ndarray) -> None:
         with self._naming(self.root):
