@@ -10,7 +10,7 @@ import os
 
 from transformers import PreTrainedTokenizerBase
 
-from prefmodule.data.formats import check_settings
+from prefmodule.data.formats import check_format_settings
 from prefmodule.data.mixture import SourceGroup, parse_split
 from prefmodule.data.sources import find_sources
 from prefmodule.errors import ConfigError, MissingFileError
@@ -48,7 +48,7 @@ def check_arguments(hp, tokenizer) -> dict[str, list[SourceGroup]]:
             raise ConfigError(f"data.{name} must be true or false, got {getattr(hp, name)!r}")
     if tokenizer is not None and not isinstance(tokenizer, (str, PreTrainedTokenizerBase)):
         raise ConfigError(f"data.tokenizer must be a path, a hub id or a tokenizer, got {tokenizer!r}")
-    check_settings(hp.format, hp.columns, hp.tags)
+    check_format_settings(hp.format, hp.columns, hp.tags)
     template = hp.chat_template
     if template is not None and "{{" not in template and "{%" not in template and not _is_file(template):
         raise MissingFileError(f"data.chat_template: no such file {template!r} (give the Jinja template itself, "
@@ -60,7 +60,7 @@ def check_arguments(hp, tokenizer) -> dict[str, list[SourceGroup]]:
             option = f"data.{split}" + (f"[{i}]" if len(groups[split]) > 1 else "")
             settings = group.settings({"format": hp.format, "columns": hp.columns, "tags": hp.tags,
                                        "pairs_from_ratings": hp.pairs_from_ratings})
-            check_settings(settings["format"], settings["columns"], settings["tags"], option)
+            check_format_settings(settings["format"], settings["columns"], settings["tags"], option)
             if settings["pairs_from_ratings"] not in ("best_worst", "best_random"):
                 raise ConfigError(f"{option}.pairs_from_ratings must be 'best_worst' or 'best_random', got "
                                   f"{settings['pairs_from_ratings']!r}")

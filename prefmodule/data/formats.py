@@ -78,7 +78,7 @@ def describe(bad: list[BadRow], count: int | None = None) -> str:
     return listed + (f"\n  ... and {count - MAX_REPORTED} more" if count > MAX_REPORTED else "")
 
 
-def check_settings(format: str, columns: dict[str, str] | None, tags: dict[str, str] | None = None,
+def check_format_settings(format: str, columns: dict[str, str] | None, tags: dict[str, str] | None = None,
                    option: str = "data") -> None:
     if format not in FORMATS:
         raise ConfigError(f"{option}.format must be one of {list(FORMATS)}, got {format!r}")
@@ -119,7 +119,7 @@ def make_checker(rows: list, format: Format, columns: dict[str, str] | None = No
                  pairs_from_ratings: PairsFromRatings = "best_worst", seed: int = 0):
     """The checker of a dataset whose first rows are ``rows``; ``chat``: whether a chat template is at hand
     (Alpaca rows render through it, else as text)."""
-    check_settings(format, columns, tags)
+    check_format_settings(format, columns, tags)
     names = Columns(columns)
     sample = [row for row in rows[:DETECTION_ROWS] if isinstance(row, dict)]
     format = detect_format(sample, names) if format == "auto" else format

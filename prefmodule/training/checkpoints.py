@@ -13,6 +13,12 @@ Lightning's :class:`ModelCheckpoint` does the saving, the rotation and ``last.ck
 
 A resumed fit logs into a new ``version_N`` folder: Lightning's loggers start their files afresh
 (``CSVLogger`` would delete the earlier ``metrics.csv``); its steps continue from the checkpoint's.
+
+Checked on Lightning 2.6: the callbacks override ``ModelCheckpoint``'s protected ``_save_checkpoint``,
+``_find_last_checkpoints`` and ``_save_topk_checkpoint``, call its ``_should_skip_saving_checkpoint``,
+``_monitor_candidates``, ``_save_topk_checkpoint`` and ``_save_last_checkpoint``, and set the
+``_last_global_step_saved`` and ``_last_checkpoint_saved`` it keeps (it has no public hook for where a file is
+written or when a save happens outside its triggers).
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ class AtomicCheckpoint(ModelCheckpoint):
                 _remove(partial)  # frees the space a full disk needs; earlier checkpoints stay as they were
             raise
         trainer.strategy.barrier("prefmodule.checkpoint_renamed")
-        # What ModelCheckpoint._save_checkpoint records after writing.
+        # What ModelCheckpoint._save_checkpoint records after writing (Lightning 2.6).
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
@@ -123,12 +129,13 @@ class RunCheckpoint(AtomicCheckpoint):
             self._save_now(trainer)
 
     def _save_now(self, trainer: Trainer) -> None:
+        # ModelCheckpoint's own save sequence, its protected steps (Lightning 2.6).
         if not self._should_skip_saving_checkpoint(trainer):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
 
-    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:  # protected hook (Lightning 2.6)
         newest = newest_checkpoint(trainer.default_root_dir)
         return {str(newest)} if newest else set()
 

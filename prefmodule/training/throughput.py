@@ -29,6 +29,7 @@ class Throughput(ThroughputMonitor):
         super().__init__(batch_size_fn=lambda batch: batch["index"].numel(), length_fn=tokens)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # ThroughputMonitor's protected kwargs of its Throughput objects (Lightning 2.6)
         self.kwargs["window_size"] = trainer.log_every_n_steps * trainer.accumulate_grad_batches + 1
         super().setup(trainer, pl_module, stage)
 
@@ -41,6 +42,7 @@ class Throughput(ThroughputMonitor):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not trainer.is_global_zero:  # ThroughputMonitor counts on rank 0 only
             return
+        # its protected per-stage Throughput (Lightning 2.6)
         rate = self._throughputs[RunningStage.TRAINING].compute().get("device/items_per_sec")
         if rate is not None:
             pl_module.log("train/tokens_per_sec", rate * trainer.world_size, prog_bar=True, on_step=True,
