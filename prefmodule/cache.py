@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 from numpy.lib import format as npy
-VERSION = 2  # bump when tokenisation or the layout changes
+VERSION = 3  # bump when tokenisation or the layout changes
 
 
 def cache_key(**parts) -> str:

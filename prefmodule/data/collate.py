@@ -21,7 +21,8 @@ class PreferenceCollator:
     sequences back to back in one row, ``[1, N]``, with ``position_ids`` restarting at 0 per sequence,
     ``sequence_ids`` naming each token's sequence and an all-ones ``attention_mask``. ``labels`` hold the
     response ids and ``-100`` on prompt and padding; ``index`` is each item's row number, and
-    ``score_chosen``/``score_rejected`` (float ``[n]``) come along when the data rates its pairs.
+    ``score_chosen``/``score_rejected`` (float ``[n]``) come along when the data rates its pairs, and ``margin``
+    (float ``[n]``, NaN for a pair without one) when it has that column.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_free: bool = False):
@@ -39,8 +40,8 @@ class PreferenceCollator:
         batch["index"] = torch.tensor([item["index"] for item in items])
         if "label" in items[0]:
             batch["label"] = torch.tensor([item["label"] for item in items], dtype=torch.bool)
-        if "score_chosen" in items[0]:
-            for key in ("score_chosen", "score_rejected"):
+        for key in ("score_chosen", "score_rejected", "margin"):
+            if key in items[0]:
                 batch[key] = torch.tensor([item[key] for item in items], dtype=torch.float32)
         return batch
 

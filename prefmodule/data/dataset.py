@@ -144,9 +144,8 @@ class PairDataset(TokenDataset):
         pair = {"index": int(table.index(item))}
         for part in self.parts:
             pair[f"{part}_ids"] = table.ids(part, item)
-        if "score_chosen" in table.arrays:
-            pair["score_chosen"] = float(table.arrays["score_chosen"][item])
-            pair["score_rejected"] = float(table.arrays["score_rejected"][item])
+        for column in self._columns():
+            pair[column] = float(table.arrays[column][item])
         return pair
 
     def lengths(self) -> np.ndarray:
@@ -154,7 +153,8 @@ class PairDataset(TokenDataset):
         return self.part_lengths("prompt") + np.maximum(self.part_lengths("chosen"), self.part_lengths("rejected"))
 
     def _columns(self) -> tuple[str, ...]:
-        return ("score_chosen", "score_rejected") if "score_chosen" in self.tables[0].arrays else ()
+        columns = ("score_chosen", "score_rejected", "margin")
+        return tuple(column for column in columns if column in self.tables[0].arrays)
 
 
 class UnpairedDataset(TokenDataset):

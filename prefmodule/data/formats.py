@@ -29,7 +29,7 @@ from prefmodule.data.llamafactory import AlpacaRows, ShareGPTRows, converted
 from prefmodule.data.messages import OPENAI_TAGS, SHAREGPT_TAGS, is_empty, is_messages, type_name
 from prefmodule.data.ratings import RatedRows
 from prefmodule.data.records import (
-    Columns, Pair, RowError, Unpaired, field, messages_field, score_field, text_field, tools_field,
+    Columns, Pair, RowError, Unpaired, field, margin_field, messages_field, score_field, text_field, tools_field,
 )
 from prefmodule.data.sources import BrokenRow
 from prefmodule.errors import ConfigError, DataError
@@ -39,7 +39,7 @@ FORMATS = Format.__args__
 PairsFromRatings = Literal["best_worst", "best_random"]
 COLUMN_TARGETS = ("prompt", "chosen", "rejected", "completion", "label", "messages", "conversations", "system",
                   "tools", "instruction", "input", "history", "output", "completions", "response", "score",
-                  "scores", "score_chosen", "score_rejected")
+                  "scores", "score_chosen", "score_rejected", "margin")
 DETECTION_ROWS = 1000
 MAX_REPORTED = 20
 HH_ASSISTANT = "\n\nAssistant:"
@@ -173,7 +173,8 @@ class PromptResponses:
             raise RowError(column("prompt"), "no prompt messages", "empty prompt")
         tools = tools_field(row, self.tools) if self.tools in row else None
         scores = scores_of(row, *self.scores) if self.scores[0] in row else None
-        return Pair(values["prompt"], values["chosen"], values["rejected"], tools, scores)
+        return Pair(values["prompt"], values["chosen"], values["rejected"], tools, scores,
+                    margin_field(row, column("margin")))
 
     def _value(self, row: dict, column: str) -> str | list:
         if self.conversational:

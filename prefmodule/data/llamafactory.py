@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from prefmodule.data.messages import OPENAI_TAGS, SHAREGPT_TAGS, MessageError, is_empty, sharegpt_messages
-from prefmodule.data.records import Columns, Pair, RowError, field, text_field, tools_field
+from prefmodule.data.records import Columns, Pair, RowError, field, margin_field, text_field, tools_field
 
 
 def converted(turns: object, tags: dict[str, str], column: str) -> list[dict]:
@@ -62,7 +62,8 @@ class ShareGPTRows:
                 raise RowError(column(name), "empty response", "empty response")
         if responses["chosen"] == responses["rejected"]:
             raise RowError(column("rejected"), "identical to chosen", "identical responses")
-        return Pair(prompt, responses["chosen"], responses["rejected"], tools_field(row, column("tools")))
+        return Pair(prompt, responses["chosen"], responses["rejected"], tools_field(row, column("tools")),
+                    margin=margin_field(row, column("margin")))
 
 
 class AlpacaRows:
@@ -84,13 +85,14 @@ class AlpacaRows:
         if not user.strip():
             raise RowError(column("instruction"), "empty instruction", "empty prompt")
         if not self.conversational:
-            return Pair(alpaca_text(system, history, instruction, query), chosen, rejected)
+            return Pair(alpaca_text(system, history, instruction, query), chosen, rejected,
+                        margin=margin_field(row, column("margin")))
         prompt = [{"role": "system", "content": system}] if system else []
         for past_user, past_assistant in history:
             prompt += [{"role": "user", "content": past_user}, {"role": "assistant", "content": past_assistant}]
         prompt.append({"role": "user", "content": user})
         return Pair(prompt, [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}],
-                    tools_field(row, column("tools")))
+                    tools_field(row, column("tools")), margin=margin_field(row, column("margin")))
 
     def _history(self, row: dict) -> list:
         column = self.column("history")

@@ -69,7 +69,8 @@ def prepare(sources: list[Source], settings: Settings, encoder: Encoder, columns
         raise ConfigError(f"{label}: {checker.name} data needs a chat template and the tokenizer has none; set "
                           "`data.chat_template` (Jinja text or a .jinja file).")
     report = Report(checker.name, checker.conversational)
-    layout = Layout(settings.unpaired, _scored(checker, first))
+    layout = Layout(settings.unpaired, _has_column(checker, first, "score_chosen") or checker.name.startswith("ratings"),
+                    _has_column(checker, first, "margin"))
     writer = ColumnWriter(columns, layout)
     total = sum(count for count in (_count(s) for s in sources) if count is not None) or None
     limits = Limits(settings.max_length, settings.max_prompt_length, settings.truncation_mode)
@@ -136,15 +137,10 @@ def _count(source: Source) -> int | None:
         return None
 
 
-def _scored(checker, first: list) -> bool:
-    """Whether pairs carry ``score_chosen``/``score_rejected``: rated data, or those columns in the first rows."""
-    if checker.unpaired:
-        return False
-    if checker.name.startswith("ratings"):
-        return True
-    column = getattr(checker, "column", None)
-    return column is not None and any(isinstance(row, dict) and row.get(column("score_chosen")) is not None
-                                      for *_, row in first)
+def _has_column(checker, first: list, name: str) -> bool:
+    """Whether pairs carry the column ``name`` (``score_chosen``, ``margin``): present in one of the first rows."""
+    column = None if checker.unpaired else getattr(checker, "column", None)
+    return column is not None and any(isinstance(row, dict) and row.get(column(name)) is not None for *_, row in first)
 
 
 def _items(stream, checker, unpaired: bool, report: Report, on_bad_rows: str):
@@ -189,10 +185,11 @@ def _chunks(items, size: int):
 # ----- workers ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Layout:
-    """Which columns an entry has: pairs (optionally with scores) or unpaired rows."""
+    """Which columns an entry has: pairs (optionally with scores and margins) or unpaired rows."""
 
     unpaired: bool
     scored: bool
+    margins: bool = False
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -254,6 +251,9 @@ def _tokenised(chunk: list) -> tuple[dict[str, np.ndarray], list, Counter]:
         scores = np.array([record.scores or (np.nan, np.nan) for (_, _, record, _), _ in kept],
                           dtype=np.float32).reshape(-1, 2)
         arrays["score_chosen"], arrays["score_rejected"] = scores[:, 0], scores[:, 1]
+    if layout.margins:
+        arrays["margin"] = np.array([record.margin if record.margin is not None else np.nan
+                                     for (_, _, record, _), _ in kept], dtype=np.float32)
     for part in layout.parts:
         ids = [result[f"{part}_ids"] for _, result in kept]
         arrays[f"{part}_lengths"] = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
@@ -272,9 +272,10 @@ class ColumnWriter:
         for part in layout.parts:
             columns.append(f"{part}_offsets", np.zeros(1, dtype=np.int64))
         empty = {"index": np.zeros(0, np.int64), "side": np.zeros(0, np.int8), "label": np.zeros(0, np.uint8),
-                 "score_chosen": np.zeros(0, np.float32), "score_rejected": np.zeros(0, np.float32)}
+                 "score_chosen": np.zeros(0, np.float32), "score_rejected": np.zeros(0, np.float32),
+                 "margin": np.zeros(0, np.float32)}
         names = ["index", *(("side", "label") if layout.unpaired else ("score_chosen", "score_rejected")
-                            if layout.scored else ())]
+                            if layout.scored else ()), *(("margin",) if layout.margins else ())]
         for name in names:  # every column exists, even when no row is kept
             columns.append(name, empty[name])
         for part in layout.parts:

@@ -18,6 +18,7 @@ class Pair:
     rejected: str | list
     tools: list | None = None  # function schemas for the chat template
     scores: tuple[float, float] | None = None  # (score_chosen, score_rejected) when the data rates them
+    margin: float | None = None  # the data's ``margin`` column (a reward model's Bradley-Terry margin)
 
 
 @dataclass(slots=True)
@@ -93,6 +94,12 @@ def tools_field(row: dict, column: str) -> list | None:
         return parse_tools(row.get(column))
     except MessageError as error:
         raise RowError(column, str(error), "wrong type") from None
+
+
+def margin_field(row: dict, column: str) -> float | None:
+    """A row's ``margin`` (any finite number), ``None`` when it has none."""
+    value = row.get(column)
+    return None if value is None else score_field(value, column)
 
 
 def score_field(value: object, column: str) -> float:
