@@ -2,7 +2,7 @@
 
 from prefmodule.data import BatchFormat, DataValidationError, PreferenceDataModule
 from prefmodule.objectives import (
-    BetaDPOSettings, CPOModule, DPOModule, KTOModule, ORPOModule, PreferenceModule, SimPOModule,
+    BetaDPOSettings, CPOModule, DPOModule, KTOModule, ORPOModule, PreferenceModule, RewardModule, SimPOModule,
 )
 from prefmodule.outputs.loggers import silence_lightning_tips
 from prefmodule.reference import ReferenceModule
@@ -12,5 +12,5 @@ silence_lightning_tips()
 __version__ = "0.1.0"
 __all__ = [
     "BatchFormat", "BetaDPOSettings", "CPOModule", "DPOModule", "DataValidationError", "KTOModule", "ORPOModule",
-    "PreferenceDataModule", "PreferenceModule", "ReferenceModule", "SimPOModule",
+    "PreferenceDataModule", "PreferenceModule", "ReferenceModule", "RewardModule", "SimPOModule",
 ]

@@ -65,7 +65,7 @@ def test_model_chosen_by_flag(tmp_path, small_data):
                         "--model.beta=0.2", "--trainer.max_steps=1"))
     from prefmodule import DPOModule
 
-    assert isinstance(cli.model, DPOModule) and cli.model.beta == 0.2
+    assert isinstance(cli.model, DPOModule) and cli.model.hparams.beta == 0.2
 
 
 def test_print_config_round_trips(tmp_path, capsys):

@@ -263,9 +263,13 @@ class PreferenceDataModule(LightningDataModule):
         return PairDataset(tables)
 
     def _items_unpaired(self, groups: list[SourceGroup], kind: str, split: str) -> bool:
-        """Unpaired items for an unpaired module, except on a predict file of pairs: it stays pairs, so predict
-        says which answer the model prefers."""
-        return self.unpaired() and not (split == "predict" and not self._unpaired_data(groups, kind))
+        """Unpaired items for an unpaired objective; on ``predict``, for an objective that takes either (KTO, a
+        reward model), items as the data holds them: a file of pairs stays pairs (which answer does the model
+        prefer?), a file of rows stays rows."""
+        either = self.unpaired() or (self.batch_format is not None and self.batch_format.predicts_either)
+        if split == "predict" and either:
+            return self._unpaired_data(groups, kind)
+        return self.unpaired()
 
     def _unpaired_data(self, groups: list[SourceGroup], kind: str) -> bool:
         """Whether ``groups`` hold unpaired rows (a predict file of pairs stays pairs for an unpaired module)."""

@@ -108,11 +108,13 @@ def _packed_matches_separate(model: nn.Module) -> bool:
     sequence_ids = torch.cat([torch.full_like(row, k) for k, row in enumerate(rows)])[None]
     training = model.training
     model.eval()  # no dropout
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    transformer = base.base_model  # the hidden states: a causal LM's and a reward model's alike
     try:
         with torch.no_grad():
-            together = model(input_ids=packed, use_cache=False,
-                             **packed_inputs(model, position_ids, sequence_ids)).logits[0]
-            apart = torch.cat([model(input_ids=row[None], use_cache=False).logits[0] for row in rows])
+            together = transformer(input_ids=packed, use_cache=False,
+                                   **packed_inputs(model, position_ids, sequence_ids)).last_hidden_state[0]
+            apart = torch.cat([transformer(input_ids=row[None], use_cache=False).last_hidden_state[0] for row in rows])
     except (TypeError, ValueError, RuntimeError):
         return False
     finally:

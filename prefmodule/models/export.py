@@ -24,8 +24,7 @@ class ExportSettings:
     merged: bool = True
 
 
-def export_policy(module: LightningModule, path: str, merge: bool, chat_template: str | None,
-                  trust_remote_code: bool = False) -> None:
+def export_policy(module: LightningModule, path: str, merge: bool, chat_template: str | None) -> None:
     """Save ``module.policy`` and ``module.tokenizer`` (with ``chat_template`` when given) to ``path``.
 
     Global rank 0 writes. Sharded (FSDP) weights are gathered to it first: then every rank must call this. A policy
@@ -36,9 +35,9 @@ def export_policy(module: LightningModule, path: str, merge: bool, chat_template
     sharded = is_sharded(policy)
     check_finite_weights(policy, path, sharded)
     if sharded:
-        model = gather_unsharded(module, "policy", trust_remote_code)
+        model = gather_unsharded(module, "policy")
     else:
-        model = cpu_copy(policy, trust_remote_code) if lora and merge else policy
+        model = cpu_copy(policy) if lora and merge else policy
     if module.global_rank != 0:
         return
     if lora and merge:

@@ -12,7 +12,8 @@ import torch
 from huggingface_hub import constants
 from torch import nn
 from transformers import (
-    AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase,
+    AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
+    PreTrainedModel, PreTrainedTokenizerBase,
 )
 
 from prefmodule.errors import ConfigError
@@ -37,6 +38,16 @@ def load_causal_lm(name_or_path: str, settings: ModelSettings) -> PreTrainedMode
     """Load a causal LM in ``settings.dtype`` (float32 by default: Lightning's precision flag handles mixed
     precision), with its remote code and attention as ``settings`` say."""
     return _from_pretrained(AutoModelForCausalLM, name_or_path, **settings.load_kwargs())
+
+
+def load_reward_model(settings: ModelSettings, pad_token_id: int) -> PreTrainedModel:
+    """A reward model: ``AutoModelForSequenceClassification`` with one label, from a reward checkpoint (its score
+    head kept) or a causal LM checkpoint (a new score head, initialised from torch's seeded random state). Its
+    config learns the tokenizer's pad id: the score reads the last token that is not padding."""
+    model = _from_pretrained(AutoModelForSequenceClassification, settings.model, num_labels=1,
+                             **settings.load_kwargs())
+    model.config.pad_token_id = pad_token_id
+    return model
 
 
 def empty_causal_lm(name_or_path: str, settings: ModelSettings) -> PreTrainedModel | None:

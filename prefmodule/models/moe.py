@@ -28,4 +28,6 @@ def load_balancing_loss(model: nn.Module, router_logits: tuple[torch.Tensor, ...
     Transformer eqs. 4-6) over ``router_logits`` of one decoder forward, as its ``forward`` computes ``aux_loss``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     loss_func = inspect.getmodule(type(base)).load_balancing_loss_func
-    return loss_func(router_logits, base.num_experts, base.num_experts_per_tok, attention_mask)
+    config = base.config  # the causal LM's own attributes, or its config's (a reward model of the architecture)
+    experts = getattr(base, "num_experts", None) or getattr(config, "num_experts", None) or config.num_local_experts
+    return loss_func(router_logits, experts, config.num_experts_per_tok, attention_mask)

@@ -43,3 +43,38 @@ def batch_stats(model: nn.Module, batch: dict[str, Tensor], num_sequences: int, 
     if not torch.is_grad_enabled():
         finish_forward(model)  # no backward will close a sharded tied head's forward
     return stats, aux_loss
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer under a model's head (``model.model`` of a Llama): the decoder of a causal LM, the encoder
+    of a reward model's score; LoRA wrappers looked through."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.base_model
+
+
+def sequence_rewards(model: nn.Module, batch: dict[str, Tensor], num_sequences: int,
+                     router_loss: bool = False) -> tuple[Tensor, Tensor | None]:
+    """A reward model's ``[num_sequences]`` float32 rewards of the sequences of ``batch`` (padded, or one packed
+    row), each its score head at the sequence's last token that is not padding (as
+    ``AutoModelForSequenceClassification`` pools), and with ``router_loss`` a mixture of experts' load-balancing
+    loss."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ids = batch["input_ids"]
+    if "sequence_ids" in batch:  # packed
+        inputs = packed_inputs(model, batch["position_ids"], batch["sequence_ids"])
+        owners = batch["sequence_ids"].reshape(-1)
+    else:
+        inputs = dict(attention_mask=batch["attention_mask"])
+        owners = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(ids.shape[1])
+    outputs = backbone(model)(input_ids=ids, use_cache=False, **inputs, **router_logits_kwargs(model, router_loss))
+    scores = base.score(outputs.last_hidden_state).reshape(-1).float()  # one per token
+    positions = torch.arange(ids.numel(), device=ids.device)
+    pad = base.config.pad_token_id
+    scored = ids.reshape(-1) != pad if pad is not None else torch.ones_like(positions, dtype=torch.bool)
+    first = torch.full((num_sequences,), ids.numel(), device=ids.device).scatter_reduce(0, owners, positions, "amin")
+    last = first.scatter_reduce(0, owners[scored], positions[scored], "amax")  # a sequence of padding: its first
+    aux_loss = load_balancing_loss(model, outputs.router_logits, inputs["attention_mask"]) if router_loss else None
+    if not torch.is_grad_enabled():
+        finish_forward(model)
+    return scores[last], aux_loss
+

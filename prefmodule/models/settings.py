@@ -35,6 +35,7 @@ class ModelSettings:
     gradient_checkpointing: bool = False
     logps_chunk_size: int = 512
     router_aux_loss_coef: float | None = None
+    task: str = "causal_lm"  # or "reward": a sequence-classification model with one label (set by the objective)
 
     def __post_init__(self):
         require(isinstance(self.logps_chunk_size, int) and self.logps_chunk_size >= 0, "model.logps_chunk_size",
@@ -50,8 +51,8 @@ class ModelSettings:
         require(self.router_aux_loss_coef is None or self.router_aux_loss_coef >= 0, "model.router_aux_loss_coef",
                 self.router_aux_loss_coef, "must be >= 0 (0 turns the MoE load-balancing loss off; unset takes the "
                 "model config's)")
-        self.lora = lora_config(self.lora)
-        check_causal_lm("model.model", self.model, self.trust_remote_code)  # from config.json, before any weights
+        self.lora = lora_config(self.lora, "SEQ_CLS" if self.task == "reward" else "CAUSAL_LM")
+        check_model("model.model", self.model, self.trust_remote_code, self.task)  # its config.json, before weights
         if self.tokenizer is not None:
             check_source("model.tokenizer", self.tokenizer)
 
@@ -73,10 +74,11 @@ class ModelSettings:
         return dict(dtype=DTYPES[self.dtype], trust_remote_code=self.trust_remote_code, **attention)
 
 
-def lora_config(settings) -> "peft.LoraConfig | None":  # noqa: F821
+def lora_config(settings, task_type: str = "CAUSAL_LM") -> "peft.LoraConfig | None":  # noqa: F821
     """``peft.LoraConfig`` from a module's ``lora`` setting: ``None``, a ``LoraConfig``, or its keyword
     arguments (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``use_dora``, ``use_rslora``,
-    ``modules_to_save``, ...). ``task_type`` defaults to ``CAUSAL_LM``."""
+    ``modules_to_save``, ...). ``task_type`` defaults to the objective's (``SEQ_CLS`` trains a reward model's new
+    score head too)."""
     from peft import LoraConfig
 
     if settings is None or isinstance(settings, LoraConfig):
@@ -87,7 +89,7 @@ def lora_config(settings) -> "peft.LoraConfig | None":  # noqa: F821
     unknown = sorted(settings.keys() - allowed)
     if unknown:
         raise ConfigError(f"model.lora: {unknown} are not peft.LoraConfig arguments; allowed: {sorted(allowed)}")
-    config = LoraConfig(**{"task_type": "CAUSAL_LM", "target_modules": "all-linear", **settings})
+    config = LoraConfig(**{"task_type": task_type, "target_modules": "all-linear", **settings})
     require(isinstance(config.r, int) and config.r >= 1, "model.lora.r", config.r,
             "must be a whole number >= 1 (the adapters' rank)")
     require(0 <= config.lora_dropout < 1, "model.lora.lora_dropout", config.lora_dropout, "must be in [0, 1)")
@@ -113,8 +115,9 @@ def check_source(option: str, name: Any) -> str:
     return location
 
 
-def check_causal_lm(option: str, name: str, trust_remote_code: bool = False) -> None:
-    """``name`` is a causal (decoder) language model: read from its ``config.json`` alone, before any weights."""
+def check_model(option: str, name: str, trust_remote_code: bool = False, task: str = "causal_lm") -> None:
+    """``name`` is a causal (decoder) language model, or for ``task="reward"`` also a reward model (a decoder's
+    sequence classification with one label): read from its ``config.json`` alone, before any weights."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES,
@@ -132,6 +135,10 @@ def check_causal_lm(option: str, name: str, trust_remote_code: bool = False) -> 
         raise ConfigError(f"{option}={name!r}: its config.json cannot be used: {error}") from None
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     declared = set(getattr(config, "architectures", None) or ())
+    if task == "reward" and any(name.endswith("ForSequenceClassification") for name in declared):
+        require(config.num_labels == 1, option, name, f"is a classifier with {config.num_labels} labels; a reward "
+                "model has one (a causal LM checkpoint gets a new one-label head)")
+        return
     remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
     decoder = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
         config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or config.is_decoder)

@@ -58,7 +58,7 @@ def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:
     """
     if not isinstance(strategy, ModelParallelStrategy) or is_sharded(model):
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     mesh = strategy.device_mesh
     if mesh["tensor_parallel"].size() != 1:
@@ -81,6 +81,10 @@ def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:
     elif head is not None:
         fully_shard(head, mesh=mesh, reshard_after_forward=frozen)
     fully_shard(decoder, mesh=mesh, reshard_after_forward=frozen)  # a root: keeps its weights gathered until backward
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for head in [child for child in base.children() if child is not decoder and not isinstance(child, FSDPModule)
+                 and any(p.numel() for p in child.parameters())]:  # a reward model's score head
+        fully_shard(head, mesh=mesh, reshard_after_forward=frozen)
     # transformers looks up what a model may record (router logits, ...) by its class name, which FSDP2 changed.
     _CAN_RECORD_REGISTRY[decoder] = type(decoder)._can_record_outputs
     if empty:
@@ -125,7 +129,7 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules())
 
 
-def gather_unsharded(module: nn.Module, name: str, trust_remote_code: bool = False) -> nn.Module | None:
+def gather_unsharded(module: nn.Module, name: str) -> nn.Module | None:
     """A plain CPU copy of ``module``'s sharded model ``name`` (e.g. ``"policy"``) on global rank 0,
     ``None`` elsewhere.
 
@@ -141,25 +145,23 @@ def gather_unsharded(module: nn.Module, name: str, trust_remote_code: bool = Fal
         return None
     prefix = f"{name}."
     state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-    return rebuilt(getattr(module, name), state, trust_remote_code)
+    return rebuilt(getattr(module, name), state)
 
 
-def cpu_copy(model: nn.Module, trust_remote_code: bool = False) -> nn.Module:
+def cpu_copy(model: nn.Module) -> nn.Module:
     """``model`` (unsharded) as a model whose weights are on the CPU: its own tensors when they already are
     (shared, not copied), else one CPU copy of each; the device holds nothing more."""
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    return rebuilt(model, state, trust_remote_code)
+    return rebuilt(model, state)
 
 
-def rebuilt(model: nn.Module, state: dict[str, torch.Tensor], trust_remote_code: bool = False) -> nn.Module:
-    """A new model of ``model``'s class, config, generation config and LoRA adapters, built on the meta
-    device and given the tensors of ``state`` (``model``'s names); tied weights tied again."""
-    from transformers import AutoModelForCausalLM
-
+def rebuilt(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A new model of ``model``'s class (a causal LM, a reward model), config, generation config and LoRA adapters,
+    built on the meta device and given the tensors of ``state`` (``model``'s names); tied weights tied again."""
     peft_config = getattr(model, "peft_config", None)
     base = model.get_base_model() if peft_config else model
     with torch.device("meta"):
-        copy = AutoModelForCausalLM.from_config(base.config, trust_remote_code=trust_remote_code)
+        copy = type(base)._from_config(base.config)
         if peft_config:
             from peft import get_peft_model
 
@@ -167,5 +169,6 @@ def rebuilt(model: nn.Module, state: dict[str, torch.Tensor], trust_remote_code:
     copy.load_state_dict(state, assign=True)
     copy_base = copy.get_base_model() if peft_config else copy
     copy_base.tie_weights()
-    copy_base.generation_config = base.generation_config
+    if getattr(base, "generation_config", None) is not None:  # a causal LM's (a reward model has none)
+        copy_base.generation_config = base.generation_config
     return copy

@@ -5,6 +5,8 @@ from prefmodule.objectives.cpo import CPOModule
 from prefmodule.objectives.dpo import BetaDPOSettings, DPOModule
 from prefmodule.objectives.kto import KTOModule
 from prefmodule.objectives.orpo import ORPOModule
+from prefmodule.objectives.reward import RewardModule
 from prefmodule.objectives.simpo import SimPOModule
 
-__all__ = ["BetaDPOSettings", "CPOModule", "DPOModule", "KTOModule", "ORPOModule", "PreferenceModule", "SimPOModule"]
+__all__ = ["BetaDPOSettings", "CPOModule", "DPOModule", "KTOModule", "ORPOModule", "PreferenceModule", "RewardModule",
+           "SimPOModule"]

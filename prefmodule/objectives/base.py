@@ -7,6 +7,7 @@ from typing import Literal
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
@@ -43,7 +44,6 @@ class PreferenceModule(LightningModule):
     Args:
         model: local path, ``asset://`` name or Hugging Face hub id of a causal LM.
         tokenizer: defaults to ``model``'s tokenizer.
-        beta: the objective's temperature / weight (see each subclass).
         lr, weight_decay: AdamW settings, used unless ``optimizer`` is given.
         warmup: linear warm-up length, a fraction of all steps if < 1, else a step count.
         lr_schedule: shape after warm-up, through ``transformers.get_scheduler``: ``linear`` or ``cosine`` decay to 0,
@@ -81,13 +81,15 @@ class PreferenceModule(LightningModule):
 
     length_normalized = False  # log ``logps/*`` as per-token averages (ORPO, SimPO) or sums (DPO)
     unpaired = False  # batches of unpaired rows (KTO) rather than pairs
+    predicts_either = False  # ``predict`` takes pairs and unpaired rows as the data holds them (else as it trains)
+    model_task = "causal_lm"  # the model's head: an LM head, or ``reward`` (a score)
+    token_logps = True  # the objective scores response tokens through the LM head (may be chunked)
     run_time = RUN_TIME
 
     def __init__(
         self,
         model: str,
         tokenizer: str | None = None,
-        beta: float = 0.1,
         lr: float = 1e-6,
         weight_decay: float = 0.0,
         warmup: float = 0.1,
@@ -108,20 +110,21 @@ class PreferenceModule(LightningModule):
         push_to_hub: HubSettings | dict | None = None,
     ):
         super().__init__()
-        require(finite(beta) and beta > 0, "model.beta", beta, "must be > 0 (the objective's temperature or weight; "
-                "DPO typically 0.1)")
+        self.save_hyperparameters(ignore=list(self.run_time))  # the objective's own arguments too
+        beta = self.hparams.get("beta")
+        require(beta is None or (finite(beta) and beta > 0), "model.beta", beta, "must be > 0 (the objective's "
+                "temperature or weight; DPO typically 0.1)")
         self.optimizer_settings = OptimizerSettings(lr, weight_decay, warmup, lr_schedule, lr_schedule_kwargs)
         self.model_settings = ModelSettings(model, tokenizer, dtype, trust_remote_code, attn_implementation, lora,
-                                            gradient_checkpointing, logps_chunk_size, router_aux_loss_coef)
+                                            gradient_checkpointing, logps_chunk_size, router_aux_loss_coef,
+                                            self.model_task)
         self.export = ExportSettings(export_hf, export_merged)
         self.samples = SampleSettings(**samples) if isinstance(samples, dict) else samples
         self.push_to_hub = HubSettings(**push_to_hub) if isinstance(push_to_hub, dict) else push_to_hub
         self.predictions_path = predictions_path
         self.optimizer_factory = optimizer
-        self.save_hyperparameters(ignore=list(self.run_time))
         if lora is not None and not isinstance(lora, dict):
             self.hparams.lora = self.model_settings.lora_arguments  # plain data: checkpoints load weights_only
-        self.beta = beta
         self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code)
         self.policy: nn.Module | None = None
         self.head_transform: LogitsTransform | None = None  # set by ``configure_model`` when the head allows chunks
@@ -142,10 +145,10 @@ class PreferenceModule(LightningModule):
         may call this for every stage), then tell the trainer's datamodule what the objective needs."""
         if self.policy is None:
             strategy = self._trainer.strategy if self._trainer is not None else None
-            policy = load_policy(self.model_settings, strategy)
+            policy = self.load_model(strategy)
             self.configure_reference(policy)  # a copy of the starting weights, before adapters are added
             self.policy = trainable(policy, self.model_settings)
-            chunked = self.model_settings.logps_chunk_size > 0
+            chunked = self.token_logps and self.model_settings.logps_chunk_size > 0
             self.head_transform = place(self.policy, strategy, probe_head=chunked)
             for reference in self.reference_models():
                 place(reference, strategy)
@@ -158,6 +161,10 @@ class PreferenceModule(LightningModule):
         if callable(getattr(datamodule, "connect", None)):
             self.chat_template = datamodule.connect(self.batch_format())
 
+    def load_model(self, strategy: Strategy | None) -> nn.Module:
+        """The starting policy, built for ``strategy`` (:func:`~prefmodule.models.setup.load_policy`)."""
+        return load_policy(self.model_settings, strategy)
+
     def configure_reference(self, policy: nn.Module) -> None:
         """Hook for objectives with a reference model, called with the freshly loaded policy (on the meta
         device under FSDP2: a copy of it is filled from the same files when sharded)."""
@@ -169,7 +176,7 @@ class PreferenceModule(LightningModule):
     def batch_format(self) -> BatchFormat:
         """What this objective needs from its data (see :meth:`PreferenceDataModule.connect`)."""
         return BatchFormat(self.tokenizer, unpaired=self.unpaired, packed=self.packed_attention,
-                           objective=type(self).__name__)
+                           predicts_either=self.predicts_either, objective=type(self).__name__)
 
     @property
     def packed_attention(self) -> bool:
@@ -328,4 +335,4 @@ class PreferenceModule(LightningModule):
         rank must call this.
         """
         merge = self.export.merged if merge_adapters is None else merge_adapters
-        export_policy(self, path, merge, self.chat_template, self.model_settings.trust_remote_code)
+        export_policy(self, path, merge, self.chat_template)

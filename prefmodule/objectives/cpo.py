@@ -40,7 +40,7 @@ class CPOModule(PreferenceModule):
         alpha: float = 0.0,
         **kwargs,
     ):
-        super().__init__(model=model, beta=beta, **kwargs)
+        super().__init__(model=model, **kwargs)
         if cpo_alpha < 0:
             raise ConfigError(f"cpo_alpha must be >= 0, got {cpo_alpha}")
         try:

@@ -79,7 +79,7 @@ class DPOModule(ReferenceModule):
         beta_dpo: BetaDPOSettings | dict | None = None,
         **kwargs,
     ):
-        super().__init__(model=model, beta=beta, **kwargs)
+        super().__init__(model=model, **kwargs)
         try:
             check_dpo_options(loss_type, loss_weights, label_smoothing, f_divergence_type, dpop_lambda)
         except ValueError as error:

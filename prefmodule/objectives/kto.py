@@ -57,6 +57,7 @@ class KTOModule(ReferenceModule):
     """
 
     unpaired = True
+    predicts_either = True
 
     def __init__(
         self,
@@ -67,7 +68,7 @@ class KTOModule(ReferenceModule):
         undesirable_weight: float = 1.0,
         **kwargs,
     ):
-        super().__init__(model=model, beta=beta, **kwargs)
+        super().__init__(model=model, **kwargs)
         if loss_type not in KTO_LOSS_TYPES:
             raise ConfigError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
         if desirable_weight <= 0 or undesirable_weight <= 0:

@@ -42,6 +42,7 @@ __all__ = [
     "beta_dpo_beta",
     "beta_dpo_filter",
     "beta_dpo_running_stats",
+    "bradley_terry_loss",
     "check_cpo_options",
     "check_dpo_options",
     "cpo_loss",
@@ -775,3 +776,34 @@ def kto_loss(
         losses = torch.where(desirable, 1 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios))
     weights = torch.where(desirable, desirable_weight, undesirable_weight).to(losses)
     return weights * losses, beta * logratios.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# Reward models
+# --------------------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    margin: Tensor | None = None,
+    center_rewards_coefficient: float | None = None,
+) -> Tensor:
+    """A reward model's Bradley-Terry loss per pair (Ouyang et al., 2022, arXiv 2203.02155, Eq. 1), with the
+    Llama 2 margin (Touvron et al., 2023, arXiv 2307.09288, Eq. 2) and reward centering (Eisenstein et al., 2023,
+    arXiv 2312.09244), as TRL's ``RewardTrainer``:
+
+        L = -log sigmoid(r_w - r_l - m) + c * (r_w + r_l)^2
+
+    ``r_w``, ``r_l``: the rewards of the chosen and rejected responses ``[B]``; ``m``: each pair's margin (0 when
+    ``None``); ``c``: ``center_rewards_coefficient`` (no centering when ``None``). Its mean over pairs is TRL's loss
+    (``-mean log sigmoid(...) + c * mean((r_w + r_l)^2)``).
+
+    Gradient: ``dL/dr_w = -sigmoid(r_l - r_w + m) + 2c (r_w + r_l)``, ``dL/dr_l = sigmoid(r_l - r_w + m) + 2c (r_w + r_l)``.
+    """
+    chosen, rejected = _upcast(chosen_rewards), _upcast(rejected_rewards)
+    difference = chosen - rejected if margin is None else chosen - rejected - margin.to(chosen)
+    losses = -F.logsigmoid(difference)
+    if center_rewards_coefficient:
+        losses = losses + center_rewards_coefficient * (chosen + rejected) ** 2
+    return losses

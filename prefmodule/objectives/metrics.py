@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric, Metric, MetricCollection
+from torchmetrics import MaxMetric, MeanMetric, Metric, MetricCollection, MinMetric
 
 # Logged by every objective, pairs or unpaired rows; ``rewards/accuracies`` for pairs only.
 COMMON = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
@@ -26,6 +26,28 @@ class Mean(MeanMetric):
 
     def update(self, values: dict[str, Tensor], weights: dict[str, Tensor]) -> None:
         super().update(values[self.name].float(), weights.get(self.name, 1.0))
+
+
+class Min(MinMetric):
+    """The smallest item of the step value named ``name``, over an epoch."""
+
+    def __init__(self, name: str, **kwargs):
+        super().__init__(**kwargs)
+        self.name = name
+
+    def update(self, values: dict[str, Tensor], weights: dict[str, Tensor]) -> None:
+        super().update(values[self.name].float())
+
+
+class Max(MaxMetric):
+    """The largest item of the step value named ``name``, over an epoch."""
+
+    def __init__(self, name: str, **kwargs):
+        super().__init__(**kwargs)
+        self.name = name
+
+    def update(self, values: dict[str, Tensor], weights: dict[str, Tensor]) -> None:
+        super().update(values[self.name].float())
 
 
 class RewardGap(Metric):

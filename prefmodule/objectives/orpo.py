@@ -25,7 +25,7 @@ class ORPOModule(PreferenceModule):
         return ("nll_loss", "log_odds_ratio", "log_odds_chosen")
 
     def __init__(self, model: str, beta: float = 0.1, **kwargs):
-        super().__init__(model=model, beta=beta, **kwargs)
+        super().__init__(model=model, **kwargs)
 
     def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: None) -> PairOutputs:
         chosen, rejected = policy.split()

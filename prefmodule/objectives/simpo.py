@@ -25,7 +25,7 @@ class SimPOModule(PreferenceModule):
 
     def __init__(self, model: str, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0,
                  sft_weight: float = 0.0, **kwargs):
-        super().__init__(model=model, beta=beta, **kwargs)
+        super().__init__(model=model, **kwargs)
 
     def extra_metrics(self, stage: str) -> tuple[str, ...]:
         return ("nll_loss",) if self.hparams.sft_weight > 0 else ()

@@ -21,7 +21,12 @@ OBJECTIVES = {
     "KTOModule": ("KTO", "Ethayarajh et al., 2024, KTO: Model Alignment as Prospect Theoretic Optimization",
                   "2402.01306"),
     "CPOModule": ("CPO", "Xu et al., 2024, Contrastive Preference Optimization", "2401.08417"),
+    "RewardModule": ("Reward model", "Ouyang et al., 2022, Training language models to follow instructions with "
+                     "human feedback", "2203.02155"),
 }
+# the model's task -> (transformers' auto class, the Hub's pipeline tag)
+TASKS = {"causal_lm": ("AutoModelForCausalLM", "text-generation"),
+         "reward": ("AutoModelForSequenceClassification", "text-classification")}
 APO = ("APO", "D'Oosterlinck et al., 2024, Anchored Preference Optimization", "2408.06266")
 ALPHAPO = ("AlphaPO", "Gupta et al., 2025, AlphaPO: Reward Shape Matters for LLM Alignment", "2501.03884")
 DPO_LOSSES = {
@@ -53,13 +58,15 @@ def write_model_card(folder: str, module: LightningModule, trainer: Trainer) -> 
     sources = data_sources(trainer.datamodule)
     datasets = sorted({found for groups in sources.values() for group in groups for name in group.names
                        if (found := hub_id(name))})
-    tags = ["prefmodule", family.lower()]
+    tags = ["prefmodule", family.lower().replace(" ", "-")]
     if isinstance(hparams.get("loss_type"), str) and hparams["loss_type"] != "sigmoid":
         tags.append(hparams["loss_type"])
     if hparams.get("lora"):
         tags.append("lora")
+    task = module.model_settings.task
+    auto_class, pipeline = TASKS[task]
     card_data = ModelCardData(base_model=hub_id(module.model_name), library_name="transformers", tags=tags,
-                              datasets=datasets or None, pipeline_tag="text-generation")
+                              datasets=datasets or None, pipeline_tag=pipeline)
     settings = {
         **{name: value for name, value in hparams.items() if name not in ("model", "tokenizer") and name[0] != "_"},
         **{f"data.{name}": value for name, value in data.items()
@@ -74,7 +81,8 @@ def write_model_card(folder: str, module: LightningModule, trainer: Trainer) -> 
     body = "\n".join([
         f"# {title}",
         "",
-        f"`{module.model_name}` aligned on preference pairs with **{objective}**"
+        f"`{module.model_name}` {'trained on' if task == 'reward' else 'aligned on'} preference pairs with "
+        f"**{objective}**"
         + (f" ({paper}, [arXiv {arxiv}](https://arxiv.org/abs/{arxiv}))" if arxiv else "")
         + f", trained with prefmodule's `{type(module).__name__}`.",
         "",
@@ -96,9 +104,9 @@ def write_model_card(folder: str, module: LightningModule, trainer: Trainer) -> 
         "## How to load it",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"from transformers import {auto_class}, AutoTokenizer",
         "",
-        f'model = AutoModelForCausalLM.from_pretrained("{where}")',
+        f'model = {auto_class}.from_pretrained("{where}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
         "```",
         "",
