@@ -18,15 +18,19 @@ from matplotlib.ticker import MaxNLocator
 # (title, metrics.csv columns): one plot each; train lines, val points
 PLOTS = [
     ("Loss", ["train/loss", "val/loss"]),
-    ("Reward accuracy", ["train/rewards/accuracies", "val/rewards/accuracies"]),
-    ("Reward margin", ["train/rewards/margins", "val/rewards/margins"]),
+    ("Reward accuracy", ["train/rewards/accuracies", "val/rewards/accuracies", "train/accuracy", "val/accuracy"]),
+    ("Reward margin", ["train/rewards/margins", "val/rewards/margins", "train/margin", "val/margin"]),
     ("Rewards: chosen vs rejected",
      ["train/rewards/chosen", "train/rewards/rejected", "val/rewards/chosen", "val/rewards/rejected"]),
+    ("Rewards: min, mean, max (reward models)",
+     ["train/min_reward", "train/mean_reward", "train/max_reward", "val/min_reward", "val/mean_reward",
+      "val/max_reward"]),
     ("Log-probs: chosen vs rejected",
      ["train/logps/chosen", "train/logps/rejected", "val/logps/chosen", "val/logps/rejected"]),
     ("Learning rate", ["train/lr"]),
     ("Throughput (tokens/s, all ranks)", ["train/tokens_per_sec"]),
 ]
+OPTIONAL_PLOTS = {"Rewards: min, mean, max (reward models)"}  # not noted as missing in other runs
 NO_METRICS = ("no metrics.csv in this folder: the plots come from a CSV logger's metrics.csv, which the prefmodule "
               "CLI always writes; from Python, add lightning.pytorch.loggers.CSVLogger to Trainer(logger=[...]).")
 
@@ -91,7 +95,8 @@ def _plots(metrics: dict | None) -> str:
     for title, columns in PLOTS:
         present = [column for column in columns if metrics.get(column)]
         if not present:
-            missing.append(title)
+            if title not in OPTIONAL_PLOTS:
+                missing.append(title)
             continue
         figures.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,"
                        f"{_plot(title, {column: metrics[column] for column in present})}'></figure>")

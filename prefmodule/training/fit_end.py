@@ -85,7 +85,7 @@ class FitSummary(Callback):
         ckpt = next((c.best_model_path for c in checkpoints if c.best_model_path), "") or next(
             (c.last_model_path for c in checkpoints if c.last_model_path), "")  # the best, else the newest
         metrics = ", ".join(metrics_location(logger) for logger in trainer.loggers) or "(no logger)"
-        name = next((n for n in ("val/rewards/accuracies", "val/loss") if n in trainer.callback_metrics),
+        name = next((n for n in ("val/rewards/accuracies", "val/accuracy", "val/loss") if n in trainer.callback_metrics),
                     "val/rewards/accuracies")
         value = trainer.callback_metrics.get(name)
         minutes = (time.perf_counter() - self._start) / 60
