@@ -2,15 +2,18 @@
 
 from prefmodule.data import BatchFormat, DataValidationError, PreferenceDataModule
 from prefmodule.objectives import (
-    BetaDPOSettings, CPOModule, DPOModule, KTOModule, ORPOModule, PreferenceModule, RewardModule, SimPOModule,
+    BetaDPOSettings, CPOModule, DPOModule, KTOModule, OnlineDPOModule, ORPOModule, PreferenceModule, RewardModule,
+    SimPOModule,
 )
 from prefmodule.outputs.loggers import silence_lightning_tips
 from prefmodule.reference import ReferenceModule
+from prefmodule.sampling.pairs import SamplePairsModule
 
 silence_lightning_tips()
 
 __version__ = "0.1.0"
 __all__ = [
     "BatchFormat", "BetaDPOSettings", "CPOModule", "DPOModule", "DataValidationError", "KTOModule", "ORPOModule",
-    "PreferenceDataModule", "PreferenceModule", "ReferenceModule", "RewardModule", "SimPOModule",
+    "OnlineDPOModule", "PreferenceDataModule", "PreferenceModule", "ReferenceModule", "RewardModule",
+    "SamplePairsModule", "SimPOModule",
 ]

@@ -77,7 +77,7 @@ def test_every_bad_row_is_named_with_file_line_and_field(tmp_path, caplog):
 
 
 def test_error_lists_first_twenty_and_the_count(tmp_path):
-    path = write_jsonl(tmp_path / "many.jsonl", [{"prompt": "x"}] * 30)
+    path = write_jsonl(tmp_path / "many.jsonl", [{"prompt": "x", "chosen": "y"}] * 30)  # no rejected: all malformed
     message = str(pytest.raises(DataValidationError, setup_fit, tmp_path, path).value)
     assert "30 of 30 rows" in message and "... and 10 more" in message
     assert f"{path}:20:" in message and f"{path}:21:" not in message

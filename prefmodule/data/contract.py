@@ -17,6 +17,8 @@ class BatchFormat:
         unpaired: items are unpaired rows (KTO: a paired file gives two rows per pair) rather than pairs.
         kl_completions: each unpaired row carries a KL completion (KTO's reference point).
         packed: batches go in one row without padding: the module's models attend to packed rows per sequence.
+        prompts: items are prompts alone, to complete (on-policy sampling, Online DPO): ``prompt_ids``, and the
+            prompt as the data holds it (``prompt``, ``tools``), from any format.
         predicts_either: ``predict`` takes pairs and unpaired rows as the data holds them (KTO, reward models);
             otherwise it takes items as the objective trains on them.
         objective: the objective's name, for messages about data it cannot train on.
@@ -26,5 +28,6 @@ class BatchFormat:
     unpaired: bool = False
     kl_completions: bool = False
     packed: bool = False
+    prompts: bool = False
     predicts_either: bool = False
     objective: str = "a paired objective"

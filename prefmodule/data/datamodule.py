@@ -16,12 +16,12 @@ from transformers import PreTrainedTokenizerBase
 from prefmodule.data.checks import check_arguments
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.contract import BatchFormat
-from prefmodule.data.dataset import PairDataset, Table, UnpairedDataset
+from prefmodule.data.dataset import PairDataset, PromptDataset, Table, UnpairedDataset
 from prefmodule.data.formats import (
     DETECTION_ROWS, BadRow, DataValidationError, Format, PairsFromRatings, describe, make_checker,
 )
 from prefmodule.data.mixture import Mixture, SourceGroup
-from prefmodule.data.prepare import Settings, prepare
+from prefmodule.data.prepare import Settings, prepare, prompt_items
 from prefmodule.data.samplers import (
     ChunkBatchSampler, EpochSampler, PairBatchSampler, ResumableLoader, chunk_sizes, kl_chunks,
 )
@@ -209,6 +209,8 @@ class PreferenceDataModule(LightningDataModule):
         return self.datasets[split]
 
     def _prepare(self, splits) -> None:
+        if self.prompts():  # read in memory when the dataset is built
+            return
         for split in splits:
             if found := self._data_of(split):
                 self._tables(*found, self._items_unpaired(*found, split))
@@ -238,7 +240,7 @@ class PreferenceDataModule(LightningDataModule):
                 raise ConfigError("`fit` needs training data: set `data.train`.")
             raise ConfigError(f"no {split} data: set `data.{split}`" + ("" if split == "val" else " or `data.val`")
                               + " (or `data.val_fraction` with `data.train`)")
-        dataset = self._assemble(*found, split)
+        dataset = self._prompts(*found) if self.prompts() else self._assemble(*found, split)
         if found[1] == "train" and self._holds_out():
             kept, held = holdout(dataset, hp.val_fraction, hp.seed)
             if split == "train":
@@ -251,6 +253,32 @@ class PreferenceDataModule(LightningDataModule):
         if isinstance(dataset, UnpairedDataset) and self.kl_completions():
             dataset = self._with_kl_chunks(dataset, split)
         return dataset
+
+    def _prompts(self, groups: list[SourceGroup], kind: str) -> PromptDataset:
+        """The prompts of ``groups``, read, checked and tokenised in memory, with a summary line per group."""
+        hp, tokenizer = self.hparams, self.get_tokenizer()
+        lists = []
+        for group in groups:
+            options = group.settings(self._settings_defaults())
+            settings = Settings(**options, max_length=hp.max_length, max_prompt_length=hp.max_prompt_length,
+                                truncation_mode=hp.truncation_mode)
+            sources = find_sources(list(group.names), "train" if kind == "train" else "test")
+            items, meta = prompt_items(sources, settings, Encoder(tokenizer, self.chat_template()), group.label,
+                                       hp.on_bad_rows)
+            if not items:
+                raise DataError(f"{kind}: no usable prompt in {group.label} ({meta['rows']} read"
+                                f"{_reasons(Counter(meta['dropped']))})")
+            lengths = np.array([len(item["prompt_ids"]) for item in items])
+            p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).round().astype(int)
+            rank_zero_info(f"prefmodule data: {kind} <- {group.label} ({meta['format']} format): {meta['rows']} rows "
+                           f"read, {len(items)} prompts kept{_reasons(Counter(meta['dropped']))}; tokens per prompt "
+                           f"p50={p50} p90={p90} p99={p99} max={lengths.max()}")
+            lists.append(items)
+        return PromptDataset(lists)
+
+    def prompts(self) -> bool:
+        """Whether items are prompts alone, to complete: what the connected objective asks for."""
+        return self.batch_format is not None and self.batch_format.prompts
 
     def _assemble(self, groups: list[SourceGroup], kind: str, split: str) -> PairDataset | UnpairedDataset:
         """The split's dataset over its groups' tables, with row numbers running across groups."""

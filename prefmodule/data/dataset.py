@@ -232,3 +232,33 @@ class UnpairedDataset(TokenDataset):
 
     def _settings(self) -> str:
         return f"max_length={self.max_length}"
+
+
+class PromptDataset(Dataset):
+    """Prompts to complete, held in memory (sampling reads few next to training data): items ``{"index",
+    "prompt_ids", "prompt", "tools"}``, from one list per source group."""
+
+    def __init__(self, groups: list[list[dict]], positions: np.ndarray | None = None):
+        self.groups = groups
+        self.items = [item for group in groups for item in group]
+        self.positions = np.arange(len(self.items)) if positions is None else np.asarray(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[self.positions[i]]
+
+    def lengths(self) -> np.ndarray:
+        return np.array([len(self[i]["prompt_ids"]) for i in range(len(self))], dtype=np.int64)
+
+    def column(self, name: str) -> np.ndarray:
+        return np.array([self[i][name] for i in range(len(self))])
+
+    def group_sizes(self) -> list[int]:
+        starts = np.cumsum([0] + [len(group) for group in self.groups])
+        return np.bincount(np.searchsorted(starts, self.positions, side="right") - 1,
+                           minlength=len(self.groups)).tolist()
+
+    def select(self, positions: np.ndarray) -> PromptDataset:
+        return PromptDataset(self.groups, self.positions[np.asarray(positions, dtype=np.int64)])

@@ -14,6 +14,9 @@ Unpaired (each row becomes an :class:`~prefmodule.data.records.Unpaired` row), `
 ``prompt``, ``completion`` (texts or messages) and ``label``; or ``messages`` and ``label``, the last
 message being the (assistant) completion, as LLaMA-Factory's KTO files (``columns: {kto_tag: label}``).
 
+Prompts alone (each row a :class:`~prefmodule.data.records.Prompt`), ``prompts``: a ``prompt`` (text or messages,
+optional ``tools``), what on-policy sampling completes; the prompts of any other format serve as well.
+
 ``auto`` detects the format from the dataset's first rows (up to 1,000) by the columns they have; every row
 is then checked against it. A row that cannot be used is reported with its file, line or row, and field;
 nothing is dropped silently.
@@ -29,12 +32,14 @@ from prefmodule.data.llamafactory import AlpacaRows, ShareGPTRows, converted
 from prefmodule.data.messages import OPENAI_TAGS, SHAREGPT_TAGS, is_empty, is_messages, type_name
 from prefmodule.data.ratings import RatedRows
 from prefmodule.data.records import (
-    Columns, Pair, RowError, Unpaired, field, margin_field, messages_field, score_field, text_field, tools_field,
+    Columns, Pair, Prompt, RowError, Unpaired, field, margin_field, messages_field, score_field, text_field,
+    tools_field,
 )
 from prefmodule.data.sources import BrokenRow
 from prefmodule.errors import ConfigError, DataError
 
-Format = Literal["auto", "standard", "conversational", "implicit", "sharegpt", "alpaca", "ratings", "unpaired"]
+Format = Literal["auto", "standard", "conversational", "implicit", "sharegpt", "alpaca", "ratings", "unpaired",
+                 "prompts"]
 FORMATS = Format.__args__
 PairsFromRatings = Literal["best_worst", "best_random"]
 COLUMN_TARGETS = ("prompt", "chosen", "rejected", "completion", "label", "messages", "conversations", "system",
@@ -100,6 +105,8 @@ def detect_format(rows: list, columns: Columns) -> str:
     """The format of a dataset from its first rows: by the columns present, paired or unpaired."""
     objects = [row for row in rows if isinstance(row, dict)]
     has = lambda *targets: columns.present(objects, *targets)  # noqa: E731
+    if has("prompt") and not any(has(t) for t in ("chosen", "rejected", "completion", "completions", "label")):
+        return "prompts"
     if has("label") and not has("chosen", "rejected"):
         return "unpaired"
     if has("conversations") or (has("messages") and has("chosen", "rejected")):
@@ -131,6 +138,8 @@ def make_checker(rows: list, format: Format, columns: dict[str, str] | None = No
         return RatedRows(sample, names, pairs_from_ratings, seed)
     if format == "unpaired":
         return UnpairedRows(sample, names, tags)
+    if format == "prompts":
+        return PromptRows(sample, names)
     return PromptResponses(sample, names, format)
 
 
@@ -241,6 +250,30 @@ class UnpairedRows:
             raise RowError(column, f"the last message is the completion and should be the assistant's, got {last}",
                            "wrong type")
         return messages[:-1], messages[-1:]
+
+
+# ----- prompts alone -----------------------------------------------------------------------------------------
+class PromptRows:
+    """``{prompt}`` rows, a text or chat messages (optional ``tools``): prompts to complete, for sampling."""
+
+    unpaired = False
+    prompts = True
+
+    def __init__(self, sample: list[dict], columns: Columns):
+        self.column = columns
+        self.conversational = is_messages(columns.first(sample, "prompt"))
+        self.name = "prompts" + (" (messages)" if self.conversational else "")
+        self.needed = [columns("prompt")]
+
+    def check(self, row: dict) -> Prompt:
+        column = self.column("prompt")
+        if self.conversational:
+            prompt = messages_field(row, column, "prompts")
+            if not prompt:
+                raise RowError(column, "no prompt messages", "empty prompt")
+        else:
+            prompt = text_field(row, column, "prompts")
+        return Prompt(prompt, tools_field(row, self.column("tools")))
 
 
 def unpair(pairs: list[Pair]) -> list[Unpaired]:

@@ -23,7 +23,9 @@ from prefmodule.data.formats import (
 )
 from prefmodule.data.records import Pair, RowDropped, RowError
 from prefmodule.data.sources import BrokenRow, Source
-from prefmodule.data.tokenize import Encoder, Limits, RowFailure, tokenize_records
+from prefmodule.data.tokenize import (
+    PROMPT_FILLS_MAX_LENGTH, Encoder, Limits, RowFailure, cut_prompt, tokenize_records,
+)
 from prefmodule.errors import ConfigError, DataError
 from prefmodule.progress import progress
 
@@ -65,9 +67,11 @@ def prepare(sources: list[Source], settings: Settings, encoder: Encoder, columns
         raise DataError(f"{label}: {checker.name} rows (one response with a true/false label) are unpaired data, "
                         f"and {objective} trains on pairs (prompt, chosen, rejected). Unpaired rows train KTO "
                         "(`--model=prefmodule.KTOModule`).")
-    if checker.conversational and not chat:
-        raise ConfigError(f"{label}: {checker.name} data needs a chat template and the tokenizer has none; set "
-                          "`data.chat_template` (Jinja text or a .jinja file).")
+    if getattr(checker, "prompts", False):
+        raise DataError(f"{label}: {checker.name} rows hold prompts without responses, and {objective} trains on "
+                        "responses. Prompts train Online DPO (`--model=prefmodule.OnlineDPOModule`) or give pairs "
+                        "sampled from a policy (`predict --config configs/sample_pairs.yaml`).")
+    _check_chat(checker, chat, label)
     report = Report(checker.name, checker.conversational)
     layout = Layout(settings.unpaired, _has_column(checker, first, "score_chosen") or checker.name.startswith("ratings"),
                     _has_column(checker, first, "margin"))
@@ -87,6 +91,53 @@ def prepare(sources: list[Source], settings: Settings, encoder: Encoder, columns
     if report.bad_count and on_bad_rows == "error":
         raise DataValidationError(report.bad, report.rows, report.bad_count)
     return report.meta(writer.items)
+
+
+def prompt_items(sources: list[Source], settings: Settings, encoder: Encoder, label: str,
+                 on_bad_rows: str = "error") -> tuple[list[dict], dict]:
+    """The prompts of ``sources`` (a ``prompts`` file, or the prompts of any other format's rows), checked and
+    tokenised in memory (no cache: prompts to sample from are few next to training data): items
+    ``{"index", "prompt_ids", "prompt", "tools"}``, the prompt as the data holds it (text or messages), its ids
+    rendered as generation starts from them (a chat template's generation prompt included), cut to
+    ``max_prompt_length``; and the pass's ``meta`` (rows read, format, bad and dropped rows)."""
+    rows = _located_rows(sources)
+    first = list(itertools.islice(rows, DETECTION_ROWS))
+    chat = bool(encoder.chat_template or encoder.tokenizer.chat_template)
+    checker = make_checker([row for *_, row in first], settings.format, settings.columns, settings.tags, chat,
+                           settings.pairs_from_ratings, settings.seed)
+    _check_chat(checker, chat, label)
+    report = Report(checker.name, checker.conversational)
+    tokenizer, bos = encoder.tokenizer, encoder.tokenizer.bos_token_id
+    items, seen = [], set()
+    for index, _, record, where in _items(progress(itertools.chain(first, rows), f"reading {label}", unit="rows"),
+                                          checker, False, report, on_bad_rows):
+        prompt, tools = record.prompt, record.tools
+        key = repr(prompt)  # a pair's two rows, or a file of pairs, give each prompt once
+        if key in seen:
+            report.dropped["repeated prompt"] += 1
+            continue
+        seen.add(key)
+        try:
+            text = prompt if isinstance(prompt, str) else encoder.render(prompt, tools, generation_prompt=True)
+        except Exception as error:  # a chat template's own check, or one it trips over
+            report.add_bad(BadRow(where[0], where[1], None, f"the chat template cannot render this row: {error}",
+                                  "chat template failed", where[2]))
+            continue
+        ids = cut_prompt(tokenizer(text, add_special_tokens=isinstance(prompt, str))["input_ids"],
+                         settings.max_prompt_length, settings.truncation_mode, bos)
+        if settings.max_length is not None and len(ids) >= settings.max_length:
+            report.dropped[PROMPT_FILLS_MAX_LENGTH] += 1
+            continue
+        items.append({"index": index, "prompt_ids": ids, "prompt": prompt, "tools": tools})
+    if report.bad_count and on_bad_rows == "error":
+        raise DataValidationError(report.bad, report.rows, report.bad_count)
+    return items, report.meta(len(items))
+
+
+def _check_chat(checker, chat: bool, label: str) -> None:
+    if checker.conversational and not chat:
+        raise ConfigError(f"{label}: {checker.name} data needs a chat template and the tokenizer has none; set "
+                          "`data.chat_template` (Jinja text or a .jinja file).")
 
 
 class Report:

@@ -32,6 +32,14 @@ class Unpaired:
     side: int = 0  # 1: the rejected response of a pair (see ``unpair``)
 
 
+@dataclass(slots=True)
+class Prompt:
+    """A prompt alone (text or chat messages), to complete: what on-policy sampling reads."""
+
+    prompt: str | list
+    tools: list | None = None
+
+
 class RowError(ValueError):
     """Why a row cannot be used: the field (as the dataset names it), the reason and its category."""
 

@@ -3,11 +3,36 @@ end token. Every generation in prefmodule goes through :func:`generate`."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
 
+from prefmodule.errors import finite, require
 from prefmodule.models.moe import router_logits_kwargs
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How completions are drawn: ``max_new_tokens`` at most, at ``temperature`` (0: greedy) from the nucleus
+    ``top_p``, ``num_completions`` per prompt, seeded by ``seed`` (the module's ``generation_seed``)."""
+
+    num_completions: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        require(isinstance(self.num_completions, int) and self.num_completions >= 2, "model.num_completions",
+                self.num_completions, "must be a whole number >= 2 (a pair needs two completions to compare)")
+        require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "model.max_new_tokens",
+                self.max_new_tokens, "must be a whole number >= 1")
+        require(finite(self.temperature) and self.temperature >= 0, "model.temperature", self.temperature,
+                "must be >= 0 (0 decodes greedily: every completion of a prompt the same)")
+        require(finite(self.top_p) and 0 < self.top_p <= 1, "model.top_p", self.top_p, "must be in (0, 1]")
 
 
 def end_tokens(model: nn.Module, tokenizer) -> set[int]:
@@ -37,3 +62,16 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_toke
         end = next((i + 1 for i, token in enumerate(ids) if token in stops), len(ids))
         completions.append(ids[:end])
     return completions
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    """``module`` and all its submodules in eval mode, each put back in its own mode afterwards (Lightning's own
+    helper for this is private)."""
+    modes = [(child, child.training) for child in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for child, training in modes:
+            child.training = training

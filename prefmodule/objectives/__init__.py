@@ -4,9 +4,10 @@ from prefmodule.objectives.base import PreferenceModule
 from prefmodule.objectives.cpo import CPOModule
 from prefmodule.objectives.dpo import BetaDPOSettings, DPOModule
 from prefmodule.objectives.kto import KTOModule
+from prefmodule.objectives.online_dpo import OnlineDPOModule
 from prefmodule.objectives.orpo import ORPOModule
 from prefmodule.objectives.reward import RewardModule
 from prefmodule.objectives.simpo import SimPOModule
 
-__all__ = ["BetaDPOSettings", "CPOModule", "DPOModule", "KTOModule", "ORPOModule", "PreferenceModule", "RewardModule",
-           "SimPOModule"]
+__all__ = ["BetaDPOSettings", "CPOModule", "DPOModule", "KTOModule", "ORPOModule", "OnlineDPOModule", "PreferenceModule",
+           "RewardModule", "SimPOModule"]

@@ -21,6 +21,8 @@ OBJECTIVES = {
     "KTOModule": ("KTO", "Ethayarajh et al., 2024, KTO: Model Alignment as Prospect Theoretic Optimization",
                   "2402.01306"),
     "CPOModule": ("CPO", "Xu et al., 2024, Contrastive Preference Optimization", "2401.08417"),
+    "OnlineDPOModule": ("Online DPO", "Guo et al., 2024, Direct Language Model Alignment from Online AI Feedback",
+                        "2402.04792"),
     "RewardModule": ("Reward model", "Ouyang et al., 2022, Training language models to follow instructions with "
                      "human feedback", "2203.02155"),
 }

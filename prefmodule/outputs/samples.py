@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import nn
 
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.errors import ConfigError
-from prefmodule.models.generation import generate
+from prefmodule.models.generation import eval_mode, generate
 
 SEED = 0  # sampling (temperature > 0) draws the same random numbers at every call
 
@@ -130,9 +128,11 @@ def last_user_message(tokenizer, prompt_ids: list[int], chat_template: str | Non
 
 def as_pair(item: dict) -> dict:
     """A data item as a pair: an unpaired row's completion is its chosen or its rejected answer (by its label),
-    the other one ``None``."""
-    if "completion_ids" not in item:
+    the other one ``None``; a prompt alone has neither."""
+    if "chosen_ids" in item:
         return item
+    if "completion_ids" not in item:
+        return {"index": item["index"], "prompt_ids": item["prompt_ids"], "chosen_ids": None, "rejected_ids": None}
     completion = item["completion_ids"]
     return {"index": item["index"], "prompt_ids": item["prompt_ids"],
             "chosen_ids": completion if item["label"] else None, "rejected_ids": None if item["label"] else completion}
@@ -141,23 +141,11 @@ def as_pair(item: dict) -> dict:
 def _rewards(trainer: Trainer, module: LightningModule, pairs: list[dict], completions: list[list[int]]) -> list:
     """Each completion's implicit reward: the objective run on pairs (completion, the data's rejected answer, or
     for an unpaired row its completion)."""
-    if not module.scores_new_text:  # a precomputed reference has log-probs for the data's responses only
+    answered = "chosen_ids" in pairs[0] or "completion_ids" in pairs[0]
+    if not module.scores_new_text or not answered:  # a precomputed reference, or prompts without an answer
         return [None] * len(pairs)
     scored = [{"index": pair["index"], "prompt_ids": pair["prompt_ids"], "chosen_ids": completion,
                "rejected_ids": pair.get("rejected_ids", pair.get("completion_ids"))}
               for pair, completion in zip(pairs, completions)]
     batch = trainer.strategy.batch_to_device(PreferenceCollator(module.tokenizer.pad_token_id)(scored))
     return module.batch_outputs(batch)[0].chosen_rewards.float().tolist()
-
-
-@contextmanager
-def eval_mode(module: nn.Module):
-    """``module`` and all its submodules in eval mode, each put back in its own mode afterwards (Lightning's own
-    helper for this is private)."""
-    modes = [(child, child.training) for child in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for child, training in modes:
-            child.training = training

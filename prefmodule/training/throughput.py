@@ -50,7 +50,10 @@ class Throughput(ThroughputMonitor):
 
 
 def tokens(batch: dict) -> int:
-    """Non-padding tokens of a batch (packed rows have no padding: their mask is all ones)."""
+    """Non-padding tokens of a batch (packed rows have no padding: their mask is all ones); of a batch of prompts
+    (Online DPO), its prompts' tokens."""
+    if "attention_mask" not in batch:
+        return sum(len(ids) for ids in batch["prompt_ids"])
     return int(batch["attention_mask"].sum())
 
 

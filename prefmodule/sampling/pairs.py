@@ -1,0 +1,188 @@
+"""Preference pairs sampled from a policy (best-of-N, rejection sampling; Xiong et al., 2023, arXiv 2312.11456;
+Llama 3, arXiv 2407.21783; Tulu 3, arXiv 2411.15124): ``predict`` draws N completions of each prompt, scores them,
+and keeps the best as chosen and the worst as rejected, in a file that trains DPO as it is."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+from collections import Counter
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from prefmodule.data.contract import BatchFormat
+from prefmodule.errors import ConfigError, finite, require
+from prefmodule.models.generation import GenerationSettings, end_tokens, eval_mode, generate
+from prefmodule.models.sharding import is_sharded
+from prefmodule.objectives.base import PreferenceModule
+from prefmodule.outputs.loggers import log_dir
+from prefmodule.sampling.scorers import Scorer, make_scorer
+
+
+def sample_completions(module: LightningModule, prompt_ids: list[list[int]], settings: GenerationSettings,
+                       seed: int) -> list[list[int]]:
+    """``settings.num_completions`` completions of each prompt (a prompt's together, prompt after prompt) from
+    ``module.policy``, leaving training as it was: torch's random state forked and seeded with ``seed``, every
+    submodule's mode restored, no gradients, under the trainer's precision. Every rank calls it together when the
+    weights are sharded (each generation step gathers them)."""
+    devices = [module.device] if module.device.type == "cuda" else []
+    trainer = module.trainer
+    repeated = [ids for ids in prompt_ids for _ in range(settings.num_completions)]
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), eval_mode(module), \
+            trainer.precision_plugin.forward_context():
+        torch.manual_seed(seed)
+        return generate(module.policy, module.tokenizer, repeated, settings.max_new_tokens, settings.temperature,
+                        settings.top_p, synced=is_sharded(module.policy) and trainer.world_size > 1)
+
+
+class CompletionScores:
+    """Scores completions with a reward model or a function (:func:`~prefmodule.sampling.scorers.make_scorer`),
+    less ``missing_eos_penalty`` for a completion that did not end (TRL's option of that name). A reward model is
+    loaded on first use, on the device it is asked for; a function is imported now, so a wrong name fails early."""
+
+    def __init__(self, reward: str, missing_eos_penalty: float | None = None):
+        require(missing_eos_penalty is None or (finite(missing_eos_penalty) and missing_eos_penalty >= 0),
+                "model.missing_eos_penalty", missing_eos_penalty, "must be >= 0 (subtracted from the score of a "
+                "completion without EOS)")
+        self.reward, self.missing_eos_penalty = reward, missing_eos_penalty
+        self.scorer: Scorer | None = None
+        if ":" in reward and not os.path.exists(reward):
+            self.scorer = make_scorer(reward)
+
+    def __call__(self, prompts: list, texts: list[str], ended: list[bool], device: torch.device) -> Tensor:
+        if self.scorer is None:
+            self.scorer = make_scorer(self.reward, device)
+        scores = torch.tensor(self.scorer(prompts, texts), dtype=torch.float32, device=device)
+        if self.missing_eos_penalty:
+            scores -= self.missing_eos_penalty * (~torch.tensor(ended, device=device))
+        return scores
+
+
+def completion_texts(module: LightningModule, completions: list[list[int]]) -> tuple[list[str], list[bool]]:
+    """Each completion as text (special tokens dropped) and whether it ended with an end token."""
+    stops = end_tokens(module.policy, module.tokenizer)
+    texts = [module.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+    return texts, [bool(ids) and ids[-1] in stops for ids in completions]
+
+
+class SamplePairsModule(PreferenceModule):
+    """Preference pairs sampled from a policy, with ``predict`` (``configs/sample_pairs.yaml``).
+
+    For each prompt of ``data.predict`` (any format the datamodule reads; a file of prompts alone is enough) it
+    draws ``num_completions`` completions from ``model`` (batched, KV-cached ``generate``), scores each with
+    ``reward``, and keeps the best as chosen and the worst as rejected of its non-empty completions; a prompt whose
+    completions all score the same, or with fewer than two non-empty ones, is dropped and counted. The pairs go to ``pairs_path`` (default ``<log dir>/pairs.jsonl``) in the prompt's
+    own format (text, or messages with the completions as assistant turns), with ``score_chosen`` and
+    ``score_rejected``: ``fit --config configs/dpo.yaml --data.train=<that file>`` trains on them as they are. Under
+    DDP each rank samples its share of the prompts; the file holds each prompt once.
+
+    Args:
+        model: the policy that completes the prompts.
+        reward: a reward model (a ``RewardModule`` export folder or ``.ckpt``) or a function
+            ``module:function`` called as ``function(prompts, completions) -> list[float]``.
+        num_completions, max_new_tokens, temperature, top_p, generation_seed: how completions are drawn
+            (:class:`~prefmodule.models.generation.GenerationSettings`); each batch is seeded by ``generation_seed``
+            and its first prompt's row.
+        missing_eos_penalty: subtracted from the score of a completion that did not end within ``max_new_tokens``.
+        pairs_path: where the pairs go (default ``<log dir>/pairs.jsonl``).
+        **kwargs: see :class:`PreferenceModule` (``tokenizer``, ``dtype``, ``attn_implementation``, ...).
+    """
+
+    token_logps = False  # nothing is scored through the LM head
+    run_time = PreferenceModule.run_time + ("pairs_path",)
+
+    def __init__(self, model: str, reward: str, num_completions: int = 4, max_new_tokens: int = 64,
+                 temperature: float = 1.0, top_p: float = 1.0, generation_seed: int = 0,
+                 missing_eos_penalty: float | None = None, pairs_path: str | None = None, **kwargs):
+        super().__init__(model=model, **kwargs)
+        self.generation = GenerationSettings(num_completions, max_new_tokens, temperature, top_p, generation_seed)
+        self.scores = CompletionScores(reward, missing_eos_penalty)
+        self.pairs_path = pairs_path
+        self.samples = None  # predict only: no samples during fit
+
+    def batch_format(self) -> BatchFormat:
+        return dataclasses.replace(super().batch_format(), prompts=True)
+
+    def training_step(self, batch, batch_idx):
+        raise ConfigError("SamplePairsModule samples pairs with `predict`; train on them with an objective "
+                          "(e.g. fit --config configs/dpo.yaml --data.train=<its pairs.jsonl>)")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """One row per prompt: its pair and its completions' scores, or ``tie`` when all score the same."""
+        n = self.generation.num_completions
+        completions = sample_completions(self, batch["prompt_ids"], self.generation,
+                                         self.generation.seed + int(batch["index"][0]))
+        texts, ended = completion_texts(self, completions)
+        prompts = [prompt for prompt in batch["prompt"] for _ in range(n)]
+        scores = self.scores(prompts, texts, ended, self.device).tolist()
+        rows = []
+        for i, (index, prompt, tools) in enumerate(zip(batch["index"].tolist(), batch["prompt"], batch["tools"])):
+            own = scores[i * n:(i + 1) * n]
+            row = {"index": index, "scores": own, "tokens": sum(map(len, completions[i * n:(i + 1) * n]))}
+            # an empty completion (an end token at once) is no response to train on
+            said = [k for k in range(n) if texts[i * n + k].strip()]
+            best, worst = max(said, key=own.__getitem__, default=0), min(said, key=own.__getitem__, default=0)
+            if len(said) < 2:
+                row["dropped"] = "empty completions"
+            elif own[best] == own[worst]:
+                row["dropped"] = "ties"
+            else:
+                row["pair"] = {"prompt": prompt, "chosen": response(prompt, texts[i * n + best]),
+                               "rejected": response(prompt, texts[i * n + worst]), "score_chosen": own[best],
+                               "score_rejected": own[worst], **({"tools": tools} if tools else {})}
+            rows.append(row)
+        return rows
+
+    def configure_callbacks(self):
+        return [PairsWriter(self.pairs_path)]
+
+
+def response(prompt: str | list, text: str) -> str | list:
+    """A completion in its prompt's format: text, or one assistant message."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+
+
+class PairsWriter(BasePredictionWriter):
+    """Writes the sampled pairs (rows of every rank, each prompt once, in data order) to ``path`` (default
+    ``<log dir>/pairs.jsonl``) and says in one line what was sampled; :attr:`summary` holds the same figures."""
+
+    def __init__(self, path: str | None = None):
+        super().__init__(write_interval="epoch")
+        self.path = path
+        self.summary: dict | None = None
+
+    def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions, batch_indices) -> None:
+        path = self.path or os.path.join(log_dir(trainer), "pairs.jsonl")
+        rows = [row for batch in predictions for row in batch]
+        if trainer.world_size > 1:
+            gathered = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        rows = sorted({row["index"]: row for row in rows}.values(), key=lambda row: row["index"])
+        if not trainer.is_global_zero:
+            return
+        pairs = [row["pair"] for row in rows if "pair" in row]
+        dropped = Counter(row["dropped"] for row in rows if "dropped" in row)
+        scores = [score for row in rows for score in row["scores"]]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as handle:
+            handle.writelines(json.dumps(pair) + "\n" for pair in pairs)
+        settings = pl_module.generation
+        self.summary = {"prompts": len(rows), "completions_per_prompt": settings.num_completions, "pairs": len(pairs),
+                        "ties": dropped["ties"], "empty": dropped["empty completions"],
+                        "sampled_tokens": sum(row["tokens"] for row in rows),
+                        "mean_score": statistics.fmean(scores),
+                        "score_std": statistics.pstdev(scores), "min_score": min(scores), "max_score": max(scores),
+                        "path": path}
+        s = self.summary
+        rank_zero_info(f"prefmodule: sampled {s['prompts']} prompts x {s['completions_per_prompt']} completions: "
+                       f"{s['pairs']} pairs kept, {s['ties']} ties dropped"
+                       + (f", {s['empty']} with fewer than two non-empty completions" if s["empty"] else "")
+                       + f"; scores mean {s['mean_score']:.3f} "
+                       f"(std {s['score_std']:.3f}, min {s['min_score']:.3f}, max {s['max_score']:.3f}) -> {path}")

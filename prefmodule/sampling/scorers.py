@@ -1,0 +1,123 @@
+"""What scores a completion: a reward model (a ``RewardModule`` export or checkpoint, or any one-label
+``AutoModelForSequenceClassification`` folder) or a Python function (a verifiable reward, a rule).
+
+A scorer is called with the prompts (texts or chat messages, as the data holds them) and the completions (texts)
+and returns one float per completion.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from prefmodule.errors import ConfigError
+from prefmodule.paths import resolve
+
+Scorer = Callable[[list, list[str]], list[float]]
+
+
+def make_scorer(spec: str, device: torch.device | str = "cpu") -> Scorer:
+    """The scorer ``spec`` names: ``package.module:function`` or ``path/to/file.py:function`` (called as
+    ``function(prompts, completions) -> list[float]``), or a reward model: a folder, or a ``.ckpt`` of a
+    ``RewardModule`` fit."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"model.reward={spec!r}: give a reward model (a folder or a RewardModule .ckpt) or a "
+                          "function as module:function")
+    location = resolve(spec)
+    if os.path.isdir(location) or location.endswith(".ckpt"):
+        if not os.path.exists(location):
+            raise ConfigError(f"model.reward={spec!r}: no such checkpoint")
+        return RewardModelScorer(location, device)
+    module, _, name = spec.rpartition(":")
+    if not module or not name:
+        raise ConfigError(f"model.reward={spec!r}: not a folder, a .ckpt, or a function as module:function "
+                          "(e.g. prefmodule.sampling.rules:politeness)")
+    return FunctionScorer(_function(module, name, spec))
+
+
+def _function(module: str, name: str, spec: str) -> Callable:
+    try:
+        if module.endswith(".py"):
+            loaded = importlib.util.spec_from_file_location(Path(module).stem, module)
+            if loaded is None or not Path(module).is_file():
+                raise ImportError(f"no such file {module}")
+            code = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(code)
+        else:
+            code = importlib.import_module(module)
+        function = getattr(code, name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"model.reward={spec!r}: cannot import it ({error})") from None
+    if not callable(function):
+        raise ConfigError(f"model.reward={spec!r}: {name} is not a function")
+    return function
+
+
+class FunctionScorer:
+    """A Python function ``(prompts, completions) -> list[float]``, its answer checked: one finite float each."""
+
+    def __init__(self, function: Callable):
+        self.function = function
+
+    def __call__(self, prompts: list, completions: list[str]) -> list[float]:
+        scores = [float(score) for score in self.function(prompts, completions)]
+        if len(scores) != len(completions) or not all(math.isfinite(score) for score in scores):
+            raise ValueError(f"the reward function {getattr(self.function, '__name__', self.function)} gave "
+                             f"{len(scores)} scores for {len(completions)} completions, or a non-finite one")
+        return scores
+
+
+class RewardModelScorer:
+    """A reward model scoring ``prompt + completion``: a text prompt with the completion and EOS (special tokens
+    as the tokenizer adds them), a chat prompt rendered with the completion as the assistant's turn, as
+    ``RewardModule`` trained on them; the score is read at the last token that is not padding."""
+
+    def __init__(self, location: str, device: torch.device | str = "cpu", batch_size: int = 16):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if location.endswith(".ckpt"):
+            from prefmodule.objectives.reward import RewardModule
+
+            checkpoint = torch.load(location, map_location="cpu", weights_only=True)
+            settings = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+            module = RewardModule(**settings, export_hf=False)
+            module.configure_model()
+            module.load_state_dict(checkpoint["state_dict"])
+            self.model, self.tokenizer = module.policy, module.tokenizer
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(location)
+            self.model = AutoModelForSequenceClassification.from_pretrained(location)
+        if self.model.config.num_labels != 1:
+            raise ConfigError(f"model.reward={location!r} has {self.model.config.num_labels} labels; a reward model "
+                              "has one")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = self.model.to(device).eval().requires_grad_(False)
+        self.batch_size = batch_size
+
+    def __call__(self, prompts: list, completions: list[str]) -> list[float]:
+        scores = []
+        for start in range(0, len(completions), self.batch_size):
+            texts = [self.text(prompt, completion) for prompt, completion in
+                     zip(prompts[start:start + self.batch_size], completions[start:start + self.batch_size])]
+            chat = not isinstance(prompts[start], str)
+            inputs = self.tokenizer(texts, add_special_tokens=not chat, padding=True, return_tensors="pt")
+            with torch.no_grad():
+                logits = self.model(**inputs.to(self.model.device)).logits
+            scores += logits[:, 0].float().tolist()
+        return scores
+
+    def text(self, prompt: str | list, completion: str) -> str:
+        if isinstance(prompt, str):
+            eos = self.tokenizer.eos_token
+            return prompt + completion + ("" if completion.endswith(eos) else eos)
+        return self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}],
+                                                  tokenize=False)
