@@ -17,37 +17,32 @@ COMMON = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logp
           "logits/chosen", "logits/rejected")
 
 
-class Mean(MeanMetric):
-    """The mean of the step value named ``name`` (an item's value, or a batch's), weighted as the step says."""
+class Named:
+    """A torchmetrics aggregation of the step value named ``name`` (an item's value, or a batch's); a mean weighs
+    each by the weight the step gives that name (1 per item otherwise)."""
 
     def __init__(self, name: str, **kwargs):
         super().__init__(**kwargs)
         self.name = name
 
     def update(self, values: dict[str, Tensor], weights: dict[str, Tensor]) -> None:
-        super().update(values[self.name].float(), weights.get(self.name, 1.0))
+        value = values[self.name].float()
+        if isinstance(self, MeanMetric):
+            super().update(value, weights.get(self.name, 1.0))
+        else:
+            super().update(value)
 
 
-class Min(MinMetric):
-    """The smallest item of the step value named ``name``, over an epoch."""
-
-    def __init__(self, name: str, **kwargs):
-        super().__init__(**kwargs)
-        self.name = name
-
-    def update(self, values: dict[str, Tensor], weights: dict[str, Tensor]) -> None:
-        super().update(values[self.name].float())
+class Mean(Named, MeanMetric):
+    """The (weighted) mean of a step value over an epoch."""
 
 
-class Max(MaxMetric):
-    """The largest item of the step value named ``name``, over an epoch."""
+class Min(Named, MinMetric):
+    """The smallest item of a step value over an epoch."""
 
-    def __init__(self, name: str, **kwargs):
-        super().__init__(**kwargs)
-        self.name = name
 
-    def update(self, values: dict[str, Tensor], weights: dict[str, Tensor]) -> None:
-        super().update(values[self.name].float())
+class Max(Named, MaxMetric):
+    """The largest item of a step value over an epoch."""
 
 
 class RewardGap(Metric):

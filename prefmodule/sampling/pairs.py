@@ -23,6 +23,7 @@ from prefmodule.models.sharding import is_sharded
 from prefmodule.objectives.base import PreferenceModule
 from prefmodule.outputs.loggers import log_dir
 from prefmodule.sampling.scorers import Scorer, make_scorer
+from prefmodule.training.callbacks import gathered_rows
 
 
 def sample_completions(module: LightningModule, prompt_ids: list[list[int]], settings: GenerationSettings,
@@ -159,12 +160,7 @@ class PairsWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions, batch_indices) -> None:
         path = self.path or os.path.join(log_dir(trainer), "pairs.jsonl")
-        rows = [row for batch in predictions for row in batch]
-        if trainer.world_size > 1:
-            gathered = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
-        rows = sorted({row["index"]: row for row in rows}.values(), key=lambda row: row["index"])
+        rows = gathered_rows(trainer, predictions)
         if not trainer.is_global_zero:
             return
         pairs = [row["pair"] for row in rows if "pair" in row]

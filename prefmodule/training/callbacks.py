@@ -95,13 +95,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         path = self.path or os.path.join(log_dir(trainer), "predictions.jsonl")
-        rows = [row for batch in predictions for row in batch]
-        if trainer.world_size > 1:
-            gathered = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
-        # A distributed sampler repeats a few pairs to even out the ranks: keep each pair once.
-        rows = sorted({row["index"]: row for row in rows}.values(), key=lambda row: row["index"])
+        rows = gathered_rows(trainer, predictions)
         if not trainer.is_global_zero:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -112,3 +106,14 @@ class PredictionWriter(BasePredictionWriter):
             return
         preferred = sum(row["preferred"] == "chosen" for row in rows)
         rank_zero_info(f"prefmodule: scored {len(rows)} pairs ({preferred} prefer chosen) -> {path}")
+
+
+def gathered_rows(trainer: Trainer, predictions: list[list[dict]]) -> list[dict]:
+    """The rows ``predict_step`` returned on every rank, each ``index`` once (a distributed sampler repeats a few
+    items to even out the ranks), in data order."""
+    rows = [row for batch in predictions for row in batch]
+    if trainer.world_size > 1:
+        gathered = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
+    return sorted({row["index"]: row for row in rows}.values(), key=lambda row: row["index"])
