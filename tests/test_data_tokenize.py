@@ -4,7 +4,7 @@ the ids of tokenising every text whole, as TRL does, and tokenizers it cannot vo
 import random
 
 import pytest
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from prefmodule.data.records import Pair
@@ -114,7 +114,7 @@ def test_a_template_whose_prompt_is_not_the_start_of_the_conversation(tmp_path):
     assert "<think>" not in tokenizer.decode(ours[0]["prompt_ids"])  # the prompt ends where both sequences agree
 
 
-# ----- byte-level layouts, every ASCII character ------------------------------------------------------------------
+# ----- the memo of pieces (ASCII text) -------------------------------------------------------------------------
 QWEN_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 ASCII_PIECES = [chr(code) for code in range(128)] + ["'s", "'S", "'ll", "  ", "\n\n", " \n", "\r\n", "word",
                                                      " Word", "2024", "</s>", "<s>", "<pad>", "</", "s>", "<"]
@@ -130,11 +130,48 @@ def byte_level(kind):
 
 
 @pytest.mark.parametrize("kind", ["shipped", "gpt2", "llama3", "qwen"])
-def test_every_ascii_character_takes_the_short_path_exactly(kind):
-    """Every ASCII character (controls too) next to letters, digits, spaces, contractions and added tokens, in
-    the prompt and the responses."""
+def test_ascii_text_through_the_memo_of_pieces_gets_the_tokenizers_ids(kind):
+    """Every ASCII character (controls too) next to letters, digits, spaces, contractions and added tokens."""
     tokenizer = load_tokenizer(TINY_MODEL) if kind == "shipped" else byte_level(kind)
+    encoder = Encoder(tokenizer)
     rng = random.Random(0)
     texts = ["".join(rng.choice(ASCII_PIECES) for _ in range(rng.randint(0, 25))) for _ in range(3000)]
+    for text in texts:
+        assert encoder.pieces.ids(text) == encoder.raw.encode(text, add_special_tokens=False).ids, repr(text)
     rows = [{"prompt": a, "chosen": b, "rejected": c} for a, b, c in zip(texts, texts[1:], texts[2:]) if b and c]
     assert_exact(tokenizer, rows[:500], fast=True)  # prompt cut where its second-to-last piece starts
+
+
+def test_text_outside_ascii_goes_to_tokenizers_and_a_batch_mixes_both():
+    encoder = Encoder(load_tokenizer(TINY_MODEL))
+    assert encoder.pieces.ids("café") is None and encoder.pieces.ids("cafe") is not None
+    rows = [{"prompt": p, "chosen": " oui.", "rejected": " non \u00e9."} for p in ("Un café ?", "A tea?", "")]
+    assert_exact(load_tokenizer(TINY_MODEL), rows, fast=True)
+
+
+def test_the_memo_is_bounded_and_past_its_size_still_exact(monkeypatch):
+    monkeypatch.setattr("prefmodule.data.pieces.MEMO_SIZE", 20)
+    encoder = Encoder(load_tokenizer(TINY_MODEL))
+    encoder.pieces.memo.clear()
+    text = " ".join(f"w{i}x" for i in range(200))
+    assert encoder.pieces.ids(text) == encoder.raw.encode(text, add_special_tokens=False).ids
+    assert len(encoder.pieces.memo) == 20
+
+
+def test_layouts_the_memo_cannot_reproduce_use_tokenizers():
+    """A prefix space on each text, added tokens that absorb spaces or overlap: ``tokenizers`` only; a pattern with
+    classes the standard library lacks: the ``regex`` module."""
+    prefix_space = byte_level_tokenizer(pre_tokenizers.ByteLevel(add_prefix_space=True))
+    assert Encoder(prefix_space).pieces is None
+    stripping = byte_level("gpt2")
+    stripping.add_tokens([AddedToken("<tool>", lstrip=True)])
+    assert Encoder(stripping).pieces is None
+    overlapping = byte_level("gpt2")
+    overlapping.add_tokens(["<|im_", "<|im_start|>"])
+    assert Encoder(overlapping).pieces is None
+    cased = byte_level_tokenizer(pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{Lu}?\p{Ll}+|\p{N}+|\s+|[^\s\p{L}\p{N}]+|\p{L}+"), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+    pieces = Encoder(cased).pieces
+    assert type(pieces.pattern).__module__ == "_regex"
+    assert pieces.split("HelloWorld 42") == ["Hello", "World", " ", "42"]

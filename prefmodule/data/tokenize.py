@@ -13,7 +13,8 @@ every piece of ``prompt + response`` that ends before the prompt's last two piec
 alone, with the same tokens. :class:`Encoder` therefore tokenises the prompt once, and of each response only
 the prompt's last pieces and the response (1.4x fewer tokens than TRL for a 100-token prompt and two
 200-token responses). Tokenizers it cannot prove this for (other normalizers or pre-tokenizers, a post-
-processor that is not a constant prefix/suffix) are tokenised in full, as TRL does.
+processor that is not a constant prefix/suffix) are tokenised in full, as TRL does. ASCII texts take those
+pieces from a memo (:mod:`prefmodule.data.pieces`) rather than from ``tokenizers``' pipeline, for the same ids.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from prefmodule.data.formats import common_prefix_length
+from prefmodule.data.pieces import Pieces, pre_tokenizer_steps
 from prefmodule.data.records import Pair, Unpaired
 
 TruncationMode = Literal["keep_end", "keep_start"]
@@ -68,12 +70,13 @@ class Encoder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None):
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self.eos = tokenizer.eos_token
-        self.raw = self._raw_backend(tokenizer)
+        self.raw, spec = self._raw_backend(tokenizer)
         added = [token.content for token in self.raw.get_added_tokens_decoder().values()] if self.raw else []
         self.margin = max(map(len, added), default=0)  # an added token straddling the cut stays in the tail
         self.affixes = self._special_affixes() if self.raw is not None else None
+        self.pieces = Pieces.of(self.raw, spec) if self.affixes is not None else None
         if self.affixes is None or not self._agrees():
-            self.raw = self.affixes = None
+            self.raw = self.affixes = self.pieces = None
 
     @property
     def fast(self) -> bool:
@@ -100,10 +103,11 @@ class Encoder:
         if not self.fast:
             return self._encode_whole(prompts, continuations, special)
         prefix, suffix = self.affixes if special else ([], [])
-        cut_prompts = self._cut_prompts(prompts)
+        cut_prompts = self._each(prompts, lambda text: self.pieces.prompt(text, self.margin), self._cut_prompts)
         tails = [full[cut:] if full.startswith(prompt) else full
                  for prompt, (_, _, cut), fulls in zip(prompts, cut_prompts, continuations) for full in fulls]
-        tail_ids = iter(encoding.ids for encoding in self.raw.encode_batch_fast(tails, add_special_tokens=False))
+        tail_ids = iter(self._each(tails, lambda text: self.pieces.ids(text), lambda texts: [
+            encoding.ids for encoding in self.raw.encode_batch_fast(texts, add_special_tokens=False)]))
         encoded = []
         for prompt, (ids, token, _), fulls in zip(prompts, cut_prompts, continuations):
             prompt_ids, head = prefix + ids + suffix, len(prefix) + token
@@ -115,6 +119,14 @@ class Encoder:
                 encoded.append(Encoded(prompt_ids, 0, [prompt_ids[:head] + ids if shared else prefix + ids
                                                        for shared, ids in row_tails]))
         return encoded
+
+    def _each(self, texts: list[str], one, batch) -> list:
+        """``one(text)`` for each text the memo of pieces takes (ASCII), ``batch(others)`` in one call for the rest."""
+        results = [one(text) for text in texts] if self.pieces is not None else [None] * len(texts)
+        others = [i for i, result in enumerate(results) if result is None]
+        for i, result in zip(others, batch([texts[i] for i in others]) if others else ()):
+            results[i] = result
+        return results
 
     def _cut_prompts(self, prompts: list[str]) -> list[tuple[list[int], int, int]]:
         return [(encoding.ids, *self._cut(prompt, encoding))
@@ -140,25 +152,25 @@ class Encoder:
 
     # ----- when the short cut is exact ------------------------------------------------------------------------
     @staticmethod
-    def _raw_backend(tokenizer: PreTrainedTokenizerBase) -> Tokenizer | None:
-        """A copy of the tokenizer's Rust backend without its post-processor, if the short cut holds for it."""
+    def _raw_backend(tokenizer: PreTrainedTokenizerBase) -> tuple[Tokenizer | None, dict | None]:
+        """A copy of the tokenizer's Rust backend without its post-processor, if the short cut holds for it, and
+        its ``tokenizer.json`` as a dict."""
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None or not getattr(tokenizer, "is_fast", False):
-            return None
+            return None, None
         text = backend.to_str()
         spec = json.loads(text)
         normalizer = (spec.get("normalizer") or {}).get("type")
-        pre = spec.get("pre_tokenizer") or {}
-        steps = (pre.get("pretokenizers") or [pre]) if pre.get("type") == "Sequence" else [pre]
+        steps = pre_tokenizer_steps(spec.get("pre_tokenizer") or {})
         kinds = [step.get("type") for step in steps]
         regex_only = all("(?<" not in json.dumps(step.get("pattern", "")) for step in steps)
         byte_level_last = kinds[-1] == "ByteLevel" and (len(kinds) == 1 or not steps[-1].get("use_regex", True))
         if (normalizer not in (None, "NFC") or set(kinds) not in FAST_PRE_TOKENIZERS or not byte_level_last
                 or not regex_only or (spec.get("model") or {}).get("type") != "BPE" or spec["model"].get("dropout")):
-            return None
+            return None, None
         raw = Tokenizer.from_str(text)
         raw.post_processor = None
-        return raw
+        return raw, spec
 
     def _special_affixes(self) -> tuple[list[int], list[int]] | None:
         """The ids the tokenizer adds before and after a text, if the same for every text."""
