@@ -32,12 +32,13 @@ def varlen_sdpa_forward(module: nn.Module, query: Tensor, key: Tensor, value: Te
     if query.shape[0] != 1:
         raise ValueError(f"a packed batch is one row, got {query.shape[0]} rows")
     window = kwargs.pop("sliding_window", None)
-    bounds = cu_seq_lens_q.tolist()
+    lengths = cu_seq_lens_q.diff().tolist()
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        mask = _sliding_causal_mask(end - start, window, query.device) if window and end - start > window else None
-        output, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
-                                           value[:, :, start:end], mask, is_causal=mask is None, **kwargs)
+    # split, not slicing: its backward is one concatenation, where each slice's would zero-fill a whole copy
+    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
+        length = q.shape[2]
+        mask = _sliding_causal_mask(length, window, query.device) if window and length > window else None
+        output, _ = sdpa_attention_forward(module, q, k, v, mask, is_causal=mask is None, **kwargs)
         outputs.append(output)
     return torch.cat(outputs, dim=1), None  # [1, tokens, heads, head_dim], as sdpa returns it
 
