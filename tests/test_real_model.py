@@ -25,6 +25,9 @@ from real_assets import Unavailable, smollm2_folder  # noqa: E402
 pytestmark = pytest.mark.slow
 CONVERSATIONS = "asset://demo/conversational.jsonl"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# Questions the starting model answers in a sentence, ending with <|im_end|> well within 48 tokens.
+SHORT = [QUESTION] + [[{"role": "user", "content": q}] for q in
+                      ("What is 2 + 2?", "Name one planet of the solar system.", "How many days are in a week?")]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def smollm2():
         pytest.skip(f"SmolLM2-135M-Instruct cannot be made here: {error}")
 
 
-def answers(folder: str, conversations: list[list[dict]], max_new_tokens: int = 96):
+def answers(folder: str, conversations: list[list[dict]], max_new_tokens: int = 48):
     """Greedy completions of ``conversations`` by the model saved in ``folder`` (token ids), its tokenizer and model."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -45,10 +48,11 @@ def answers(folder: str, conversations: list[list[dict]], max_new_tokens: int = 
 
 
 def test_the_converted_model_is_smollm2_instruct(smollm2):
-    completions, tokenizer, model = answers(smollm2, [QUESTION], max_new_tokens=24)
+    completions, tokenizer, model = answers(smollm2, SHORT)
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
     assert model.lm_head.weight is model.model.embed_tokens.weight and model.num_parameters() == 134_515_008
-    assert "Paris" in tokenizer.decode(completions[0]) and completions[0][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(completions[0]) == "The capital of France is Paris.<|im_end|>"
+    assert all(completion[-1] == tokenizer.eos_token_id for completion in completions)
 
 
 @pytest.mark.parametrize("objective", ["DPOModule", "ORPOModule", "KTOModule"])
@@ -81,8 +85,7 @@ def test_fit_trains_the_end_token_keeps_it_and_the_export_still_knows_paris(obje
                                                                                 "pt") as start:
         name = "model.layers.0.mlp.down_proj.weight"
         assert not torch.equal(moved.get_tensor(name), start.get_tensor(name))
-    questions = [QUESTION] + [[row["prompt"][-1]] for row in rows[:3]]
-    completions, tokenizer, model = answers(exported, questions)
+    completions, tokenizer, model = answers(exported, SHORT)
     assert "Paris" in tokenizer.decode(completions[0])
     stops = end_tokens(model, tokenizer)
     assert all(completion[-1] in stops for completion in completions), [tokenizer.decode(c) for c in completions]
