@@ -30,6 +30,7 @@ OBJECTIVES = {
 TASKS = {"causal_lm": ("AutoModelForCausalLM", "text-generation"),
          "reward": ("AutoModelForSequenceClassification", "text-classification")}
 APO = ("APO", "D'Oosterlinck et al., 2024, Anchored Preference Optimization", "2408.06266")
+AOT = ("AOT", "Melnyk et al., 2024, Distributional Preference Alignment of LLMs via Optimal Transport", "2406.05882")
 ALPHAPO = ("AlphaPO", "Gupta et al., 2025, AlphaPO: Reward Shape Matters for LLM Alignment", "2501.03884")
 DPO_LOSSES = {
     "robust": ("robust DPO", "Chowdhury et al., 2024, Provably Robust DPO", "2403.00409"),
@@ -41,10 +42,8 @@ DPO_LOSSES = {
     "nca_pair": ("NCA", "Chen et al., 2024, Noise Contrastive Alignment of Language Models", "2402.05369"),
     "bco_pair": ("BCO", "Jung et al., 2024, Binary Classifier Optimization", "2404.04656"),
     "sppo_hard": ("SPPO", "Wu et al., 2024, Self-Play Preference Optimization", "2405.00675"),
-    "aot": ("AOT", "Melnyk et al., 2024, Distributional Preference Alignment of LLMs via Optimal Transport",
-            "2406.05882"),
-    "aot_unpaired": ("AOT", "Melnyk et al., 2024, Distributional Preference Alignment of LLMs via Optimal Transport",
-                     "2406.05882"),
+    "aot": AOT,
+    "aot_unpaired": AOT,
     "apo_zero": APO,
     "apo_down": APO,
     "discopop": ("DiscoPOP", "Lu et al., 2024, Discovering Preference Optimization Algorithms", "2406.08414"),
