@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 from numpy.lib import format as npy
+
 VERSION = 3  # bump when tokenisation or the layout changes
 
 

@@ -27,6 +27,8 @@ OBJECTIVES = {
     "cpo": ("prefmodule.CPOModule", []),
     "kto": ("prefmodule.KTOModule", []),
     "reward": ("prefmodule.RewardModule", []),
+    "online_dpo": ("prefmodule.OnlineDPOModule", ["--model.init_args.reward=prefmodule.sampling.rules:politeness",
+                                                  "--model.init_args.max_new_tokens=4"]),
 }
 LAYOUTS = {"packed": "--data.padding_free=true", "padded": "--data.padding_free=false"}
 ONE_STEP = ["--trainer.max_steps=1", "--trainer.val_check_interval=1", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
@@ -41,7 +43,10 @@ class Layouts(L.Callback):
         self.packed = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.packed.append("sequence_ids" in batch)
+        if "prompt_ids" in batch:  # prompts, whose sampled pairs the module lays out with the data's collator
+            self.packed.append(module.collate.padding_free)
+        else:
+            self.packed.append("sequence_ids" in batch)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +126,7 @@ FORMATS = {
     "conversational": ("orpo", chat, True),
     "sharegpt": ("dpo", sharegpt, True),
     "alpaca": ("simpo", alpaca, True),
+    "prompts": ("online_dpo", lambda row: {"prompt": row["prompt"]}, False),
     "unpaired": ("kto", lambda row: [unpaired(row), {**unpaired(row), "completion": row["rejected"], "label": False}],
                  False),
 }

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefmodule import OnlineDPOModule, PreferenceDataModule, RewardModule
+from prefmodule import OnlineDPOModule, PreferenceDataModule, RewardModule, SamplePairsModule
 from prefmodule.cli import main
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.errors import ConfigError
@@ -159,9 +159,32 @@ def test_sampling_leaves_training_as_it_was(prompts):
     assert torch.equal(again["input_ids"], pairs["input_ids"])
 
 
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_online_dpo_lays_out_its_sampled_pairs_as_the_data_says(padding_free, prompts):
+    path, _, _ = prompts
+    module = OnlineDPOModule(model=TINY_MODEL, reward="prefmodule.sampling.rules:politeness", max_new_tokens=4)
+    data = PreferenceDataModule(predict=path, batch_size=4, padding_free=padding_free)
+    import lightning as L
+
+    module.trainer = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu")
+    data.trainer = module.trainer
+    module.trainer.datamodule = data
+    module.configure_model()  # connects the datamodule: its collator comes back
+    pairs = module.sampled_pairs(next(iter(data.predict_dataloader())))
+    assert ("sequence_ids" in pairs) is padding_free
+    assert pairs["input_ids"].shape[0] == (1 if padding_free else 8)  # 4 prompts, 2 completions each
+
+
 def test_online_dpo_refuses_a_precomputed_reference():
     with pytest.raises(ConfigError, match="precomputed"):
         OnlineDPOModule(model=TINY_MODEL, reward="prefmodule.sampling.rules:politeness", reference="precomputed")
+
+
+@pytest.mark.parametrize("module", [OnlineDPOModule, SamplePairsModule])
+def test_a_missing_reward_model_fails_when_the_module_is_built(module, tmp_path):
+    """Before any weights or data load: a reward model is checked by name when the module is built, not loaded."""
+    with pytest.raises(ConfigError, match="model.reward=.*not a folder, a .ckpt, or a function"):
+        module(model=TINY_MODEL, reward=str(tmp_path / "no-such-reward-model"))
 
 
 @pytest.mark.parametrize("strategy", [

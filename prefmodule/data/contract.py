@@ -1,8 +1,9 @@
 """The one contract between an objective and its data: :class:`BatchFormat`, what the module being trained
-needs, handed to the datamodule through ``PreferenceDataModule.connect``."""
+needs, handed to the datamodule through ``PreferenceDataModule.connect``, and :class:`Connection`, its answer."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -31,3 +32,18 @@ class BatchFormat:
     prompts: bool = False
     predicts_either: bool = False
     objective: str = "a paired objective"
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What the datamodule answers ``connect``.
+
+    Args:
+        chat_template: the template conversations are rendered with (``None``: the tokenizer's own), which the
+            export saves with the tokenizer.
+        collate: the datamodule's collator (padded or packed, its padding multiple), for batches an objective
+            builds from items of its own (Online DPO's sampled pairs), laid out as the data's are.
+    """
+
+    chat_template: str | None
+    collate: Callable[[list[dict]], dict]

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefmodule.data.checks import check_arguments
 from prefmodule.data.collate import PreferenceCollator
-from prefmodule.data.contract import BatchFormat
+from prefmodule.data.contract import BatchFormat, Connection
 from prefmodule.data.dataset import PairDataset, PromptDataset, Table, UnpairedDataset
 from prefmodule.data.formats import (
     DETECTION_ROWS, BadRow, DataValidationError, Format, PairsFromRatings, describe, make_checker,
@@ -132,15 +132,20 @@ class PreferenceDataModule(LightningDataModule):
         self._loaded: dict[str, Table] = {}  # by cache key: each source is read and reported once
 
     # ----- the objective's needs ----------------------------------------------------------------------------
-    def connect(self, batch_format: BatchFormat) -> str | None:
+    def connect(self, batch_format: BatchFormat) -> Connection:
         """Take what the objective being trained needs (its tokenizer, pairs or unpaired rows, KL completions,
-        packed batches); this datamodule's own settings of the same take precedence. Returns the chat template
-        conversations are rendered with when ``chat_template`` is set (``None``: the tokenizer's own), which
-        the export saves with the tokenizer. Datasets built for another format are built again."""
+        packed batches); this datamodule's own settings of the same take precedence. Answers with the chat
+        template conversations are rendered with when ``chat_template`` is set (``None``: the tokenizer's own),
+        which the export saves with the tokenizer, and the collator of its batches. Datasets built for another
+        format are built again."""
         if batch_format != self.batch_format:
             self.datasets.clear()
         self.batch_format = batch_format
-        return self.chat_template()
+        return Connection(self.chat_template(), self.collator())
+
+    def collator(self) -> PreferenceCollator:
+        """How items become batches: padded, or packed (:meth:`packs`), with the tokenizer's pad id."""
+        return PreferenceCollator(self.get_tokenizer().pad_token_id, self.hparams.pad_to_multiple_of, self.packs())
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer: the ``tokenizer`` setting, else the connected objective's."""
@@ -269,10 +274,9 @@ class PreferenceDataModule(LightningDataModule):
                 raise DataError(f"{kind}: no usable prompt in {group.label} ({meta['rows']} read"
                                 f"{_reasons(Counter(meta['dropped']))})")
             lengths = np.array([len(item["prompt_ids"]) for item in items])
-            p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).round().astype(int)
             rank_zero_info(f"prefmodule data: {kind} <- {group.label} ({meta['format']} format): {meta['rows']} rows "
                            f"read, {len(items)} prompts kept{_reasons(Counter(meta['dropped']))}; tokens per prompt "
-                           f"p50={p50} p90={p90} p99={p99} max={lengths.max()}")
+                           f"{_spread(lengths)}")
             lists.append(items)
         return PromptDataset(lists)
 
@@ -383,8 +387,6 @@ class PreferenceDataModule(LightningDataModule):
                             f"{_reasons(Counter(meta['dropped']))}; max_length={self.hparams.max_length}, "
                             f"max_prompt_length={self.hparams.max_prompt_length})")
         dataset = UnpairedDataset(table, max_length=self.hparams.max_length) if unpaired else PairDataset(table)
-        lengths = dataset.lengths()
-        p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).round().astype(int)
         weight = f", weight {group.weight:g}" if group.weight is not None else ""
         if unpaired and not meta["format"].startswith("unpaired"):
             weight += ", each pair as two unpaired rows"
@@ -395,7 +397,7 @@ class PreferenceDataModule(LightningDataModule):
         else:
             kept = f"{len(table)} pairs kept{_reasons(Counter(meta['dropped']))}; tokens per pair (prompt + longer response)"
         rank_zero_info(f"prefmodule data: {kind} <- {group.label} ({meta['format']} format{weight}): {meta['rows']} "
-                       f"rows read, {kept} p50={p50} p90={p90} p99={p99} max={lengths.max()}; {status}")
+                       f"rows read, {kept} {_spread(dataset.lengths())}; {status}")
         if bad:
             rank_zero_info(f"prefmodule data: skipped {meta['bad_count']} bad rows of {kind}:\n  "
                            f"{describe(bad, meta['bad_count'])}")
@@ -442,7 +444,7 @@ class PreferenceDataModule(LightningDataModule):
             self._report_mixture(mixture)
         return ResumableLoader(
             dataset, batch_sampler=batches, num_workers=hp.num_workers,
-            collate_fn=PreferenceCollator(self.get_tokenizer().pad_token_id, hp.pad_to_multiple_of, self.packs()),
+            collate_fn=self.collator(),
             persistent_workers=hp.num_workers > 0,
         )
 
@@ -473,6 +475,12 @@ def split_positions(count: int, fraction: float, seed: int) -> tuple[np.ndarray,
     order = np.random.default_rng(seed).permutation(count)
     held = max(1, round(fraction * count))
     return np.sort(order[held:]), np.sort(order[:held])
+
+
+def _spread(lengths: np.ndarray) -> str:
+    """``p50=.. p90=.. p99=.. max=..`` of token lengths, for the start summary."""
+    p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).round().astype(int)
+    return f"p50={p50} p90={p90} p99={p99} max={lengths.max()}"
 
 
 def _reasons(dropped: Counter) -> str:

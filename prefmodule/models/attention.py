@@ -18,6 +18,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from prefmodule.models.loading import backbone
+
 VARLEN_SDPA = "prefmodule_varlen_sdpa"
 
 
@@ -109,8 +111,7 @@ def _packed_matches_separate(model: nn.Module) -> bool:
     sequence_ids = torch.cat([torch.full_like(row, k) for k, row in enumerate(rows)])[None]
     training = model.training
     model.eval()  # no dropout
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    transformer = base.base_model  # the hidden states: a causal LM's and a reward model's alike
+    transformer = backbone(model)  # the hidden states: a causal LM's and a reward model's alike
     try:
         with torch.no_grad():
             together = transformer(input_ids=packed, use_cache=False,

@@ -65,6 +65,17 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_toke
 
 
 @contextmanager
+def aside_from_training(module, seed: int):
+    """Generation that leaves ``module``'s training as it was: no gradients, every submodule in eval mode (each
+    mode restored after), torch's random state forked and seeded with ``seed``, under the trainer's precision."""
+    devices = [module.device] if module.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), eval_mode(module), \
+            module.trainer.precision_plugin.forward_context():
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
 def eval_mode(module: nn.Module):
     """``module`` and all its submodules in eval mode, each put back in its own mode afterwards (Lightning's own
     helper for this is private)."""

@@ -99,11 +99,22 @@ def _local_files(name_or_path: str) -> str | None:
         return None
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """``model`` without its peft wrapper: the transformers model under LoRA adapters (``model`` itself without)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer under a model's head (``model.model`` of a Llama): the decoder of a causal LM, the encoder
+    of a reward model's score; LoRA wrappers looked through."""
+    return unwrapped(model).base_model
+
+
 def stand_in(model: nn.Module) -> PreTrainedModel | None:
     """A small random model of ``model``'s architecture and config (two layers, a 256-token vocabulary) on the
     CPU, for the probes that check what the architecture's code does (packed attention, the head's logits)
     without gathering a sharded model's weights; ``None`` if the config cannot be cut down so."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     config = base.config.__class__.from_dict(base.config.to_dict())
     layers = min(2, config.num_hidden_layers)
     config.num_hidden_layers, config.vocab_size = layers, 256
@@ -163,7 +174,7 @@ def prepare_empty(model: nn.Module) -> None:
     """Give a meta-built ``model`` what its files do not hold, before it is sharded: its non-persistent
     buffers (rotary frequencies, embedding scales) computed as ``from_pretrained`` does, by the model's
     own ``_init_weights``, and LoRA adapters initialised by peft."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     for module in base.modules():
         buffers = module._non_persistent_buffers_set & {n for n, b in module.named_buffers(recurse=False) if b.is_meta}
         if buffers:

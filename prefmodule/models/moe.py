@@ -7,6 +7,8 @@ import inspect
 import torch
 from torch import nn
 
+from prefmodule.models.loading import unwrapped
+
 
 def router_aux_loss_coef(model: nn.Module) -> float | None:
     """The weight of the load-balancing loss the model's config sets; ``None`` for a model without routers."""
@@ -26,7 +28,7 @@ def load_balancing_loss(model: nn.Module, router_logits: tuple[torch.Tensor, ...
                         attention_mask: torch.Tensor | None) -> torch.Tensor:
     """The model's own load-balancing loss (``load_balancing_loss_func`` of its modeling file, Switch
     Transformer eqs. 4-6) over ``router_logits`` of one decoder forward, as its ``forward`` computes ``aux_loss``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     loss_func = inspect.getmodule(type(base)).load_balancing_loss_func
     config = base.config  # the causal LM's own attributes, or its config's (a reward model of the architecture)
     experts = getattr(base, "num_experts", None) or getattr(config, "num_experts", None) or config.num_local_experts

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from prefmodule.models.attention import packed_inputs
+from prefmodule.models.loading import backbone, unwrapped
 from prefmodule.models.logps import LogitsTransform, SequenceStats, chunked_sequence_stats, sequence_stats
 from prefmodule.models.moe import load_balancing_loss, router_logits_kwargs
 from prefmodule.models.sharding import finish_forward
@@ -45,20 +46,13 @@ def batch_stats(model: nn.Module, batch: dict[str, Tensor], num_sequences: int, 
     return stats, aux_loss
 
 
-def backbone(model: nn.Module) -> nn.Module:
-    """The transformer under a model's head (``model.model`` of a Llama): the decoder of a causal LM, the encoder
-    of a reward model's score; LoRA wrappers looked through."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.base_model
-
-
 def sequence_rewards(model: nn.Module, batch: dict[str, Tensor], num_sequences: int,
                      router_loss: bool = False) -> tuple[Tensor, Tensor | None]:
     """A reward model's ``[num_sequences]`` float32 rewards of the sequences of ``batch`` (padded, or one packed
     row), each its score head at the sequence's last token that is not padding (as
     ``AutoModelForSequenceClassification`` pools), and with ``router_loss`` a mixture of experts' load-balancing
     loss."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     ids = batch["input_ids"]
     if "sequence_ids" in batch:  # packed
         inputs = packed_inputs(model, batch["position_ids"], batch["sequence_ids"])

@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
-from prefmodule.models.loading import prepare_empty, stream_weights
+from prefmodule.models.loading import prepare_empty, stream_weights, unwrapped
 
 
 def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
@@ -81,7 +81,7 @@ def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:
     elif head is not None:
         fully_shard(head, mesh=mesh, reshard_after_forward=frozen)
     fully_shard(decoder, mesh=mesh, reshard_after_forward=frozen)  # a root: keeps its weights gathered until backward
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     for head in [child for child in base.children() if child is not decoder and not isinstance(child, FSDPModule)
                  and any(p.numel() for p in child.parameters())]:  # a reward model's score head
         fully_shard(head, mesh=mesh, reshard_after_forward=frozen)

@@ -3,6 +3,7 @@ settings of each concern in their own dataclass (model, optimizer, export, sampl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from lightning.pytorch import LightningModule
@@ -84,6 +85,7 @@ class PreferenceModule(LightningModule):
     predicts_either = False  # ``predict`` takes pairs and unpaired rows as the data holds them (else as it trains)
     model_task = "causal_lm"  # the model's head: an LM head, or ``reward`` (a score)
     token_logps = True  # the objective scores response tokens through the LM head (may be chunked)
+    scores_new_text = True  # the objective can score completions its data does not hold (samples' rewards)
     run_time = RUN_TIME
 
     def __init__(
@@ -130,6 +132,7 @@ class PreferenceModule(LightningModule):
         self.head_transform: LogitsTransform | None = None  # set by ``configure_model`` when the head allows chunks
         self.metrics: nn.ModuleDict | None = None  # a MetricCollection per stage, once the policy is known
         self.chat_template: str | None = None  # the data's, saved with the export (``connect``)
+        self.collate: Callable[[list[dict]], dict] | None = None  # the data's collator (``connect``)
 
     @property
     def model_name(self) -> str:
@@ -159,7 +162,8 @@ class PreferenceModule(LightningModule):
             self.metrics = self.stage_metrics()
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if callable(getattr(datamodule, "connect", None)):
-            self.chat_template = datamodule.connect(self.batch_format())
+            connection = datamodule.connect(self.batch_format())
+            self.chat_template, self.collate = connection.chat_template, connection.collate
 
     def load_model(self, strategy: Strategy | None) -> nn.Module:
         """The starting policy, built for ``strategy`` (:func:`~prefmodule.models.setup.load_policy`)."""
@@ -183,8 +187,6 @@ class PreferenceModule(LightningModule):
         """Whether every model this module runs attends to packed rows per sequence, with no quadratic mask."""
         models = [self.policy, *self.reference_models()]
         return self.policy is not None and all(takes_sequence_bounds(model) for model in models)
-
-    scores_new_text = True  # the objective can score completions its data does not hold (samples' rewards)
 
     def reference_parameters(self) -> int:
         """Parameters of the reference forward that runs beside the policy's in training (0: none)."""
@@ -261,11 +263,15 @@ class PreferenceModule(LightningModule):
 
     def stage_metrics(self) -> nn.ModuleDict:
         """A :class:`MetricCollection` per stage (keyed ``<stage>_metrics``: a bare ``train`` would shadow
-        ``nn.Module.train``), its names prefixed ``train/``, ``val/``, ``test/``."""
+        ``nn.Module.train``), its names prefixed ``train/``, ``val/``, ``test/``; ``aux_loss`` too when the
+        policy's router loss counts."""
         aux = ("aux_loss",) if self.router_loss_weight(self.policy) > 0 else ()
-        return nn.ModuleDict({f"{stage}_metrics": preference_metrics((*self.extra_metrics(stage), *aux),
-                                                                     not self.unpaired).clone(prefix=f"{stage}/")
-                              for stage in STAGES})
+        return nn.ModuleDict({f"{stage}_metrics": self.metric_collection((*self.extra_metrics(stage), *aux))
+                              .clone(prefix=f"{stage}/") for stage in STAGES})
+
+    def metric_collection(self, extra: tuple[str, ...]) -> MetricCollection:
+        """The metrics of one stage, besides the ``extra`` names: TRL's preference metrics."""
+        return preference_metrics(extra, not self.unpaired)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")

@@ -16,7 +16,7 @@ from prefmodule.models.generation import GenerationSettings
 from prefmodule.models.logps import IGNORE_INDEX, SequenceStats
 from prefmodule.objectives.dpo import DPOModule
 from prefmodule.objectives.outputs import PairOutputs
-from prefmodule.sampling.pairs import CompletionScores, completion_texts, sample_completions
+from prefmodule.sampling.pairs import CompletionScores, scored_completions
 
 SAMPLING_METRICS = ("objective/kl", "objective/entropy", "objective/scores", "objective/scores_margin",
                     "contain_eos_token")
@@ -82,17 +82,16 @@ class OnlineDPOModule(DPOModule):
         """A batch of prompts as a batch of pairs: two completions of each, sampled and scored, the better first."""
         step = self.trainer.global_step if self._trainer is not None else 0
         seed = self.generation.seed + int(batch["index"][0]) + 1_000_003 * step
-        completions = sample_completions(self, batch["prompt_ids"], self.generation, seed)
-        texts, ended = completion_texts(self, completions)
-        prompts = [prompt for prompt in batch["prompt"] for _ in range(2)]
-        scores = self.scores(prompts, texts, ended, self.device).view(-1, 2)
+        completions, _, ended, scores = scored_completions(self, batch, self.generation, self.scores, seed)
+        scores = scores.view(-1, 2)
         first_chosen = (scores[:, 0] >= scores[:, 1]).tolist()
         items = [{"index": index, "prompt_ids": prompt_ids,
                   "chosen_ids": completions[2 * i + (not first)], "rejected_ids": completions[2 * i + first],
                   "score_chosen": float(scores[i, int(not first)]), "score_rejected": float(scores[i, int(first)])}
                  for i, (index, prompt_ids, first) in enumerate(zip(batch["index"].tolist(), batch["prompt_ids"],
                                                                     first_chosen))]
-        pairs = PreferenceCollator(self.tokenizer.pad_token_id, padding_free=self.packed_attention)(items)
+        collate = self.collate or PreferenceCollator(self.tokenizer.pad_token_id, padding_free=self.packed_attention)
+        pairs = collate(items)  # laid out as the data's own batches (padded or packed)
         pairs["contain_eos_token"] = torch.tensor(ended, dtype=torch.float32)
         return {name: value.to(self.device) for name, value in pairs.items()}
 

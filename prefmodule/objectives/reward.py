@@ -13,7 +13,7 @@ from torchmetrics import MetricCollection
 from prefmodule.errors import finite, require
 from prefmodule.models.loading import load_reward_model
 from prefmodule.models.scoring import sequence_rewards
-from prefmodule.objectives.base import STAGES, PreferenceModule
+from prefmodule.objectives.base import PreferenceModule
 from prefmodule.objectives.losses import bradley_terry_loss
 from prefmodule.objectives.metrics import Max, Mean, Min
 
@@ -93,12 +93,9 @@ class RewardModule(PreferenceModule):
                                     self.hparams.center_rewards_coefficient)
         return RewardOutputs(losses.mean(), chosen.detach(), rejected.detach()), aux_loss
 
-    def stage_metrics(self) -> nn.ModuleDict:
-        aux = {"aux_loss": Mean} if self.router_loss_weight(self.policy) > 0 else {}
-        return nn.ModuleDict({
-            f"{stage}_metrics": MetricCollection({name: kind(name) for name, kind in {**REWARD_METRICS, **aux}.items()},
-                                                 prefix=f"{stage}/", compute_groups=False)
-            for stage in STAGES})
+    def metric_collection(self, extra: tuple[str, ...]) -> MetricCollection:
+        kinds = {**REWARD_METRICS, **dict.fromkeys(extra, Mean)}
+        return MetricCollection({name: kind(name) for name, kind in kinds.items()}, compute_groups=False)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict]:
         """Pairs: each response's reward and which one scores higher. Unpaired rows: each row's reward."""

@@ -7,13 +7,12 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.errors import ConfigError
-from prefmodule.models.generation import eval_mode, generate
+from prefmodule.models.generation import aside_from_training, generate
 
 SEED = 0  # sampling (temperature > 0) draws the same random numbers at every call
 
@@ -70,10 +69,7 @@ def generate_samples(trainer: Trainer, module: LightningModule, pairs: list[dict
     Every rank must call it under sharded weights (each forward gathers them); all ranks get the same rows.
     """
     tokenizer = module.tokenizer
-    devices = [module.device] if module.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), eval_mode(module), \
-            trainer.precision_plugin.forward_context():
-        torch.manual_seed(SEED)
+    with aside_from_training(module, SEED):
         completions = generate(module.policy, tokenizer, [pair["prompt_ids"] for pair in pairs], settings.max_new_tokens,
                                settings.temperature, synced=trainer.world_size > 1)
         rewards = _rewards(trainer, module, pairs, completions)

@@ -43,13 +43,13 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from prefmodule.models.attention import enable_packed_attention
 from prefmodule import cache
 from prefmodule.errors import ConfigError
+from prefmodule.models.attention import enable_packed_attention
 from prefmodule.models.loading import load_causal_lm
+from prefmodule.models.sharding import shard
 from prefmodule.paths import resolve
 from prefmodule.progress import progress
-from prefmodule.models.sharding import shard
 
 REFERENCES = ("copy", "adapter", "precomputed", "sync")
 # Lightning's running stage -> the data split its batches come from.

@@ -5,60 +5,60 @@ and keeps the best as chosen and the worst as rejected, in a file that trains DP
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import statistics
 from collections import Counter
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from prefmodule.data.contract import BatchFormat
 from prefmodule.errors import ConfigError, finite, require
-from prefmodule.models.generation import GenerationSettings, end_tokens, eval_mode, generate
+from prefmodule.models.generation import GenerationSettings, aside_from_training, end_tokens, generate
 from prefmodule.models.sharding import is_sharded
 from prefmodule.objectives.base import PreferenceModule
-from prefmodule.outputs.loggers import log_dir
-from prefmodule.sampling.scorers import Scorer, make_scorer
-from prefmodule.training.callbacks import gathered_rows
+from prefmodule.sampling.scorers import FunctionScorer, RewardModelScorer, Scorer, scorer_target
+from prefmodule.training.callbacks import PredictionWriter, write_jsonl
 
 
 def sample_completions(module: LightningModule, prompt_ids: list[list[int]], settings: GenerationSettings,
                        seed: int) -> list[list[int]]:
     """``settings.num_completions`` completions of each prompt (a prompt's together, prompt after prompt) from
-    ``module.policy``, leaving training as it was: torch's random state forked and seeded with ``seed``, every
-    submodule's mode restored, no gradients, under the trainer's precision. Every rank calls it together when the
+    ``module.policy``, seeded with ``seed``, leaving training as it was. Every rank calls it together when the
     weights are sharded (each generation step gathers them)."""
-    devices = [module.device] if module.device.type == "cuda" else []
-    trainer = module.trainer
     repeated = [ids for ids in prompt_ids for _ in range(settings.num_completions)]
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), eval_mode(module), \
-            trainer.precision_plugin.forward_context():
-        torch.manual_seed(seed)
+    with aside_from_training(module, seed):
         return generate(module.policy, module.tokenizer, repeated, settings.max_new_tokens, settings.temperature,
-                        settings.top_p, synced=is_sharded(module.policy) and trainer.world_size > 1)
+                        settings.top_p, synced=is_sharded(module.policy) and module.trainer.world_size > 1)
+
+
+def scored_completions(module: LightningModule, batch: dict, settings: GenerationSettings, scores: CompletionScores,
+                       seed: int) -> tuple[list[list[int]], list[str], list[bool], Tensor]:
+    """A batch of prompts completed and scored: each prompt's ``settings.num_completions`` completions (token ids,
+    prompt after prompt), their texts, whether each ended, and their ``[prompts * num_completions]`` scores."""
+    completions = sample_completions(module, batch["prompt_ids"], settings, seed)
+    texts, ended = completion_texts(module, completions)
+    prompts = [prompt for prompt in batch["prompt"] for _ in range(settings.num_completions)]
+    return completions, texts, ended, scores(prompts, texts, ended, module.device)
 
 
 class CompletionScores:
     """Scores completions with a reward model or a function (:func:`~prefmodule.sampling.scorers.make_scorer`),
     less ``missing_eos_penalty`` for a completion that did not end (TRL's option of that name). A reward model is
-    loaded on first use, on the device it is asked for; a function is imported now, so a wrong name fails early."""
+    loaded on first use, on the device it is asked for; a function is imported now."""
 
     def __init__(self, reward: str, missing_eos_penalty: float | None = None):
         require(missing_eos_penalty is None or (finite(missing_eos_penalty) and missing_eos_penalty >= 0),
                 "model.missing_eos_penalty", missing_eos_penalty, "must be >= 0 (subtracted from the score of a "
                 "completion without EOS)")
-        self.reward, self.missing_eos_penalty = reward, missing_eos_penalty
-        self.scorer: Scorer | None = None
-        if ":" in reward and not os.path.exists(reward):
-            self.scorer = make_scorer(reward)
+        self.missing_eos_penalty = missing_eos_penalty
+        self.target = scorer_target(reward)  # checked now: a wrong name fails before any weights load
+        self.scorer: Scorer | None = None if isinstance(self.target, str) else FunctionScorer(self.target)
 
     def __call__(self, prompts: list, texts: list[str], ended: list[bool], device: torch.device) -> Tensor:
         if self.scorer is None:
-            self.scorer = make_scorer(self.reward, device)
+            self.scorer = RewardModelScorer(self.target, device)
         scores = torch.tensor(self.scorer(prompts, texts), dtype=torch.float32, device=device)
         if self.missing_eos_penalty:
             scores -= self.missing_eos_penalty * (~torch.tensor(ended, device=device))
@@ -117,11 +117,9 @@ class SamplePairsModule(PreferenceModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """One row per prompt: its pair and its completions' scores, or ``tie`` when all score the same."""
         n = self.generation.num_completions
-        completions = sample_completions(self, batch["prompt_ids"], self.generation,
-                                         self.generation.seed + int(batch["index"][0]))
-        texts, ended = completion_texts(self, completions)
-        prompts = [prompt for prompt in batch["prompt"] for _ in range(n)]
-        scores = self.scores(prompts, texts, ended, self.device).tolist()
+        completions, texts, _, scores = scored_completions(self, batch, self.generation, self.scores,
+                                                           self.generation.seed + int(batch["index"][0]))
+        scores = scores.tolist()
         rows = []
         for i, (index, prompt, tools) in enumerate(zip(batch["index"].tolist(), batch["prompt"], batch["tools"])):
             own = scores[i * n:(i + 1) * n]
@@ -149,26 +147,21 @@ def response(prompt: str | list, text: str) -> str | list:
     return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
 
-class PairsWriter(BasePredictionWriter):
+class PairsWriter(PredictionWriter):
     """Writes the sampled pairs (rows of every rank, each prompt once, in data order) to ``path`` (default
     ``<log dir>/pairs.jsonl``) and says in one line what was sampled; :attr:`summary` holds the same figures."""
 
+    file_name = "pairs.jsonl"
+
     def __init__(self, path: str | None = None):
-        super().__init__(write_interval="epoch")
-        self.path = path
+        super().__init__(path)
         self.summary: dict | None = None
 
-    def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions, batch_indices) -> None:
-        path = self.path or os.path.join(log_dir(trainer), "pairs.jsonl")
-        rows = gathered_rows(trainer, predictions)
-        if not trainer.is_global_zero:
-            return
+    def write(self, rows: list[dict], path: str, pl_module: LightningModule) -> None:
         pairs = [row["pair"] for row in rows if "pair" in row]
         dropped = Counter(row["dropped"] for row in rows if "dropped" in row)
         scores = [score for row in rows for score in row["scores"]]
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as handle:
-            handle.writelines(json.dumps(pair) + "\n" for pair in pairs)
+        write_jsonl(path, pairs)
         settings = pl_module.generation
         self.summary = {"prompts": len(rows), "completions_per_prompt": settings.num_completions, "pairs": len(pairs),
                         "ties": dropped["ties"], "empty": dropped["empty completions"],

@@ -15,17 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from prefmodule.errors import ConfigError
+from prefmodule.models.loading import load_tokenizer
 from prefmodule.paths import resolve
 
 Scorer = Callable[[list, list[str]], list[float]]
 
 
-def make_scorer(spec: str, device: torch.device | str = "cpu") -> Scorer:
-    """The scorer ``spec`` names: ``package.module:function`` or ``path/to/file.py:function`` (called as
-    ``function(prompts, completions) -> list[float]``), or a reward model: a folder, or a ``.ckpt`` of a
-    ``RewardModule`` fit."""
+def scorer_target(spec: str) -> Callable | str:
+    """What ``spec`` names, checked: the function of ``package.module:function`` or ``path/to/file.py:function``,
+    or the location of a reward model (a folder, or a ``.ckpt`` of a ``RewardModule`` fit)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"model.reward={spec!r}: give a reward model (a folder or a RewardModule .ckpt) or a "
                           "function as module:function")
@@ -33,12 +34,19 @@ def make_scorer(spec: str, device: torch.device | str = "cpu") -> Scorer:
     if os.path.isdir(location) or location.endswith(".ckpt"):
         if not os.path.exists(location):
             raise ConfigError(f"model.reward={spec!r}: no such checkpoint")
-        return RewardModelScorer(location, device)
+        return location
     module, _, name = spec.rpartition(":")
     if not module or not name:
         raise ConfigError(f"model.reward={spec!r}: not a folder, a .ckpt, or a function as module:function "
                           "(e.g. prefmodule.sampling.rules:politeness)")
-    return FunctionScorer(_function(module, name, spec))
+    return _function(module, name, spec)
+
+
+def make_scorer(spec: str, device: torch.device | str = "cpu") -> Scorer:
+    """The scorer ``spec`` names (:func:`scorer_target`): a function called as ``function(prompts, completions) ->
+    list[float]``, or a reward model loaded on ``device``."""
+    target = scorer_target(spec)
+    return RewardModelScorer(target, device) if isinstance(target, str) else FunctionScorer(target)
 
 
 def _function(module: str, name: str, spec: str) -> Callable:
@@ -79,10 +87,8 @@ class RewardModelScorer:
     ``RewardModule`` trained on them; the score is read at the last token that is not padding."""
 
     def __init__(self, location: str, device: torch.device | str = "cpu", batch_size: int = 16):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         if location.endswith(".ckpt"):
-            from prefmodule.objectives.reward import RewardModule
+            from prefmodule.objectives.reward import RewardModule  # here: the objectives import this module
 
             checkpoint = torch.load(location, map_location="cpu", weights_only=True)
             settings = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
@@ -91,14 +97,11 @@ class RewardModelScorer:
             module.load_state_dict(checkpoint["state_dict"])
             self.model, self.tokenizer = module.policy, module.tokenizer
         else:
-            self.tokenizer = AutoTokenizer.from_pretrained(location)
+            self.tokenizer = load_tokenizer(location)  # right-padded, a pad token (EOS if none)
             self.model = AutoModelForSequenceClassification.from_pretrained(location)
         if self.model.config.num_labels != 1:
             raise ConfigError(f"model.reward={location!r} has {self.model.config.num_labels} labels; a reward model "
                               "has one")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.batch_size = batch_size

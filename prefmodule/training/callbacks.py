@@ -69,9 +69,7 @@ class SampleWriter(Callback):
         path = os.path.join(log_dir(trainer), "samples.jsonl")
         if not trainer.is_global_zero:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "a") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        write_jsonl(path, rows, append=True)
         for logger in trainer.loggers:
             log_samples_table(logger, rows, trainer.global_step, path)
         first = rows[0]
@@ -87,25 +85,36 @@ def _short(text: str, width: int = 60) -> str:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes one JSON line per scored pair, in dataset order, to ``path`` (default ``<log dir>/predictions.jsonl``)."""
+    """Writes the rows ``predict_step`` returned on every rank (each item once, in dataset order) as JSON lines to
+    ``path`` (default ``<log dir>/predictions.jsonl``), and says in one line what was written (:meth:`write`)."""
+
+    file_name = "predictions.jsonl"  # in the log dir, unless ``path`` is given
 
     def __init__(self, path: str | None = None):
         super().__init__(write_interval="epoch")
         self.path = path
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        path = self.path or os.path.join(log_dir(trainer), "predictions.jsonl")
+        path = self.path or os.path.join(log_dir(trainer), self.file_name)
         rows = gathered_rows(trainer, predictions)
-        if not trainer.is_global_zero:
-            return
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        if trainer.is_global_zero:
+            self.write(rows, path, pl_module)
+
+    def write(self, rows: list[dict], path: str, pl_module: LightningModule) -> None:
+        """Write the scored pairs (or rows) and say how many the model prefers chosen in."""
+        write_jsonl(path, rows)
         if rows and "preferred" not in rows[0]:  # unpaired rows: a reward each
             rank_zero_info(f"prefmodule: scored {len(rows)} rows -> {path}")
             return
         preferred = sum(row["preferred"] == "chosen" for row in rows)
         rank_zero_info(f"prefmodule: scored {len(rows)} pairs ({preferred} prefer chosen) -> {path}")
+
+
+def write_jsonl(path: str, rows: list[dict], append: bool = False) -> None:
+    """``rows`` as JSON lines in ``path`` (its folder made if missing), replacing the file or appended to it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a" if append else "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def gathered_rows(trainer: Trainer, predictions: list[list[dict]]) -> list[dict]:
