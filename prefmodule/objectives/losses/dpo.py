@@ -1,24 +1,5 @@
-"""Preference-optimisation losses as pure functions of per-pair (or, for KTO, per-row) log-probabilities.
-
-Every function here takes tensors of shape ``[B]`` (one value per preference pair or unpaired row) and
-returns tensors of shape ``[B]``; nothing here knows about models, data or Lightning. Inputs are upcast to
-at least float32 (float64 stays float64, so ``torch.autograd.gradcheck`` works), whatever the
-model's precision.
-
-Notation. For a pair ``(x, y_w, y_l)``:
-
-* ``logp_w = log pi_theta(y_w|x)`` and ``logp_l`` are **summed** response log-probs (DPO family);
-  ``ref_logp_w``, ``ref_logp_l`` the same under the frozen reference model.
-* ``chosen_logratio = logp_w - ref_logp_w``, ``rejected_logratio = logp_l - ref_logp_l``,
-  ``delta = chosen_logratio - rejected_logratio`` and ``logits = beta * delta``.
-* ``a = avg log P(y_w|x)``, ``b = avg log P(y_l|x)`` are **length-normalised** log-probs (ORPO,
-  SimPO), i.e. the log of the geometric-mean token probability.
-* KTO's rows ``(x, y, desirable)`` have ``r = log pi_theta(y|x) - log pi_ref(y|x)``.
-
-DPO loss types live in a registry (``DPO_LOSSES``) filled by ``@register_dpo_loss(name)``; their
-semantics and defaults follow Hugging Face TRL 1.16's ``DPOTrainer`` (``_compute_loss``), with the
-differences listed in each docstring.
-"""
+"""The DPO family: the loss types of Hugging Face TRL's ``DPOTrainer`` in a registry, and the weights and
+reshapings some of them take (WPO, LD-DPO, beta-DPO, f-divergences)."""
 
 from __future__ import annotations
 
@@ -30,44 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "CPO_LOSS_TYPES",
-    "DPO_LOSSES",
-    "DPO_LOSS_TYPES",
-    "F_DIVERGENCES",
-    "KTO_LOSS_TYPES",
-    "PairLogps",
-    "SCORE_LOSS_TYPES",
-    "alphapo_rewards",
-    "beta_dpo_beta",
-    "beta_dpo_filter",
-    "beta_dpo_running_stats",
-    "bradley_terry_loss",
-    "check_cpo_options",
-    "check_dpo_options",
-    "cpo_loss",
-    "dpo_loss",
-    "f_divergence_score",
-    "kto_kl",
-    "kto_loss",
-    "ld_logps",
-    "log1mexp",
-    "nll_loss",
-    "orpo_loss",
-    "register_dpo_loss",
-    "simpo_loss",
-    "wpo_weights",
-]
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """At least float32: bf16/fp16 become float32, float64 is kept."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-# --------------------------------------------------------------------------------------------
-# DPO family
-# --------------------------------------------------------------------------------------------
+from prefmodule.objectives.losses.common import upcast
 
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -182,7 +126,7 @@ def register_dpo_loss(name: str) -> Callable[[DPOLossFn], DPOLossFn]:
     return decorator
 
 
-def _conservative_logistic(logits: Tensor, label_smoothing: float) -> Tensor:
+def conservative_logistic(logits: Tensor, label_smoothing: float) -> Tensor:
     """``-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)``: the logistic loss when a fraction ``eps``
     of the preference labels may be flipped (cDPO). Equals ``-log sigmoid(z)`` for ``eps = 0``."""
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
@@ -198,7 +142,7 @@ def _sigmoid(pairs: PairLogps, *, beta: float, label_smoothing: float, **_) -> T
     ignores ``label_smoothing``; here ``eps > 0`` gives conservative DPO (Mitchell, 2023, "A note on
     DPO with noisy preferences").
     """
-    return _conservative_logistic(beta * pairs.delta, label_smoothing)
+    return conservative_logistic(beta * pairs.delta, label_smoothing)
 
 
 @register_dpo_loss("robust")
@@ -300,7 +244,7 @@ def _aot(pairs: PairLogps, *, beta: float, label_smoothing: float, **_) -> Tenso
     """
     policy_sorted, _ = torch.sort(pairs.policy_chosen - pairs.policy_rejected, dim=0)
     ref_sorted, _ = torch.sort(pairs.ref_chosen - pairs.ref_rejected, dim=0)
-    return _conservative_logistic(beta * (policy_sorted - ref_sorted), label_smoothing)
+    return conservative_logistic(beta * (policy_sorted - ref_sorted), label_smoothing)
 
 
 @register_dpo_loss("aot_unpaired")
@@ -314,7 +258,7 @@ def _aot_unpaired(pairs: PairLogps, *, beta: float, label_smoothing: float, **_)
     """
     chosen_sorted, _ = torch.sort(pairs.chosen_logratios, dim=0)
     rejected_sorted, _ = torch.sort(pairs.rejected_logratios, dim=0)
-    return _conservative_logistic(beta * (chosen_sorted - rejected_sorted), label_smoothing)
+    return conservative_logistic(beta * (chosen_sorted - rejected_sorted), label_smoothing)
 
 
 @register_dpo_loss("apo_zero")
@@ -463,10 +407,10 @@ def dpo_loss(
         raise ValueError(f"policy/reference chosen/rejected log-probs must all have the same shape [B], got {shapes}")
 
     pairs = PairLogps(
-        policy_chosen=_upcast(policy_chosen_logps),
-        policy_rejected=_upcast(policy_rejected_logps),
-        ref_chosen=_upcast(ref_chosen_logps),
-        ref_rejected=_upcast(ref_rejected_logps),
+        policy_chosen=upcast(policy_chosen_logps),
+        policy_rejected=upcast(policy_rejected_logps),
+        ref_chosen=upcast(ref_chosen_logps),
+        ref_rejected=upcast(ref_rejected_logps),
         chosen_lengths=None if chosen_lengths is None else torch.as_tensor(chosen_lengths),
         rejected_lengths=None if rejected_lengths is None else torch.as_tensor(rejected_lengths),
         f_divergence=f_divergence_type,
@@ -500,7 +444,7 @@ def wpo_weights(
     and its token count (clamped to >= 1). Multiply the per-pair DPO losses by it. ``[B]``, detached.
     """
     def weight(logps: Tensor, log_sum_sq: Tensor, lengths: Tensor) -> Tensor:
-        aligned = _upcast(logps).detach() - _upcast(log_sum_sq).detach()
+        aligned = upcast(logps).detach() - upcast(log_sum_sq).detach()
         return torch.exp(aligned / lengths.to(aligned).clamp(min=1.0))
 
     return weight(chosen_logps, chosen_log_sum_sq, chosen_lengths) * weight(rejected_logps, rejected_log_sum_sq,
@@ -529,7 +473,7 @@ def beta_dpo_running_stats(gaps: Tensor, mean: Tensor, std: Tensor, momentum: fl
     code: both start at 0, each training batch updates them before it is filtered, ``m = 0.9``, and the
     standard deviation is the unbiased one (the biased one for a single pair). Detached.
     """
-    gaps = _upcast(gaps).detach()
+    gaps = upcast(gaps).detach()
     batch_std = gaps.std(correction=1 if gaps.numel() > 1 else 0)
     return momentum * mean + (1 - momentum) * gaps.mean(), momentum * std + (1 - momentum) * batch_std
 
@@ -545,7 +489,7 @@ def beta_dpo_filter(gaps: Tensor, mean: Tensor, std: Tensor, keep: int, uniform:
     when every ``p_i`` underflows, and uniform when ``sigma = 0`` (all margins equal, as at the first step).
     Returns a bool mask ``[B]``.
     """
-    z = (_upcast(gaps) - mean) / std.clamp(min=torch.finfo(torch.float32).tiny)
+    z = (upcast(gaps) - mean) / std.clamp(min=torch.finfo(torch.float32).tiny)
     log_p = torch.where(gaps == mean, torch.zeros_like(z), -0.5 * z**2)
     keys = log_p - torch.log(-torch.log(uniform.to(log_p)))
     mask = torch.zeros_like(gaps, dtype=torch.bool)
@@ -560,250 +504,4 @@ def beta_dpo_beta(beta: float, alpha: float, gaps: Tensor, selected: Tensor, mea
 
     larger for batches whose margins run above the running mean (informative pairs), smaller below. Detached.
     """
-    return (beta * (1 + alpha * (_upcast(gaps)[selected].mean() - mean))).clamp(min=1e-3).detach()
-
-
-# --------------------------------------------------------------------------------------------
-# ORPO, SimPO, NLL
-# --------------------------------------------------------------------------------------------
-
-_LN_HALF = -math.log(2.0)
-
-
-def log1mexp(x: Tensor) -> Tensor:
-    """``log(1 - exp(x))`` for ``x <= 0``, accurate over the whole range (Maechler, 2012):
-
-        log(-expm1(x))   if x > -ln 2   (near 0, where 1 - exp(x) cancels)
-        log1p(-exp(x))   otherwise      (exp(x) small)
-
-    Returns ``-inf`` at ``x = 0``. Gradients are NaN-free for ``x < 0``: the ``log1p`` branch only
-    ever sees ``x <= -ln 2`` so the branch ``torch.where`` discards cannot produce ``0/0`` (TRL's
-    ``log1mexp`` evaluates ``log1p(-exp(x))`` at every ``x`` and its gradient is NaN as ``x -> 0`` in float32).
-    """
-    near_zero = x > _LN_HALF
-    far = torch.log1p(-torch.exp(x.clamp(max=_LN_HALF)))
-    near = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, _LN_HALF))))
-    return torch.where(near_zero, near, far)
-
-
-ORPO_MAX_AVG_LOGP = -1e-12
-"""ORPO clamps average log-probs to at most this value, see ``orpo_loss``."""
-
-
-def orpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor, *, beta: float = 0.1) -> tuple[Tensor, Tensor]:
-    """ORPO's odds-ratio term (Hong et al., 2024, arXiv 2403.07691, Eqs. 4-7), per pair.
-
-    With ``a = avg log P(y_w|x)``, ``b = avg log P(y_l|x)`` (length-normalised, < 0) and
-    ``odds(y) = P / (1 - P)``:
-
-        log_odds = log(odds_w / odds_l) = (a - b) - (log(1 - e^a) - log(1 - e^b))
-        L_OR     = -beta * log sigmoid(log_odds)
-
-    ``beta`` is the paper's ``lambda`` (TRL's ``beta``, default 0.1). The full ORPO objective is
-    ``nll_loss(chosen tokens) + L_OR.mean()``; TRL returns ``+beta * log sigmoid`` and subtracts it,
-    the value is the same.
-
-    ``a`` and ``b`` are clamped to ``<= -1e-12`` (``ORPO_MAX_AVG_LOGP``) first: at exactly 0 (every
-    token predicted with probability 1.0 in float32) ``log(1 - e^0) = -inf`` and ``log_odds = +inf``
-    with NaN gradients. The clamp leaves every value in ``[-inf, -1e-12]`` unchanged; at 0 it uses
-    ``log(1 - e^a) = log(1e-12) ~ -27.6`` instead of ``-inf``, so loss and ``log_odds`` stay finite,
-    and the clamped side gets zero gradient.
-
-    Returns:
-        ``(losses [B], log_odds [B])``, at least float32. Log ``log_odds.mean()`` as ``log_odds_chosen``
-        and ``F.logsigmoid(log_odds).mean()`` as ``log_odds_ratio`` (TRL's names).
-    """
-    a = _upcast(chosen_avg_logps).clamp(max=ORPO_MAX_AVG_LOGP)
-    b = _upcast(rejected_avg_logps).clamp(max=ORPO_MAX_AVG_LOGP)
-    log_odds = (a - b) - (log1mexp(a) - log1mexp(b))
-    losses = -beta * F.logsigmoid(log_odds)
-    return losses, log_odds
-
-
-CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
-
-
-def alphapo_rewards(logps: Tensor, alpha: float) -> Tensor:
-    """AlphaPO's reward shape (Gupta et al., 2025, arXiv 2501.03884): ``r = (1 - p^-alpha) / alpha`` with
-    ``p = exp(logps)``, i.e. ``-expm1(-alpha * logps) / alpha``; ``alpha = 0`` is ``logps`` itself (its limit).
-
-    Difference from TRL 1.16's ``CPOTrainer``: TRL forms ``exp(logps) ** -alpha``, which is ``inf`` once
-    ``exp(logps)`` underflows (summed log-probs below about -100 in float32); this form stays finite.
-    """
-    return logps if alpha == 0 else -torch.expm1(-alpha * logps) / alpha
-
-
-def check_cpo_options(loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> None:
-    """:func:`cpo_loss`'s options checked (``ValueError`` naming what is wrong)."""
-    if loss_type not in CPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {CPO_LOSS_TYPES}, got {loss_type!r}")
-    if loss_type in ("hinge", "ipo") and label_smoothing:
-        raise ValueError(f"loss_type={loss_type!r} takes no label_smoothing (got {label_smoothing})")
-
-
-def cpo_loss(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    *,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    gamma: float = 0.5,
-    alpha: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Reference-free preference losses of TRL's ``CPOTrainer``, per pair, on the policy's own log-probs.
-
-    With ``r = alphapo_rewards(logp, alpha)`` (``r = logp`` for ``alpha = 0``) and ``d = r_w - r_l``:
-
-        sigmoid:  -(1 - eps) log sigmoid(beta * d) - eps log sigmoid(-beta * d)          CPO, Xu et al., 2024,
-                                                                                         arXiv 2401.08417, Eq. 3
-        simpo:    the same with z = beta * d - gamma                                     SimPO, Meng et al., 2024,
-                                                                                         arXiv 2405.14734, Eq. 6
-        hinge:    relu(1 - beta * d)                                                     (SLiC-style)
-        ipo:      (d - 1 / (2 beta))^2                                                   (IPO-style)
-
-    Pass summed log-probs for ``sigmoid`` and ``hinge`` and per-token averages for ``ipo`` and ``simpo``, as
-    TRL does. CPO adds ``cpo_alpha * nll_loss(chosen)`` (see ``nll_loss``); AlphaPO is ``simpo`` with ``alpha``.
-    ``hinge`` and ``ipo`` take no ``label_smoothing`` (TRL ignores it with a warning; here it is an error).
-
-    Returns:
-        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are ``beta * r``, detached.
-    """
-    check_cpo_options(loss_type, label_smoothing)
-    chosen_rewards = alphapo_rewards(_upcast(chosen_logps), alpha)
-    rejected_rewards = alphapo_rewards(_upcast(rejected_logps), alpha)
-    margin = chosen_rewards - rejected_rewards
-    if loss_type == "hinge":
-        losses = torch.relu(1 - beta * margin)
-    elif loss_type == "ipo":
-        losses = (margin - 1 / (2 * beta)) ** 2
-    else:
-        losses = _conservative_logistic(beta * margin - (gamma if loss_type == "simpo" else 0.0), label_smoothing)
-    return losses, beta * chosen_rewards.detach(), beta * rejected_rewards.detach()
-
-
-def simpo_loss(
-    chosen_avg_logps: Tensor,
-    rejected_avg_logps: Tensor,
-    *,
-    beta: float = 2.0,
-    gamma: float = 0.5,
-    label_smoothing: float = 0.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """SimPO (Meng et al., 2024, arXiv 2405.14734, Eq. 6): reference-free, length-normalised DPO with a margin.
-
-        z = beta * a - beta * b - gamma,    a, b = avg log P(y_w|x), avg log P(y_l|x)
-        L = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)
-
-    ``cpo_loss(a, b, loss_type="simpo")``. ``gamma`` is the target reward margin in reward units, the same
-    quantity as TRL ``CPOConfig``'s ``simpo_gamma`` (TRL subtracts ``simpo_gamma / beta`` from ``a - b`` and
-    then multiplies by ``beta``, i.e. exactly this ``z``). The paper's defaults are around ``beta = 2.0``,
-    ``gamma = 0.5`` (TRL's CPO ``beta`` default is 0.1, tuned for CPO, not SimPO). ``eps = label_smoothing``
-    as in TRL.
-
-    Returns:
-        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are ``beta * avg_logp``, detached.
-    """
-    return cpo_loss(chosen_avg_logps, rejected_avg_logps, beta=beta, loss_type="simpo", gamma=gamma,
-                    label_smoothing=label_smoothing)
-
-
-def nll_loss(response_logps: Tensor, response_lengths: Tensor) -> Tensor:
-    """Mean negative log-likelihood per response token, pooled over the batch (the SFT loss):
-
-        L_SFT = - sum_i log pi(y_i | x_i) / sum_i |y_i|
-
-    from each sequence's summed log-prob and token count. This token mean is TRL ORPO's
-    cross-entropy and DPO's ``sft`` term. Scalar, float32; 0 for a batch without response tokens.
-    Used for ORPO's ``L_SFT`` and the RPO term of DPO and SimPO (``sft_weight``).
-    """
-    return -_upcast(response_logps).sum() / response_lengths.sum().clamp(min=1)
-
-
-# --------------------------------------------------------------------------------------------
-# KTO: unpaired rows
-# --------------------------------------------------------------------------------------------
-
-KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
-
-
-def kto_kl(policy_kl_logps: Tensor, ref_kl_logps: Tensor, gather: Callable[[Tensor], Tensor] = lambda t: t) -> Tensor:
-    """KTO's reference point (Ethayarajh et al., 2024, arXiv 2402.01306, Eq. 7), estimated as TRL's ``KTOTrainer``:
-
-        z_0 = max(0, mean over ranks of mean_i [log pi(y'_i | x_i) - log pi_ref(y'_i | x_i)])     (no gradient)
-
-    on mismatched pairs: each prompt ``x_i`` with another row's completion ``y'_i`` (the previous row's, within
-    the batch). ``gather`` collects each rank's scalar mean (e.g. ``LightningModule.all_gather``). A scalar.
-    """
-    return gather((_upcast(policy_kl_logps) - _upcast(ref_kl_logps)).mean().detach()).mean().clamp(min=0)
-
-
-def kto_loss(
-    logps: Tensor,
-    ref_logps: Tensor,
-    desirable: Tensor,
-    kl: Tensor | float = 0.0,
-    *,
-    beta: float = 0.1,
-    loss_type: str = "kto",
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    """KTO (Ethayarajh et al., 2024, arXiv 2402.01306, Eq. 7) per row of unpaired data, as TRL's ``KTOTrainer``.
-
-    With ``r = log pi(y|x) - log pi_ref(y|x)`` (summed log-probs) and the reference point ``z_0 = kl``
-    (``kto_kl``):
-
-        kto, desirable:                  w_D * (1 - sigmoid(beta * (r - z_0)))
-        kto, undesirable:                w_U * (1 - sigmoid(beta * (z_0 - r)))
-        apo_zero_unpaired, desirable:    w_D * (1 - sigmoid(beta * r))          APO-zero (D'Oosterlinck et al.,
-        apo_zero_unpaired, undesirable:  w_U * sigmoid(beta * r)                2024, arXiv 2408.06266), unpaired
-
-    ``desirable`` is a bool ``[n]`` (the row's label). Reduce with ``.mean()`` over the rows. The paper asks
-    ``w_D * n_D / (w_U * n_U)`` to lie in [1, 4/3] (``n_D``, ``n_U``: desirable and undesirable rows).
-
-    Returns:
-        ``(losses, rewards)``, each ``[n]``; ``rewards = beta * r``, detached.
-    """
-    if loss_type not in KTO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
-    logratios = _upcast(logps) - _upcast(ref_logps)
-    desirable = desirable.to(torch.bool)
-    if loss_type == "kto":
-        margin = torch.where(desirable, logratios - kl, kl - logratios)
-        losses = 1 - torch.sigmoid(beta * margin)
-    else:
-        losses = torch.where(desirable, 1 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios))
-    weights = torch.where(desirable, desirable_weight, undesirable_weight).to(losses)
-    return weights * losses, beta * logratios.detach()
-
-
-# --------------------------------------------------------------------------------------------
-# Reward models
-# --------------------------------------------------------------------------------------------
-
-
-def bradley_terry_loss(
-    chosen_rewards: Tensor,
-    rejected_rewards: Tensor,
-    margin: Tensor | None = None,
-    center_rewards_coefficient: float | None = None,
-) -> Tensor:
-    """A reward model's Bradley-Terry loss per pair (Ouyang et al., 2022, arXiv 2203.02155, Eq. 1), with the
-    Llama 2 margin (Touvron et al., 2023, arXiv 2307.09288, Eq. 2) and reward centering (Eisenstein et al., 2023,
-    arXiv 2312.09244), as TRL's ``RewardTrainer``:
-
-        L = -log sigmoid(r_w - r_l - m) + c * (r_w + r_l)^2
-
-    ``r_w``, ``r_l``: the rewards of the chosen and rejected responses ``[B]``; ``m``: each pair's margin (0 when
-    ``None``); ``c``: ``center_rewards_coefficient`` (no centering when ``None``). Its mean over pairs is TRL's loss
-    (``-mean log sigmoid(...) + c * mean((r_w + r_l)^2)``).
-
-    Gradient: ``dL/dr_w = -sigmoid(r_l - r_w + m) + 2c (r_w + r_l)``, ``dL/dr_l = sigmoid(r_l - r_w + m) + 2c (r_w + r_l)``.
-    """
-    chosen, rejected = _upcast(chosen_rewards), _upcast(rejected_rewards)
-    difference = chosen - rejected if margin is None else chosen - rejected - margin.to(chosen)
-    losses = -F.logsigmoid(difference)
-    if center_rewards_coefficient:
-        losses = losses + center_rewards_coefficient * (chosen + rejected) ** 2
-    return losses
+    return (beta * (1 + alpha * (upcast(gaps)[selected].mean() - mean))).clamp(min=1e-3).detach()

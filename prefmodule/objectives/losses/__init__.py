@@ -1,0 +1,79 @@
+"""Preference-optimisation losses as pure functions of per-pair (or, for KTO, per-row) log-probabilities.
+
+Every function here takes tensors of shape ``[B]`` (one value per preference pair or unpaired row) and
+returns tensors of shape ``[B]``; nothing here knows about models, data or Lightning. Inputs are upcast to
+at least float32 (float64 stays float64, so ``torch.autograd.gradcheck`` works), whatever the
+model's precision.
+
+Notation. For a pair ``(x, y_w, y_l)``:
+
+* ``logp_w = log pi_theta(y_w|x)`` and ``logp_l`` are **summed** response log-probs (DPO family);
+  ``ref_logp_w``, ``ref_logp_l`` the same under the frozen reference model.
+* ``chosen_logratio = logp_w - ref_logp_w``, ``rejected_logratio = logp_l - ref_logp_l``,
+  ``delta = chosen_logratio - rejected_logratio`` and ``logits = beta * delta``.
+* ``a = avg log P(y_w|x)``, ``b = avg log P(y_l|x)`` are **length-normalised** log-probs (ORPO,
+  SimPO), i.e. the log of the geometric-mean token probability.
+* KTO's rows ``(x, y, desirable)`` have ``r = log pi_theta(y|x) - log pi_ref(y|x)``.
+
+DPO loss types live in a registry (``DPO_LOSSES``) filled by ``@register_dpo_loss(name)``; their
+semantics and defaults follow Hugging Face TRL 1.16's ``DPOTrainer`` (``_compute_loss``), with the
+differences listed in each docstring.
+"""
+
+from prefmodule.objectives.losses.bradley_terry import bradley_terry_loss
+from prefmodule.objectives.losses.dpo import (
+    DPO_LOSS_TYPES,
+    DPO_LOSSES,
+    F_DIVERGENCES,
+    SCORE_LOSS_TYPES,
+    PairLogps,
+    beta_dpo_beta,
+    beta_dpo_filter,
+    beta_dpo_running_stats,
+    check_dpo_options,
+    dpo_loss,
+    f_divergence_score,
+    ld_logps,
+    register_dpo_loss,
+    wpo_weights,
+)
+from prefmodule.objectives.losses.kto import KTO_LOSS_TYPES, kto_kl, kto_loss
+from prefmodule.objectives.losses.odds_ratio import (
+    CPO_LOSS_TYPES,
+    alphapo_rewards,
+    check_cpo_options,
+    cpo_loss,
+    log1mexp,
+    nll_loss,
+    orpo_loss,
+    simpo_loss,
+)
+
+__all__ = [
+    "CPO_LOSS_TYPES",
+    "DPO_LOSSES",
+    "DPO_LOSS_TYPES",
+    "F_DIVERGENCES",
+    "KTO_LOSS_TYPES",
+    "PairLogps",
+    "SCORE_LOSS_TYPES",
+    "alphapo_rewards",
+    "beta_dpo_beta",
+    "beta_dpo_filter",
+    "beta_dpo_running_stats",
+    "bradley_terry_loss",
+    "check_cpo_options",
+    "check_dpo_options",
+    "cpo_loss",
+    "dpo_loss",
+    "f_divergence_score",
+    "kto_kl",
+    "kto_loss",
+    "ld_logps",
+    "log1mexp",
+    "nll_loss",
+    "orpo_loss",
+    "register_dpo_loss",
+    "simpo_loss",
+    "wpo_weights",
+]
