@@ -5,6 +5,9 @@ returns tensors of shape ``[B]``; nothing here knows about models, data or Light
 at least float32 (float64 stays float64, so ``torch.autograd.gradcheck`` works), whatever the
 model's precision.
 
+GRPO and RLOO (``policy_gradient``) take ``[B, T]`` per-token log-probs of sampled completions and ``[N]``
+rewards or advantages instead; see that module.
+
 Notation. For a pair ``(x, y_w, y_l)``:
 
 * ``logp_w = log pi_theta(y_w|x)`` and ``logp_l`` are **summed** response log-probs (DPO family);
@@ -48,14 +51,33 @@ from prefmodule.objectives.losses.odds_ratio import (
     orpo_loss,
     simpo_loss,
 )
+from prefmodule.objectives.losses.policy_gradient import (
+    GRPO_LOSS_TYPES,
+    IMPORTANCE_SAMPLING_LEVELS,
+    REWARD_AGGREGATIONS,
+    SCALE_REWARDS,
+    GroupAdvantages,
+    PolicyGradientLoss,
+    check_grpo_options,
+    grpo_advantages,
+    grpo_loss,
+    rloo_advantages,
+    rloo_loss,
+)
 
 __all__ = [
     "CPO_LOSS_TYPES",
     "DPO_LOSSES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",
+    "GRPO_LOSS_TYPES",
+    "GroupAdvantages",
+    "IMPORTANCE_SAMPLING_LEVELS",
     "KTO_LOSS_TYPES",
     "PairLogps",
+    "PolicyGradientLoss",
+    "REWARD_AGGREGATIONS",
+    "SCALE_REWARDS",
     "SCORE_LOSS_TYPES",
     "alphapo_rewards",
     "beta_dpo_beta",
@@ -64,9 +86,12 @@ __all__ = [
     "bradley_terry_loss",
     "check_cpo_options",
     "check_dpo_options",
+    "check_grpo_options",
     "cpo_loss",
     "dpo_loss",
     "f_divergence_score",
+    "grpo_advantages",
+    "grpo_loss",
     "kto_kl",
     "kto_loss",
     "ld_logps",
@@ -74,6 +99,8 @@ __all__ = [
     "nll_loss",
     "orpo_loss",
     "register_dpo_loss",
+    "rloo_advantages",
+    "rloo_loss",
     "simpo_loss",
     "wpo_weights",
 ]
