@@ -7,6 +7,9 @@ Writes, under ``--out`` (default: ``prefmodule/assets`` in the repo):
   on-topic answer (chosen) and a rude, dismissive or off-topic one (rejected).
   Val uses topics that never appear in train.
 * ``demo/conversational.jsonl`` -- the same kind of pairs as chat messages.
+* ``arithmetic/{train,val}.jsonl`` and ``arithmetic/{train,val}_text.jsonl`` -- two-digit
+  addition and subtraction prompts with their answers, as chat messages and as text
+  (``scripts/arithmetic_task.py``), for GRPO/RLOO with verifiable rewards.
 * ``tiny-llama/`` -- a randomly initialised tiny Llama causal LM and a byte-level
   BPE tokenizer trained on the demo text (BOS added, no EOS, ChatML template).
 * ``README.md`` -- what the assets are and how to rebuild them.
@@ -25,6 +28,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
+
+from arithmetic_task import write_task as write_arithmetic_task  # scripts/ is on sys.path when run as a script
 
 SEED = 1234
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -282,6 +287,9 @@ def write_jsonl(path, rows):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+ARITHMETIC_ROWS = {"train": 200, "val": 50}
+
+
 def write_readme(path, tokenizer, model):
     n_params = sum(p.numel() for p in model.parameters())
     path.write_text(
@@ -294,6 +302,12 @@ def write_readme(path, tokenizer, model):
         f"- `demo/conversational.jsonl` ({ROWS['conversational']} rows, all topics): the same kind of pairs "
         "as chat messages (`prompt` is a list of `{role, content}` messages, some with a system message; "
         "`chosen`/`rejected` hold one assistant message each).\n"
+        f"- `arithmetic/train.jsonl` ({ARITHMETIC_ROWS['train']} rows), `arithmetic/val.jsonl` "
+        f"({ARITHMETIC_ROWS['val']} rows): prompts with answers `{{\"prompt\", \"answer\"}}` for GRPO/RLOO: a "
+        "two-digit addition or subtraction asked as a chat message that ends 'End your reply with \"The answer is "
+        "N.\"'; `answer` is the result as text. `train_text.jsonl`/`val_text.jsonl`: the same problems as "
+        "plain-text prompts (`Question: ... Answer:`). No problem is in both splits. Written by "
+        "`scripts/arithmetic_task.py`; score with `prefmodule.sampling.rules:exact_match` and `:answer_format`.\n"
         f"- `tiny-llama/`: a randomly initialised Llama causal LM ({n_params:,} parameters, float32) and a "
         f"byte-level BPE tokenizer trained on the demo text (vocab {len(tokenizer)}; adds BOS `<s>` "
         f"(id {tokenizer.bos_token_id}), never EOS `</s>` (id {tokenizer.eos_token_id}); pad `<pad>` "
@@ -317,6 +331,9 @@ def main():
     datasets = build_datasets()
     for name, rows in datasets.items():
         write_jsonl(out / "demo" / f"{name}.jsonl", rows)
+    for suffix, text in (("", False), ("_text", True)):
+        write_arithmetic_task(out / "arithmetic", ARITHMETIC_ROWS["train"], ARITHMETIC_ROWS["val"], text=text,
+                              suffix=suffix)
 
     tokenizer = build_tokenizer(corpus_lines(datasets))
     model = build_model(tokenizer)
