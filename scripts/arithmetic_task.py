@@ -29,7 +29,8 @@ from pathlib import Path
 SEED = 0
 LOW, HIGH = 10, 99  # two-digit operands
 INSTRUCTION = 'End your reply with "The answer is N." where N is the number.'
-QUESTIONS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.", "What does {a} {op} {b} equal?")
+QUESTIONS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.",
+             "What does {a} {op} {b} equal?")
 
 
 def problems(n_train: int, n_val: int, seed: int = SEED, low: int = LOW, high: int = HIGH) -> tuple[list, list]:

@@ -280,7 +280,7 @@ def test_check_grpo_options_defaults_pass():
 @pytest.mark.parametrize("kwargs, option", [
     (dict(loss_type="ppo"), "model.loss_type"),
     (dict(scale_rewards="std"), "model.scale_rewards"),
-    (dict(aggregation="mean"), "model.aggregation"),
+    (dict(aggregation="mean"), "model.multi_objective_aggregation"),
     (dict(aggregation="normalize_then_sum", scale_rewards="none"), "model.scale_rewards"),
     (dict(importance_sampling_level="batch"), "model.importance_sampling_level"),
     (dict(epsilon=0.0), "model.epsilon"),

@@ -334,11 +334,11 @@ def check_grpo_options(loss_type: str = "dapo", scale_rewards: str = "group",
     require(loss_type in GRPO_LOSS_TYPES, "model.loss_type", loss_type, f"must be one of {list(GRPO_LOSS_TYPES)}")
     require(scale_rewards in SCALE_REWARDS, "model.scale_rewards", scale_rewards,
             f"must be one of {list(SCALE_REWARDS)}")
-    require(aggregation in REWARD_AGGREGATIONS, "model.aggregation", aggregation,
+    require(aggregation in REWARD_AGGREGATIONS, "model.multi_objective_aggregation", aggregation,
             f"must be one of {list(REWARD_AGGREGATIONS)}")
     require(aggregation == "sum_then_normalize" or scale_rewards == "group", "model.scale_rewards", scale_rewards,
-            "applies to aggregation='sum_then_normalize' only (normalize_then_sum scales each reward by its group's "
-            "std and the sum by the batch's); leave it at 'group'")
+            "applies to multi_objective_aggregation='sum_then_normalize' only (normalize_then_sum scales each "
+            "reward by its group's std and the sum by the batch's); leave it at 'group'")
     require(importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS, "model.importance_sampling_level",
             importance_sampling_level, f"must be one of {list(IMPORTANCE_SAMPLING_LEVELS)}")
     require(finite(epsilon) and 0 < epsilon < 1, "model.epsilon", epsilon,
