@@ -222,6 +222,13 @@ def current_memory_mb(device: str) -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def layout(run: dict) -> str:
+    """`` (packed)`` or `` (padded)`` after prefmodule's name in the tables; nothing after TRL's."""
+    if "packed" not in run:
+        return ""
+    return " (packed)" if run["packed"] else " (padded)"
+
+
 def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -613,7 +620,7 @@ def markdown(summary: dict, command: str) -> str:
     ]
     for run in runs:
         lines.append(
-            f"| {run['objective']} | {run['framework']}{' (packed)' if run.get('packed') else ''} "
+            f"| {run['objective']} | {run['framework']}{layout(run)} "
             f"| {run['median_step_s'] * 1e3:.0f} "
             f"| {run['median_step_cpu_s'] * 1e3:.0f} | {run['tokens_per_s']:.0f} | {run['peak_memory_mb']:.0f} "
             f"| {run['memory_above_start_mb']:.0f} | {ratio(run.get('time_vs_trl'))} "

@@ -4,10 +4,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, Qwen2Config
+from test_architectures import ARCHITECTURES
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen2Config
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from prefmodule import ORPOModule, PreferenceDataModule
-from prefmodule.models.attention import VARLEN_SDPA, enable_packed_attention, packed_inputs
+from prefmodule.cli import main
+from prefmodule.models.attention import VARLEN_SDPA, enable_packed_attention, packed_inputs, packed_probe_problem
 from prefmodule.paths import resolve
 
 TINY_MODEL = "asset://tiny-llama"
@@ -83,8 +86,9 @@ def test_model_that_drops_the_bounds_keeps_sdpa_and_the_block_mask(monkeypatch):
 
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, VARLEN_SDPA, bounds_lost)
     model = AutoModelForCausalLM.from_pretrained(resolve(TINY_MODEL))
-    with pytest.warns(UserWarning, match="packed rows do not reach its attention"):
-        assert not enable_packed_attention(model)
+    packing = enable_packed_attention(model)
+    assert not packing and packing.reason.startswith("LlamaForCausalLM: a packed probe's outputs differ from separate "
+                                                     "rows' by ")
     assert model.config._attn_implementation == "sdpa"
     rows = [torch.arange(3, 10), torch.arange(3, 20)]
     assert packed_inputs(model, *packed_row(rows)[1:])["attention_mask"] is None  # HF builds the block mask
@@ -93,9 +97,9 @@ def test_model_that_drops_the_bounds_keeps_sdpa_and_the_block_mask(monkeypatch):
 
 
 @pytest.mark.parametrize(("attention", "padding_free", "packed"), [
-    ("sdpa", None, True), ("eager", None, False), ("sdpa", False, False), ("eager", True, True),
+    ("sdpa", None, True), ("eager", None, False), ("sdpa", False, False),
 ])
-def test_fit_packs_by_default_when_the_model_allows(attention, padding_free, packed, tmp_path):
+def test_fit_packs_by_default_when_the_model_allows(attention, padding_free, packed, tmp_path, caplog):
     seen = []
 
     class BatchKinds(L.Callback):
@@ -107,6 +111,70 @@ def test_fit_packs_by_default_when_the_model_allows(attention, padding_free, pac
                                 cache_dir=str(tmp_path / "cache"))
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[BatchKinds()], default_root_dir=tmp_path)
-    trainer.fit(module, datamodule=data)
+    with caplog.at_level("INFO"):
+        trainer.fit(module, datamodule=data)
     assert module.packed_attention is (attention == "sdpa")
     assert seen == [packed, packed]
+    said = [record.getMessage() for record in caplog.records if "batches padded, not packed" in record.getMessage()]
+    if attention == "eager":  # the fallback is said once, with its reason and its cost on this data
+        assert said == ["prefmodule data: batches padded, not packed: its attention (eager) takes no sequence bounds; "
+                        "sdpa and flash_attention_2 do (model.attn_implementation); padding takes at least 10% of the "
+                        "tokens of train's batches of 4 (in data order), time and memory that packing would save"]
+    else:
+        assert said == []
+
+
+def test_padding_free_that_the_model_cannot_take_is_a_settings_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "--model=prefmodule.ORPOModule", f"--model.model={TINY_MODEL}", "--model.attn_implementation=eager",
+              "--data.train=asset://demo/train.jsonl", "--data.padding_free=true", "--trainer.max_steps=1",
+              f"--trainer.default_root_dir={tmp_path}", f"--data.cache_dir={tmp_path / 'cache'}"])
+    assert exit.value.code == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    assert said == [
+        "prefmodule: error: data.padding_free=true: ORPOModule cannot attend to packed rows per sequence (its "
+        "attention (eager) takes no sequence bounds; sdpa and flash_attention_2 do (model.attn_implementation)); "
+        "packed rows would need Hugging Face's block-diagonal mask, quadratic in tokens. Leave data.padding_free "
+        "unset (padded batches) or use model.attn_implementation: sdpa."]
+
+
+def test_the_probe_compares_log_probs_relative_to_their_scale(monkeypatch):
+    """Hidden states in the hundreds (SmolLM2's reach 55) and attention outputs off by float32 rounding must pack;
+    sequences that see each other must not."""
+    model = AutoModelForCausalLM.from_pretrained(resolve(TINY_MODEL))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1e3)  # a large residual stream
+    varlen = ALL_ATTENTION_FUNCTIONS[VARLEN_SDPA]
+
+    def rounding_noise(*args, **kwargs):
+        output, weights = varlen(*args, **kwargs)
+        return output * (1 + 1e-6 * torch.randn_like(output)), weights
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, VARLEN_SDPA, rounding_noise)
+    assert packed_probe_problem_of(model) is None
+    model.set_attn_implementation("sdpa")
+    assert enable_packed_attention(model)
+
+
+def packed_probe_problem_of(model):
+    model.set_attn_implementation(VARLEN_SDPA)
+    return packed_probe_problem(model)
+
+
+@pytest.mark.parametrize("task", ["causal_lm", "reward"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_every_architecture_packs_as_a_policy_and_as_a_reward_model(name, task):
+    """Every architecture of the matrix that runs SDPA takes packed rows, with an LM head and with a score head;
+    Gemma 2 (eager attention, for its soft-capped scores) says why not."""
+    config = ARCHITECTURES[name]()
+    torch.manual_seed(0)
+    if task == "reward":
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    packing = enable_packed_attention(model)
+    if name.startswith("gemma2"):
+        assert not packing and packing.reason.startswith("its attention (eager) takes no sequence bounds")
+    else:
+        assert packing and packing.reason is None and model.config._attn_implementation == VARLEN_SDPA

@@ -18,20 +18,25 @@ class BatchFormat:
         unpaired: items are unpaired rows (KTO: a paired file gives two rows per pair) rather than pairs.
         kl_completions: each unpaired row carries a KL completion (KTO's reference point).
         packed: batches go in one row without padding: the module's models attend to packed rows per sequence.
+        unpacked_reason: when they do not, why (said in one line where the data is laid out).
         prompts: items are prompts alone, to complete (on-policy sampling, Online DPO): ``prompt_ids``, and the
             prompt as the data holds it (``prompt``, ``tools``), from any format.
         predicts_either: ``predict`` takes pairs and unpaired rows as the data holds them (KTO, reward models);
             otherwise it takes items as the objective trains on them.
         objective: the objective's name, for messages about data it cannot train on.
+        repeats: each training batch comes this many times in a row (with gradient accumulation, each optimizer
+            step's run of batches): GRPO's ``num_iterations``, a generation batch reused.
     """
 
     tokenizer: PreTrainedTokenizerBase
     unpaired: bool = False
     kl_completions: bool = False
     packed: bool = False
+    unpacked_reason: str | None = None
     prompts: bool = False
     predicts_either: bool = False
     objective: str = "a paired objective"
+    repeats: int = 1
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ from prefmodule.data.prepare import Settings, prepare, prompt_items
 from prefmodule.data.samplers import (
     ChunkBatchSampler, EpochSampler, PairBatchSampler, ResumableLoader, chunk_sizes, kl_chunks,
 )
-from prefmodule.data.sources import find_sources
+from prefmodule.data.sources import FileSource, find_sources
 from prefmodule.data.tokenize import Encoder, TruncationMode, tokenizer_fingerprint
 from prefmodule import cache
-from prefmodule.errors import ConfigError, DataError
+from prefmodule.errors import ConfigError, DataError, UserError
 from prefmodule.models.loading import load_tokenizer
 from prefmodule.paths import resolve
 
@@ -140,6 +140,11 @@ class PreferenceDataModule(LightningDataModule):
         format are built again."""
         if batch_format != self.batch_format:
             self.datasets.clear()
+        if self.hparams.padding_free and batch_format.unpacked_reason:
+            raise ConfigError(f"data.padding_free=true: {batch_format.objective} cannot attend to packed rows per "
+                              f"sequence ({batch_format.unpacked_reason}); packed rows would need Hugging Face's "
+                              "block-diagonal mask, quadratic in tokens. Leave data.padding_free unset (padded "
+                              "batches) or use model.attn_implementation: sdpa.")
         self.batch_format = batch_format
         return Connection(self.chat_template(), self.collator())
 
@@ -189,6 +194,22 @@ class PreferenceDataModule(LightningDataModule):
             for split in SPLITS_OF_STAGE[stage]:
                 self.datasets[split] = self._dataset(split, optional=stage == "fit" and split == "val")
 
+    def _say_why_padded(self, train) -> None:
+        """One line when batches are padded because the objective's models cannot take packed rows: why, and (for
+        pairs and rows) the share of padding it costs on the training data, at least."""
+        reason = self.batch_format.unpacked_reason if self.batch_format is not None else None
+        if reason is None or self.packs() or self.hparams.padding_free is False:
+            return
+        cost = "time and memory that packing would save"
+        if isinstance(train, (PairDataset, UnpairedDataset)):
+            lengths = np.asarray(train.lengths(), dtype=np.float64)  # a pair's longer sequence; a row's own
+            size = self.hparams.batch_size
+            batches = np.array_split(lengths, max(1, -(-len(lengths) // size)))
+            padded = sum(len(batch) * batch.max() for batch in batches if len(batch))
+            cost = (f"padding takes at least {1 - lengths.sum() / padded:.0%} of the tokens of train's batches of "
+                    f"{size} (in data order), " + cost)
+        rank_zero_info(f"prefmodule data: batches padded, not packed: {reason}; {cost}")
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
@@ -231,6 +252,19 @@ class PreferenceDataModule(LightningDataModule):
         if split != "train" and self._holds_out():
             return groups["train"], "train"
         return None
+
+    def input_files(self) -> list[str]:
+        """The local files the splits read (globs expanded; a split whose files are missing left out): what an
+        output of the same run must not overwrite."""
+        files = []
+        for split, groups in self.groups.items():
+            for group in groups:
+                try:
+                    files += [source.path for source in find_sources(list(group.names), split)
+                              if isinstance(source, FileSource)]
+                except UserError:  # a split this stage does not read
+                    continue
+        return files
 
     def _holds_out(self) -> bool:
         return self.hparams.val_fraction > 0 and not self.groups["val"] and bool(self.groups["train"])
@@ -438,10 +472,15 @@ class PreferenceDataModule(LightningDataModule):
                                         seed=hp.seed, mixture=mixture, **ranks)
         else:
             mixture = Mixture(dataset.group_sizes(), weights) if weights else None
+            repeats = self.batch_format.repeats if split == "train" and self.batch_format is not None else 1
+            window = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
             batches = PairBatchSampler(EpochSampler(dataset), size, lengths=dataset.lengths() if hp.group_by_length
-                                       else None, shuffle=split == "train", seed=hp.seed, mixture=mixture, **ranks)
+                                       else None, shuffle=split == "train", seed=hp.seed, mixture=mixture,
+                                       repeats=repeats, window=window, **ranks)
         if mixture is not None and split == "train":
             self._report_mixture(mixture)
+        if split == "train":
+            self._say_why_padded(dataset)
         return ResumableLoader(
             dataset, batch_sampler=batches, num_workers=hp.num_workers,
             collate_fn=self.collator(),

@@ -10,15 +10,16 @@ take the same bounds natively.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from prefmodule.models.loading import backbone
+from prefmodule.models.loading import backbone, unwrapped
 
 VARLEN_SDPA = "prefmodule_varlen_sdpa"
 
@@ -79,8 +80,19 @@ def packed_inputs(model: nn.Module, position_ids: Tensor, sequence_ids: Tensor) 
                 max_length_q=longest, max_length_k=longest)
 
 
-def enable_packed_attention(model: nn.Module, probe: nn.Module | None = None) -> bool:
-    """Whether packed rows reach ``model``'s attention as separate sequences, with no quadratic mask.
+@dataclass(frozen=True)
+class PackedAttention:
+    """Whether packed rows reach a model's attention as separate sequences (truthy when they do), and why not."""
+
+    enabled: bool
+    reason: str | None = None  # why not, in a few words
+
+    def __bool__(self) -> bool:
+        return self.enabled
+
+
+def enable_packed_attention(model: nn.Module, probe: nn.Module | None = None) -> PackedAttention:
+    """Whether packed rows reach ``model``'s attention as separate sequences, with no quadratic mask, and why not.
 
     Flash-attention models take sequence bounds natively. A ``sdpa`` model is switched to
     :data:`VARLEN_SDPA` if a packed probe gives what separate rows give: checked on the model (or on
@@ -88,21 +100,26 @@ def enable_packed_attention(model: nn.Module, probe: nn.Module | None = None) ->
     pass the bounds through would attend across sequences.
     """
     if takes_sequence_bounds(model):
-        return True
-    if _implementation(model) != "sdpa":
-        return False
+        return PackedAttention(True)
+    implementation = _implementation(model)
+    if implementation != "sdpa":
+        return PackedAttention(False, f"its attention ({implementation}) takes no sequence bounds; sdpa and "
+                                      "flash_attention_2 do (model.attn_implementation)")
     probe = model if probe is None else probe
     probe.set_attn_implementation(VARLEN_SDPA)
-    if _packed_matches_separate(probe):
+    problem = packed_probe_problem(probe)
+    if problem is None:
         model.set_attn_implementation(VARLEN_SDPA)
-        return True
+        return PackedAttention(True)
     probe.set_attn_implementation("sdpa")
-    rank_zero_warn(f"{type(model).__name__}: packed rows do not reach its attention as separate sequences; "
-                   "padding_free batches would need Hugging Face's block-diagonal mask (right, but quadratic in tokens).")
-    return False
+    return PackedAttention(False, f"{type(unwrapped(model)).__name__}: {problem}")
 
 
-def _packed_matches_separate(model: nn.Module) -> bool:
+def packed_probe_problem(model: nn.Module) -> str | None:
+    """How a packed row of two short sequences differs from the same sequences run apart (``None``: it does not),
+    compared on what an objective reads: a causal LM's next-token log-probs, a reward model's per-token scores,
+    within a tolerance relative to their scale (1e-4 in float32, 3e-2 in half precision; attending across the
+    two sequences moves them by far more)."""
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
     rows = [torch.arange(3, 3 + n, device=device).remainder(vocab) for n in (5, 8)]
@@ -111,15 +128,27 @@ def _packed_matches_separate(model: nn.Module) -> bool:
     sequence_ids = torch.cat([torch.full_like(row, k) for k, row in enumerate(rows)])[None]
     training = model.training
     model.eval()  # no dropout
-    transformer = backbone(model)  # the hidden states: a causal LM's and a reward model's alike
     try:
         with torch.no_grad():
-            together = transformer(input_ids=packed, use_cache=False,
-                                   **packed_inputs(model, position_ids, sequence_ids)).last_hidden_state[0]
-            apart = torch.cat([transformer(input_ids=row[None], use_cache=False).last_hidden_state[0] for row in rows])
-    except (TypeError, ValueError, RuntimeError):
-        return False
+            together = _probe_outputs(model, packed, **packed_inputs(model, position_ids, sequence_ids))[0]
+            apart = torch.cat([_probe_outputs(model, row[None])[0] for row in rows])
+    except (TypeError, ValueError, RuntimeError) as error:
+        return f"a packed probe failed ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
     finally:
         model.train(training)
     tolerance = 1e-4 if together.dtype == torch.float32 else 3e-2
-    return torch.allclose(together.float(), apart.float(), rtol=tolerance, atol=tolerance)
+    difference = float((together.float() - apart.float()).abs().max())
+    scale = max(1.0, float(apart.float().abs().max()))
+    if difference <= tolerance * scale:
+        return None
+    return (f"a packed probe's outputs differ from separate rows' by {difference:.3g} (tolerance {tolerance * scale:.3g}"
+            f"): its attention does not keep packed sequences apart")
+
+
+def _probe_outputs(model: nn.Module, input_ids: Tensor, **inputs) -> Tensor:
+    """What an objective reads of ``model`` on ``input_ids``: a reward model's score per token, else the
+    log-softmax of the logits (``[1, tokens, labels or vocab]``, float32)."""
+    base = unwrapped(model)
+    if hasattr(base, "score"):  # a sequence-classification (reward) model: its head on every token
+        return base.score(backbone(model)(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state).float()
+    return model(input_ids=input_ids, use_cache=False, **inputs).logits.float().log_softmax(-1)

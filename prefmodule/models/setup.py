@@ -7,7 +7,7 @@ from __future__ import annotations
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
 
-from prefmodule.models.attention import enable_packed_attention
+from prefmodule.models.attention import PackedAttention, enable_packed_attention
 from prefmodule.models.loading import empty_causal_lm, load_causal_lm, stand_in
 from prefmodule.models.logps import LogitsTransform, head_logits_transform
 from prefmodule.models.settings import ModelSettings
@@ -38,14 +38,15 @@ def trainable(policy: nn.Module, settings: ModelSettings) -> nn.Module:
     return policy.train()
 
 
-def place(model: nn.Module, strategy: Strategy | None, probe_head: bool = False) -> LogitsTransform | None:
+def place(model: nn.Module, strategy: Strategy | None,
+          probe_head: bool = False) -> tuple[LogitsTransform | None, PackedAttention]:
     """Shard ``model`` for ``strategy`` (FSDP2; nothing otherwise), switch its attention to per-sequence SDPA
-    when a probe shows packed rows stay apart, and with ``probe_head`` return how its logits follow from its LM
-    head (``None``: from the full logits only). A sharded model is probed through a small stand-in of its
-    architecture, so no weights are gathered."""
+    when a probe shows packed rows stay apart, and return, with ``probe_head``, how its logits follow from its LM
+    head (``None``: from the full logits only), and whether packed rows reach its attention apart (and why not).
+    A sharded model is probed through a small stand-in of its architecture, so no weights are gathered."""
     shard(model, strategy)
     probe = (stand_in(model) or model) if is_sharded(model) else model
-    enable_packed_attention(model, probe)
+    packing = enable_packed_attention(model, probe)
     head = head_logits_transform(probe) if probe_head else None
     reshard(model)  # if the probes ran on the sharded model itself
-    return head
+    return head, packing

@@ -15,7 +15,7 @@ from torchmetrics import MetricCollection
 
 from prefmodule.data.contract import BatchFormat
 from prefmodule.errors import finite, require
-from prefmodule.models.attention import takes_sequence_bounds
+from prefmodule.models.attention import PackedAttention, takes_sequence_bounds
 from prefmodule.models.export import ExportSettings, export_policy
 from prefmodule.models.loading import load_tokenizer
 from prefmodule.models.logps import LogitsTransform, SequenceStats
@@ -32,7 +32,7 @@ from prefmodule.training.guard import step_skipped
 from prefmodule.training.optimization import OptimizerSettings, configure_optimizer
 
 STAGES = ("train", "val", "test")
-PROGRESS_BAR_METRICS = ("loss", "rewards/accuracies")
+PROGRESS_BAR_METRICS = ("loss", "rewards/accuracies", "reward")
 # Run-time choices stay out of hparams: LightningCLI lays a checkpoint's hparams over the command line.
 RUN_TIME = ("optimizer", "predictions_path", "export_hf", "export_merged", "logps_chunk_size", "attn_implementation",
             "samples", "push_to_hub")
@@ -86,6 +86,7 @@ class PreferenceModule(LightningModule):
     model_task = "causal_lm"  # the model's head: an LM head, or ``reward`` (a score)
     token_logps = True  # the objective scores response tokens through the LM head (may be chunked)
     scores_new_text = True  # the objective can score completions its data does not hold (samples' rewards)
+    beta_may_be_zero = False  # ``beta`` weighs a KL term that 0 leaves out (GRPO, RLOO) rather than a temperature
     run_time = RUN_TIME
 
     def __init__(
@@ -114,8 +115,12 @@ class PreferenceModule(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=list(self.run_time))  # the objective's own arguments too
         beta = self.hparams.get("beta")
-        require(beta is None or (finite(beta) and beta > 0), "model.beta", beta, "must be > 0 (the objective's "
-                "temperature or weight; DPO typically 0.1)")
+        if self.beta_may_be_zero:
+            require(beta is None or (finite(beta) and beta >= 0), "model.beta", beta, "must be >= 0 (the weight of "
+                    "the KL to the reference; 0 leaves it and the reference model out)")
+        else:
+            require(beta is None or (finite(beta) and beta > 0), "model.beta", beta, "must be > 0 (the objective's "
+                    "temperature or weight; DPO typically 0.1)")
         self.optimizer_settings = OptimizerSettings(lr, weight_decay, warmup, lr_schedule, lr_schedule_kwargs)
         self.model_settings = ModelSettings(model, tokenizer, dtype, trust_remote_code, attn_implementation, lora,
                                             gradient_checkpointing, logps_chunk_size, router_aux_loss_coef,
@@ -133,6 +138,7 @@ class PreferenceModule(LightningModule):
         self.metrics: nn.ModuleDict | None = None  # a MetricCollection per stage, once the policy is known
         self.chat_template: str | None = None  # the data's, saved with the export (``connect``)
         self.collate: Callable[[list[dict]], dict] | None = None  # the data's collator (``connect``)
+        self.packing = PackedAttention(False, "the models are not loaded yet")  # set by ``configure_model``
 
     @property
     def model_name(self) -> str:
@@ -152,9 +158,9 @@ class PreferenceModule(LightningModule):
             self.configure_reference(policy)  # a copy of the starting weights, before adapters are added
             self.policy = trainable(policy, self.model_settings)
             chunked = self.token_logps and self.model_settings.logps_chunk_size > 0
-            self.head_transform = place(self.policy, strategy, probe_head=chunked)
-            for reference in self.reference_models():
-                place(reference, strategy)
+            self.head_transform, packing = place(self.policy, strategy, probe_head=chunked)
+            checks = [packing, *(place(reference, strategy)[1] for reference in self.reference_models())]
+            self.packing = next((check for check in checks if not check), packing)
             if chunked and self.head_transform is None:
                 rank_zero_warn(f"{self.model_name}: its logits are not its LM head applied to its decoder's last "
                                "hidden state (or a scale or soft-cap of that): log-probs come from the full logits "
@@ -179,7 +185,9 @@ class PreferenceModule(LightningModule):
 
     def batch_format(self) -> BatchFormat:
         """What this objective needs from its data (see :meth:`PreferenceDataModule.connect`)."""
-        return BatchFormat(self.tokenizer, unpaired=self.unpaired, packed=self.packed_attention,
+        packed = self.packed_attention
+        return BatchFormat(self.tokenizer, unpaired=self.unpaired, packed=packed,
+                           unpacked_reason=None if packed else self.packing.reason,
                            predicts_either=self.predicts_either, objective=type(self).__name__)
 
     @property
@@ -207,20 +215,26 @@ class PreferenceModule(LightningModule):
         """The policy's statistics of ``batch`` and, beside them, its mixture-of-experts load-balancing loss
         (``None`` for a dense policy, or when its weight is 0)."""
         stats, aux_loss = self.forward_stats(self.policy, batch, self.sum_sq_probs,
-                                             router_loss=self.router_loss_weight(self.policy) > 0)
+                                             router_loss=self.router_loss_weight(self.policy) > 0,
+                                             token_entropy=self.token_entropy)
         return self.scored_stats(stats), aux_loss
 
     def forward_stats(self, model: nn.Module, batch: dict[str, Tensor], sum_sq_probs: bool = False,
-                      router_loss: bool = False) -> tuple[SequenceStats, Tensor | None]:
+                      router_loss: bool = False, token_entropy: bool = False) -> tuple[SequenceStats, Tensor | None]:
         """One forward over the sequences of ``batch`` (:func:`~prefmodule.models.scoring.batch_stats`): its own
         statistics, before :meth:`scored_stats`, and with ``router_loss`` the load-balancing loss."""
         num_sequences = self.sequences_per_index(batch) * batch["index"].numel()
         return batch_stats(model, batch, num_sequences, self.head_transform, self.model_settings.logps_chunk_size,
-                           sum_sq_probs, router_loss)
+                           sum_sq_probs, router_loss, token_entropy)
 
     @property
     def sum_sq_probs(self) -> bool:
         """Whether the policy's forward also sums ``log sum_v p_v^2`` per response (WPO's weights)."""
+        return False
+
+    @property
+    def token_entropy(self) -> bool:
+        """Whether the policy's forward also keeps each response token's entropy (GRPO's ``entropy`` metric)."""
         return False
 
     def scored_stats(self, stats: SequenceStats) -> SequenceStats:

@@ -50,6 +50,17 @@ DPO_LOSSES = {
 }
 
 
+def batch_layout(module: LightningModule) -> str:
+    """How the module's batches were laid out: ``packed``, or ``padded`` with the reason when packing was wanted
+    but the models could not take it."""
+    collate = getattr(module, "collate", None)
+    if getattr(collate, "padding_free", False):
+        return "packed"
+    packing = getattr(module, "packing", None)
+    reason = None if packing is None or packing else packing.reason
+    return f"padded ({reason})" if reason else "padded"
+
+
 def write_model_card(folder: str, module: LightningModule, trainer: Trainer) -> str:
     """Write ``<folder>/README.md``: Hub metadata, the objective and its paper, data, hyperparameters, final
     metrics and how to load the model. Returns its path."""
@@ -74,6 +85,7 @@ def write_model_card(folder: str, module: LightningModule, trainer: Trainer) -> 
            if name not in ("train", "val", "test", "predict") and name[0] != "_" and value is not None},
         "precision": trainer.precision, "accumulate_grad_batches": trainer.accumulate_grad_batches,
         "processes": trainer.world_size, "optimizer steps": trainer.global_step,
+        "batches": batch_layout(module),
     }
     metrics = {name: value.item() for name, value in sorted(trainer.callback_metrics.items())
                if name.startswith("val/") and value.numel() == 1}

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from prefmodule.outputs.hub import HubSettings, push_to_hub
 from prefmodule.outputs.loggers import log_dir, metrics_location
-from prefmodule.outputs.modelcard import write_model_card
+from prefmodule.outputs.modelcard import batch_layout, write_model_card
 from prefmodule.outputs.report import write_report
 
 
@@ -85,13 +85,13 @@ class FitSummary(Callback):
         ckpt = next((c.best_model_path for c in checkpoints if c.best_model_path), "") or next(
             (c.last_model_path for c in checkpoints if c.last_model_path), "")  # the best, else the newest
         metrics = ", ".join(metrics_location(logger) for logger in trainer.loggers) or "(no logger)"
-        name = next((n for n in ("val/rewards/accuracies", "val/accuracy", "val/loss") if n in trainer.callback_metrics),
-                    "val/rewards/accuracies")
+        name = next((n for n in ("val/rewards/accuracies", "val/accuracy", "val/reward", "val/loss")
+                     if n in trainer.callback_metrics), "val/rewards/accuracies")
         value = trainer.callback_metrics.get(name)
         minutes = (time.perf_counter() - self._start) / 60
         rank_zero_info(
             f"prefmodule: fit done in {minutes:.1f} min | {name}={f'{value.item():.3f}' if value is not None else 'n/a'} | "
-            f"checkpoint: {ckpt or '(none)'} | HF model: {hf_model} | metrics: {metrics} | "
+            f"batches: {batch_layout(pl_module)} | checkpoint: {ckpt or '(none)'} | HF model: {hf_model} | metrics: {metrics} | "
             f"report: {report or '(nothing to report: no metrics.csv, no samples)'}"
         )
 
