@@ -1,9 +1,10 @@
-"""prefmodule: Lightning-native preference optimisation (DPO, KTO, ORPO, SimPO, CPO) for Hugging Face causal LMs."""
+"""prefmodule: Lightning-native preference optimisation (DPO, KTO, ORPO, SimPO, CPO, GRPO, RLOO) for Hugging Face
+causal LMs."""
 
 from prefmodule.data import BatchFormat, DataValidationError, PreferenceDataModule
 from prefmodule.objectives import (
-    BetaDPOSettings, CPOModule, DPOModule, KTOModule, OnlineDPOModule, ORPOModule, PreferenceModule, RewardModule,
-    SimPOModule,
+    BetaDPOSettings, CPOModule, DPOModule, GRPOModule, KTOModule, OnlineDPOModule, ORPOModule, PreferenceModule,
+    RewardModule, RLOOModule, SimPOModule,
 )
 from prefmodule.outputs.loggers import silence_lightning_tips
 from prefmodule.reference import ReferenceModule
@@ -13,7 +14,7 @@ silence_lightning_tips()
 
 __version__ = "0.1.0"
 __all__ = [
-    "BatchFormat", "BetaDPOSettings", "CPOModule", "DPOModule", "DataValidationError", "KTOModule", "ORPOModule",
-    "OnlineDPOModule", "PreferenceDataModule", "PreferenceModule", "ReferenceModule", "RewardModule",
-    "SamplePairsModule", "SimPOModule",
+    "BatchFormat", "BetaDPOSettings", "CPOModule", "DPOModule", "DataValidationError", "GRPOModule", "KTOModule",
+    "ORPOModule", "OnlineDPOModule", "PreferenceDataModule", "PreferenceModule", "RLOOModule", "ReferenceModule",
+    "RewardModule", "SamplePairsModule", "SimPOModule",
 ]

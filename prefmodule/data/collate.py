@@ -24,8 +24,8 @@ class PreferenceCollator:
     ``score_chosen``/``score_rejected`` (float ``[n]``) come along when the data rates its pairs, and ``margin``
     (float ``[n]``, NaN for a pair without one) when it has that column.
 
-    Prompts alone (items without responses): ``index`` and the lists ``prompt_ids``, ``prompt``, ``tools``, as
-    they are (generation pads them itself).
+    Prompts alone (items without responses): ``index`` and the lists ``prompt_ids``, ``prompt``, ``tools`` and
+    ``columns`` (each row's other columns, a dict), as they are (generation pads them itself).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_free: bool = False):
@@ -36,7 +36,7 @@ class PreferenceCollator:
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         if "chosen_ids" not in items[0] and "completion_ids" not in items[0]:  # prompts to complete
             return {"index": torch.tensor([item["index"] for item in items]),
-                    **{key: [item[key] for item in items] for key in ("prompt_ids", "prompt", "tools")}}
+                    **{key: [item.get(key) for item in items] for key in ("prompt_ids", "prompt", "tools", "columns")}}
         first, second = ("completion_ids", "kl_completion_ids") if "completion_ids" in items[0] else (
             "chosen_ids", "rejected_ids")
         sequences = [(item["prompt_ids"], item[first]) for item in items]

@@ -236,7 +236,7 @@ class UnpairedDataset(TokenDataset):
 
 class PromptDataset(Dataset):
     """Prompts to complete, held in memory (sampling reads few next to training data): items ``{"index",
-    "prompt_ids", "prompt", "tools"}``, from one list per source group."""
+    "prompt_ids", "prompt", "tools", "columns"}``, from one list per source group."""
 
     def __init__(self, groups: list[list[dict]], positions: np.ndarray | None = None):
         self.groups = groups

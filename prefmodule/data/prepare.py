@@ -21,7 +21,7 @@ from prefmodule.data.formats import (
     DETECTION_ROWS, MAX_REPORTED, BadRow, DataValidationError, Format, PairsFromRatings, check_row, make_checker,
     unpair,
 )
-from prefmodule.data.records import Pair, RowDropped, RowError
+from prefmodule.data.records import Columns, Pair, RowDropped, RowError
 from prefmodule.data.sources import BrokenRow, Source
 from prefmodule.data.tokenize import (
     PROMPT_FILLS_MAX_LENGTH, Encoder, Limits, RowFailure, cut_prompt, tokenize_records,
@@ -97,9 +97,11 @@ def prompt_items(sources: list[Source], settings: Settings, encoder: Encoder, la
                  on_bad_rows: str = "error") -> tuple[list[dict], dict]:
     """The prompts of ``sources`` (a ``prompts`` file, or the prompts of any other format's rows), checked and
     tokenised in memory (no cache: prompts to sample from are few next to training data): items
-    ``{"index", "prompt_ids", "prompt", "tools"}``, the prompt as the data holds it (text or messages), its ids
-    rendered as generation starts from them (a chat template's generation prompt included), cut to
-    ``max_prompt_length``; and the pass's ``meta`` (rows read, format, bad and dropped rows)."""
+    ``{"index", "prompt_ids", "prompt", "tools", "columns"}``, the prompt as the data holds it (text or messages),
+    its ids rendered as generation starts from them (a chat template's generation prompt included), cut to
+    ``max_prompt_length``, and the row's other columns as they are (all but the prompt's and the completion's, as
+    TRL hands a reward function its dataset's columns: an ``answer`` to check); and the pass's ``meta`` (rows
+    read, format, bad and dropped rows)."""
     rows = _located_rows(sources)
     first = list(itertools.islice(rows, DETECTION_ROWS))
     chat = bool(encoder.chat_template or encoder.tokenizer.chat_template)
@@ -108,9 +110,11 @@ def prompt_items(sources: list[Source], settings: Settings, encoder: Encoder, la
     _check_chat(checker, chat, label)
     report = Report(checker.name, checker.conversational)
     tokenizer, bos = encoder.tokenizer, encoder.tokenizer.bos_token_id
+    names = Columns(settings.columns)
+    own = {names("prompt"), names("completion")}
     items, seen = [], set()
-    for index, _, record, where in _items(progress(itertools.chain(first, rows), f"reading {label}", unit="rows"),
-                                          checker, False, report, on_bad_rows):
+    for index, _, record, where, row in _items(progress(itertools.chain(first, rows), f"reading {label}",
+                                                        unit="rows"), checker, False, report, on_bad_rows, rows=True):
         prompt, tools = record.prompt, record.tools
         key = repr(prompt)  # a pair's two rows, or a file of pairs, give each prompt once
         if key in seen:
@@ -128,7 +132,8 @@ def prompt_items(sources: list[Source], settings: Settings, encoder: Encoder, la
         if settings.max_length is not None and len(ids) >= settings.max_length:
             report.dropped[PROMPT_FILLS_MAX_LENGTH] += 1
             continue
-        items.append({"index": index, "prompt_ids": ids, "prompt": prompt, "tools": tools})
+        items.append({"index": index, "prompt_ids": ids, "prompt": prompt, "tools": tools,
+                      "columns": {name: value for name, value in row.items() if name not in own}})
     if report.bad_count and on_bad_rows == "error":
         raise DataValidationError(report.bad, report.rows, report.bad_count)
     return items, report.meta(len(items))
@@ -194,9 +199,10 @@ def _has_column(checker, first: list, name: str) -> bool:
     return column is not None and any(isinstance(row, dict) and row.get(column(name)) is not None for *_, row in first)
 
 
-def _items(stream, checker, unpaired: bool, report: Report, on_bad_rows: str):
+def _items(stream, checker, unpaired: bool, report: Report, on_bad_rows: str, rows: bool = False):
     """``(index, side, record, where)`` of every usable row, in order (a pair as two unpaired rows when ``unpaired``);
-    ``where`` locates the row for messages: ``(source, number, unit)``."""
+    ``where`` locates the row for messages: ``(source, number, unit)``. With ``rows`` (never with ``unpaired``),
+    the source row comes last: ``(index, side, record, where, row)``."""
     block: list[tuple] = []
     for source, number, row in stream:
         index = report.rows
@@ -218,7 +224,7 @@ def _items(stream, checker, unpaired: bool, report: Report, on_bad_rows: str):
                 yield from _unpaired(block)
                 block = []
         else:
-            yield index, 0, record, where
+            yield (index, 0, record, where, row) if rows else (index, 0, record, where)
     yield from _unpaired(block)
 
 

@@ -73,11 +73,15 @@ class PairBatchSampler(BatchSampler):
         num_replicas, rank: the data-parallel ranks and this one.
         mixture: the dataset's source groups (one after another) and their weights: each training epoch
             draws its pairs by weight (:class:`~prefmodule.data.mixture.Mixture`).
+        repeats, window: each run of ``window`` consecutive batches (an optimizer step's micro-batches) comes
+            ``repeats`` times in a row (GRPO's ``num_iterations``: a generation batch trained on ``repeats``
+            times, as TRL's ``RepeatSampler``); the epoch holds ``repeats`` times as many batches.
     """
 
     def __init__(self, sampler: Sampler, batch_size: int, drop_last: bool = False,
                  lengths: Sequence[int] | None = None, shuffle: bool = False, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0, mixture: Mixture | None = None):
+                 num_replicas: int = 1, rank: int = 0, mixture: Mixture | None = None, repeats: int = 1,
+                 window: int = 1):
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.sampler = sampler
@@ -93,6 +97,7 @@ class PairBatchSampler(BatchSampler):
         self.num_replicas = num_replicas
         self.rank = rank
         self.mixture = mixture
+        self.repeats, self.window = repeats, window
         self.skip = 0  # batches of this epoch already trained before a resume: the next pass starts after them
 
     @property
@@ -103,6 +108,10 @@ class PairBatchSampler(BatchSampler):
         self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
+        return self.repeats * self.distinct_batches()
+
+    def distinct_batches(self) -> int:
+        """Batches per epoch before repeats."""
         full, rest = divmod(self.pairs, self.batch_size * self.num_replicas)
         return max(1, full + (rest >= self.num_replicas and not self.drop_last))
 
@@ -132,8 +141,17 @@ class PairBatchSampler(BatchSampler):
         return [batch[self.rank::self.num_replicas].tolist() for batch in self._global_batches()]
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches, self.skip = self._rank_batches()[self.skip:], 0
+        batches, self.skip = repeated(self._rank_batches(), self.repeats, self.window)[self.skip:], 0
         yield from batches
+
+
+def repeated(batches: list, repeats: int, window: int) -> list:
+    """Each run of ``window`` consecutive ``batches`` ``repeats`` times in a row: ``a b a b c d c d`` for
+    ``window=2, repeats=2``."""
+    if repeats == 1:
+        return batches
+    return [batch for start in range(0, len(batches), window) for _ in range(repeats)
+            for batch in batches[start:start + window]]
 
 
 class ChunkBatchSampler(PairBatchSampler):
@@ -157,7 +175,7 @@ class ChunkBatchSampler(PairBatchSampler):
         self.chunk_sizes = list(chunk_sizes)
         self.bounds = np.cumsum([0] + self.chunk_sizes)
 
-    def __len__(self) -> int:
+    def distinct_batches(self) -> int:
         return len(self.chunk_sizes) // self.num_replicas
 
     def _rank_batches(self) -> list[list[int]]:

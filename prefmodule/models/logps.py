@@ -38,6 +38,9 @@ class SequenceStats:
     token_logps: torch.Tensor | None = None
     # On request (``sum_sq_probs``): sum_t log sum_v pi(v | x, y_<t)^2 per sequence (detached; WPO's weights)
     log_sum_sq_probs: torch.Tensor | None = None
+    # On request (``entropy``): per response token, as ``token_logps``, -sum_v pi(v | x, y_<t) log pi(v | x, y_<t)
+    # (detached; GRPO's ``entropy`` metric)
+    token_entropy: torch.Tensor | None = None
 
     @property
     def avg_logps(self) -> torch.Tensor:
@@ -63,6 +66,16 @@ class SequenceStats:
         position = torch.arange(owners.numel(), device=owners.device) - starts[owners]
         in_prefix = position < prefix_lengths.to(owners.device)[owners]
         return self.token_logps.new_zeros(len(self.lengths)).index_add(0, owners, self.token_logps * in_prefix)
+
+    def padded(self, values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token ``values`` (default ``token_logps``: flat, sequence after sequence) as ``[sequences, T]``,
+        right-padded with 0 to the longest response, and the ``[sequences, T]`` mask of real tokens (differentiable
+        in ``values``)."""
+        values = self.token_logps if values is None else values
+        width = int(self.lengths.max()) if self.lengths.numel() else 0
+        mask = torch.arange(width, device=self.lengths.device) < self.lengths[:, None]
+        matrix = values.new_zeros(mask.shape).masked_scatter(mask, values)
+        return matrix, mask
 
 
 @dataclass(frozen=True)
@@ -126,8 +139,9 @@ def response_owners(mask: torch.Tensor, sequence_ids: torch.Tensor | None) -> to
 
 
 def per_sequence(token_logps: torch.Tensor, token_mean_logits: torch.Tensor, owners: torch.Tensor,
-                 num_sequences: int, token_log_sum_sq: torch.Tensor | None = None) -> SequenceStats:
-    """Sum per-response-token values ``[tokens]`` into their sequences."""
+                 num_sequences: int, token_log_sum_sq: torch.Tensor | None = None,
+                 token_entropy: torch.Tensor | None = None) -> SequenceStats:
+    """Sum per-response-token values ``[tokens]`` into their sequences (the entropy stays per token)."""
     def total(values: torch.Tensor) -> torch.Tensor:
         return values.new_zeros(num_sequences).index_add(0, owners, values)
 
@@ -137,6 +151,7 @@ def per_sequence(token_logps: torch.Tensor, token_mean_logits: torch.Tensor, own
         logits=total(token_mean_logits.detach()),
         token_logps=token_logps,
         log_sum_sq_probs=None if token_log_sum_sq is None else total(token_log_sum_sq),
+        token_entropy=token_entropy,
     )
 
 
@@ -147,12 +162,26 @@ def log_sum_sq_probs(logits: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
 
 
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``-sum_v p_v log p_v`` of ``softmax(logits)`` over the last dimension, in float32, without gradient."""
+    with torch.no_grad():
+        logps = torch.log_softmax(logits.float(), dim=-1)
+        return -(logps.exp() * logps).sum(-1)
+
+
+def token_extras(logits: torch.Tensor, sum_sq_probs: bool, token_entropy: bool) -> tuple:
+    """``(log sum_v p_v^2, entropy)`` per row of ``logits`` as asked (``None`` where not), without gradient."""
+    return (log_sum_sq_probs(logits) if sum_sq_probs else None, entropy(logits) if token_entropy else None)
+
+
 def sequence_stats(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None,
-                   num_sequences: int | None = None, sum_sq_probs: bool = False) -> SequenceStats:
+                   num_sequences: int | None = None, sum_sq_probs: bool = False,
+                   token_entropy: bool = False) -> SequenceStats:
     """Reduce ``logits [rows, T, vocab]`` for ``labels [rows, T]`` to per-sequence response sums.
 
     Padded batches need only ``logits`` and ``labels``; packed batches also pass ``sequence_ids``
-    and ``num_sequences``. ``sum_sq_probs`` also sums ``log sum_v p_v^2`` (WPO's weights).
+    and ``num_sequences``. ``sum_sq_probs`` also sums ``log sum_v p_v^2`` (WPO's weights); ``token_entropy``
+    keeps each response token's entropy.
     """
     logits = logits[:, :-1]
     targets, mask = shifted_targets(labels)
@@ -160,13 +189,15 @@ def sequence_stats(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: tor
     with torch.no_grad():
         mean_logits = logits.mean(-1, dtype=torch.float32)
     rows = num_sequences if sequence_ids is not None else labels.shape[0]
-    sum_sq = log_sum_sq_probs(logits[mask]) if sum_sq_probs else None
-    return per_sequence(logps[mask], mean_logits[mask], response_owners(mask, sequence_ids), rows, sum_sq)
+    sum_sq, entropies = token_extras(logits[mask], sum_sq_probs, token_entropy) if sum_sq_probs or token_entropy \
+        else (None, None)
+    return per_sequence(logps[mask], mean_logits[mask], response_owners(mask, sequence_ids), rows, sum_sq, entropies)
 
 
 def chunked_sequence_stats(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int,
                            sequence_ids: torch.Tensor | None = None, num_sequences: int | None = None,
-                           transform: LogitsTransform = LogitsTransform(), sum_sq_probs: bool = False) -> SequenceStats:
+                           transform: LogitsTransform = LogitsTransform(), sum_sq_probs: bool = False,
+                           token_entropy: bool = False) -> SequenceStats:
     """:func:`sequence_stats` from the final hidden states ``[rows, T, hidden]``, the LM ``head`` and
     the model's ``transform`` of the head's output.
 
@@ -174,7 +205,8 @@ def chunked_sequence_stats(hidden: torch.Tensor, head: nn.Module, labels: torch.
     on, each chunk's logits are dropped after its forward and recomputed in backward, so at most
     ``chunk_size x vocab`` logits exist at once. A plain ``nn.Linear`` head takes the fused
     :class:`LinearLogSoftmax`; any other head (LoRA, FSDP2-sharded, ...) is called as a module.
-    ``sum_sq_probs`` runs the chunks through the head once more, without gradient, for ``log sum_v p_v^2``.
+    ``sum_sq_probs`` (``log sum_v p_v^2``) and ``token_entropy`` run the chunks through the head once more,
+    without gradient.
     """
     targets, mask = shifted_targets(labels)
     hidden, targets = hidden[:, :-1][mask], targets[mask]
@@ -183,12 +215,13 @@ def chunked_sequence_stats(hidden: torch.Tensor, head: nn.Module, labels: torch.
               for i in range(0, targets.numel(), chunk_size)] or [_head_stats(head, hidden, targets, transform)]
     logps, mean_logits = (torch.cat(values) for values in zip(*chunks))
     rows = num_sequences if sequence_ids is not None else labels.shape[0]
-    sum_sq = None
-    if sum_sq_probs:  # one more pass through the head, without gradient, a chunk at a time
+    sum_sq = entropies = None
+    if sum_sq_probs or token_entropy:  # one more pass through the head, without gradient, a chunk at a time
         with torch.no_grad():
-            sum_sq = torch.cat([log_sum_sq_probs(transform(head(hidden[i: i + chunk_size])))
-                                for i in range(0, max(1, targets.numel()), chunk_size)])
-    return per_sequence(logps, mean_logits, response_owners(mask, sequence_ids), rows, sum_sq)
+            extras = [token_extras(transform(head(hidden[i: i + chunk_size])), sum_sq_probs, token_entropy)
+                      for i in range(0, max(1, targets.numel()), chunk_size)]
+        sum_sq, entropies = (torch.cat(values) if values[0] is not None else None for values in zip(*extras))
+    return per_sequence(logps, mean_logits, response_owners(mask, sequence_ids), rows, sum_sq, entropies)
 
 
 def is_plain_linear(head: nn.Module) -> bool:

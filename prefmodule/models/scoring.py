@@ -15,8 +15,8 @@ from prefmodule.models.sharding import finish_forward
 
 
 def batch_stats(model: nn.Module, batch: dict[str, Tensor], num_sequences: int, head: LogitsTransform | None = None,
-                chunk_size: int = 0, sum_sq_probs: bool = False,
-                router_loss: bool = False) -> tuple[SequenceStats, Tensor | None]:
+                chunk_size: int = 0, sum_sq_probs: bool = False, router_loss: bool = False,
+                token_entropy: bool = False) -> tuple[SequenceStats, Tensor | None]:
     """``model``'s statistics of the ``num_sequences`` sequences of ``batch`` (a padded batch, or one packed row
     with ``sequence_ids``), and its load-balancing loss when ``router_loss`` (else ``None``; a mixture-of-experts
     model is never asked for router logits it does not need).
@@ -24,7 +24,8 @@ def batch_stats(model: nn.Module, batch: dict[str, Tensor], num_sequences: int, 
     With ``head`` (how the model's logits follow from its LM head, :func:`~prefmodule.models.logps.head_logits_transform`)
     and a ``chunk_size``, the decoder and the head run separately, ``chunk_size`` response tokens at a time
     (:func:`~prefmodule.models.logps.chunked_sequence_stats`); otherwise from the full logits. ``sum_sq_probs``
-    also sums ``log sum_v p_v^2`` over each response (WPO's weights).
+    also sums ``log sum_v p_v^2`` over each response (WPO's weights); ``token_entropy`` keeps each response
+    token's entropy (GRPO's metric).
     """
     if "sequence_ids" in batch:  # packed
         inputs = packed_inputs(model, batch["position_ids"], batch["sequence_ids"])
@@ -35,11 +36,13 @@ def batch_stats(model: nn.Module, batch: dict[str, Tensor], num_sequences: int, 
     if head is not None and chunk_size > 0:
         outputs = model.get_decoder()(**inputs)
         stats = chunked_sequence_stats(outputs.last_hidden_state, model.get_output_embeddings(), batch["labels"],
-                                       chunk_size, **sequences, transform=head, sum_sq_probs=sum_sq_probs)
+                                       chunk_size, **sequences, transform=head, sum_sq_probs=sum_sq_probs,
+                                       token_entropy=token_entropy)
         aux_loss = load_balancing_loss(model, outputs.router_logits, inputs["attention_mask"]) if router_loss else None
     else:
         outputs = model(**inputs)
-        stats = sequence_stats(outputs.logits, batch["labels"], sum_sq_probs=sum_sq_probs, **sequences)
+        stats = sequence_stats(outputs.logits, batch["labels"], sum_sq_probs=sum_sq_probs, token_entropy=token_entropy,
+                               **sequences)
         aux_loss = outputs.aux_loss if router_loss else None
     if not torch.is_grad_enabled():
         finish_forward(model)  # no backward will close a sharded tied head's forward

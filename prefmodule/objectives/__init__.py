@@ -3,11 +3,13 @@
 from prefmodule.objectives.base import PreferenceModule
 from prefmodule.objectives.cpo import CPOModule
 from prefmodule.objectives.dpo import BetaDPOSettings, DPOModule
+from prefmodule.objectives.grpo import GRPOModule
 from prefmodule.objectives.kto import KTOModule
 from prefmodule.objectives.online_dpo import OnlineDPOModule
 from prefmodule.objectives.orpo import ORPOModule
 from prefmodule.objectives.reward import RewardModule
+from prefmodule.objectives.rloo import RLOOModule
 from prefmodule.objectives.simpo import SimPOModule
 
-__all__ = ["BetaDPOSettings", "CPOModule", "DPOModule", "KTOModule", "ORPOModule", "OnlineDPOModule", "PreferenceModule",
-           "RewardModule", "SimPOModule"]
+__all__ = ["BetaDPOSettings", "CPOModule", "DPOModule", "GRPOModule", "KTOModule", "ORPOModule", "OnlineDPOModule",
+           "PreferenceModule", "RLOOModule", "RewardModule", "SimPOModule"]

@@ -45,6 +45,29 @@ class Max(Named, MaxMetric):
     """The largest item of a step value over an epoch."""
 
 
+class Std(Named, Metric):
+    """The standard deviation of a step value's items over an epoch, NaN items left out, with Bessel's correction
+    (TRL's ``nanstd``); NaN until two items were seen. Kept as sums, so it accumulates and syncs exactly."""
+
+    full_state_update = False
+
+    def __init__(self, name: str, **kwargs):
+        super().__init__(name, **kwargs)
+        for state in ("count", "total", "squares"):
+            self.add_state(state, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: dict[str, Tensor], weights: dict[str, Tensor]) -> None:
+        value = values[self.name].detach().double().reshape(-1)
+        value = value[~value.isnan()]
+        self.count += value.numel()
+        self.total += value.sum()
+        self.squares += value.square().sum()
+
+    def compute(self) -> Tensor:
+        variance = (self.squares - self.total.square() / self.count) / (self.count - 1)
+        return variance.clamp(min=0).sqrt().float() if self.count > 1 else torch.tensor(float("nan"))
+
+
 class RewardGap(Metric):
     """Mean reward of the desirable rows minus mean reward of the undesirable ones (unpaired data, as TRL's KTO
     ``rewards/margins``); NaN until both kinds were seen."""

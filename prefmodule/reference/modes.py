@@ -47,6 +47,7 @@ from prefmodule import cache
 from prefmodule.errors import ConfigError
 from prefmodule.models.attention import enable_packed_attention
 from prefmodule.models.loading import load_causal_lm
+from prefmodule.models.logps import SequenceStats
 from prefmodule.models.sharding import shard
 from prefmodule.paths import resolve
 from prefmodule.progress import progress
@@ -77,9 +78,19 @@ def frozen(model: nn.Module) -> nn.Module:
 
 def score(module, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """``[rows, sequences per row]`` log-probs of ``batch`` under ``model``, without gradients."""
+    return as_table(scored_stats(module, model, batch).logps, batch)
+
+
+def scored_stats(module, model: nn.Module, batch: dict[str, Tensor]) -> SequenceStats:
+    """The statistics of ``batch``'s sequences under ``model`` (per token too), without gradients."""
     with torch.no_grad():
-        logps = module.sequence_stats(model, batch).logps
-    return logps.view(-1, batch["index"].numel()).T  # the batch holds all first sequences, then all second ones
+        return module.sequence_stats(model, batch)
+
+
+def as_table(logps: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """``[sequences]`` log-probs as ``[rows, sequences per row]``: the batch holds all first sequences, then all
+    second ones."""
+    return logps.view(-1, batch["index"].numel()).T
 
 
 @contextmanager
@@ -112,7 +123,13 @@ class Reference:
 
     def logps(self, module, batch: dict[str, Tensor]) -> Tensor:
         """``[rows, sequences per row]`` reference log-probs of ``batch``."""
-        raise NotImplementedError
+        return as_table(self.stats(module, batch).logps, batch)
+
+    def stats(self, module, batch: dict[str, Tensor]) -> SequenceStats:
+        """The reference's statistics of ``batch``'s sequences, per token too (``token_logps``): what scores
+        completions sampled while training (GRPO's per-token KL). Only the modes that hold a model have them."""
+        raise ConfigError("model.reference='precomputed' holds no model to score new completions with: use copy "
+                          "or adapter (with lora)")
 
     def prepare(self, module, *splits: str) -> None:
         """Called at the start of the stages that read ``splits``."""
@@ -127,8 +144,8 @@ class CopyReference(Reference):
     def build(self, module, policy: nn.Module) -> nn.Module:
         return load_reference_model(self.source, module) if self.source else frozen(copy.deepcopy(policy))
 
-    def logps(self, module, batch: dict[str, Tensor]) -> Tensor:
-        return score(module, module.ref_model, batch)
+    def stats(self, module, batch: dict[str, Tensor]) -> SequenceStats:
+        return scored_stats(module, module.ref_model, batch)
 
 
 class SyncReference(CopyReference):
@@ -150,9 +167,9 @@ class AdapterReference(Reference):
 
     runs_policy = True
 
-    def logps(self, module, batch: dict[str, Tensor]) -> Tensor:
+    def stats(self, module, batch: dict[str, Tensor]) -> SequenceStats:
         with base_model(module.policy) as model:
-            return score(module, model, batch)
+            return scored_stats(module, model, batch)
 
 
 class PrecomputedReference(Reference):

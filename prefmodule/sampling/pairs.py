@@ -18,7 +18,7 @@ from prefmodule.errors import ConfigError, finite, require
 from prefmodule.models.generation import GenerationSettings, aside_from_training, end_tokens, generate
 from prefmodule.models.sharding import is_sharded
 from prefmodule.objectives.base import PreferenceModule
-from prefmodule.sampling.scorers import FunctionScorer, RewardModelScorer, Scorer, scorer_target
+from prefmodule.sampling.scorers import FunctionScorer, RewardModelScorer, Scorer, reward_name, scorer_target
 from prefmodule.training.callbacks import PredictionWriter, write_jsonl
 
 
@@ -39,30 +39,68 @@ def scored_completions(module: LightningModule, batch: dict, settings: Generatio
     prompt after prompt), their texts, whether each ended, and their ``[prompts * num_completions]`` scores."""
     completions = sample_completions(module, batch["prompt_ids"], settings, seed)
     texts, ended = completion_texts(module, completions)
-    prompts = [prompt for prompt in batch["prompt"] for _ in range(settings.num_completions)]
-    return completions, texts, ended, scores(prompts, texts, ended, module.device)
+    prompts, columns = completed_rows(batch, settings.num_completions)
+    return completions, texts, ended, scores(prompts, texts, ended, module.device, completion_ids=completions,
+                                             **columns)
+
+
+def completed_rows(batch: dict, repeats: int) -> tuple[list, dict[str, list]]:
+    """The prompts of a batch of prompts and their rows' other columns (keyword lists: a column a row lacks is
+    ``None`` there), each repeated ``repeats`` times: aligned with the completions, prompt after prompt."""
+    rows = [row or {} for row in batch.get("columns") or [None] * len(batch["prompt"]) for _ in range(repeats)]
+    names = dict.fromkeys(name for row in rows for name in row)
+    prompts = [prompt for prompt in batch["prompt"] for _ in range(repeats)]
+    return prompts, {name: [row.get(name) for row in rows] for name in names}
 
 
 class CompletionScores:
-    """Scores completions with a reward model or a function (:func:`~prefmodule.sampling.scorers.make_scorer`),
-    less ``missing_eos_penalty`` for a completion that did not end (TRL's option of that name). A reward model is
-    loaded on first use, on the device it is asked for; a function is imported now."""
+    """Scores completions with one or more rewards, each a reward model or a function
+    (:func:`~prefmodule.sampling.scorers.make_scorer`; a function also takes the rows' columns as keyword
+    arguments), summed with ``weights`` (default 1 each), less ``missing_eos_penalty`` for a completion that did
+    not end (TRL's option of that name). A reward model is loaded on first use, on the device it is asked for; a
+    function is imported now. With ``allow_none`` a function may answer ``None`` for a completion it cannot judge:
+    NaN in :meth:`per_reward`, left out of the weighted sum."""
 
-    def __init__(self, reward: str, missing_eos_penalty: float | None = None):
+    def __init__(self, reward: str | list[str], missing_eos_penalty: float | None = None,
+                 weights: list[float] | None = None, allow_none: bool = False):
         require(missing_eos_penalty is None or (finite(missing_eos_penalty) and missing_eos_penalty >= 0),
                 "model.missing_eos_penalty", missing_eos_penalty, "must be >= 0 (subtracted from the score of a "
                 "completion without EOS)")
+        rewards = [reward] if isinstance(reward, str) else list(reward or [])
+        require(bool(rewards), "model.reward", reward, "give a reward model or a function (module:function), or a "
+                "list of them")
         self.missing_eos_penalty = missing_eos_penalty
-        self.target = scorer_target(reward)  # checked now: a wrong name fails before any weights load
-        self.scorer: Scorer | None = None if isinstance(self.target, str) else FunctionScorer(self.target)
+        self.targets = [scorer_target(spec) for spec in rewards]  # checked now: fails before any weights load
+        self.names = [reward_name(target) for target in self.targets]
+        repeated = sorted({name for name in self.names if self.names.count(name) > 1})
+        require(not repeated, "model.reward", reward, f"names {repeated} more than once (each reward is logged "
+                "under its name, rewards/<name>/mean)")
+        require(weights is None or (len(weights) == len(rewards) and all(finite(w) for w in weights)),
+                "model.reward_weights", weights, f"must be {len(rewards)} finite number(s), one per reward "
+                f"({', '.join(self.names)})")
+        self.weights = [1.0] * len(rewards) if weights is None else [float(w) for w in weights]
+        self.scorers: list[Scorer | None] = [None if isinstance(target, str) else FunctionScorer(target, allow_none)
+                                             for target in self.targets]
 
-    def __call__(self, prompts: list, texts: list[str], ended: list[bool], device: torch.device) -> Tensor:
-        if self.scorer is None:
-            self.scorer = RewardModelScorer(self.target, device)
-        scores = torch.tensor(self.scorer(prompts, texts), dtype=torch.float32, device=device)
+    def per_reward(self, prompts: list, texts: list[str], device: torch.device, **columns) -> Tensor:
+        """``[completions, rewards]`` float32: each reward's score of each completion (NaN where a function
+        answered ``None``); ``columns``: keyword lists for the functions, aligned with ``texts``."""
+        for i, target in enumerate(self.targets):
+            if self.scorers[i] is None:
+                self.scorers[i] = RewardModelScorer(target, device)
+        return torch.tensor([scorer(prompts, texts, **columns) for scorer in self.scorers], dtype=torch.float32,
+                            device=device).T.reshape(len(texts), len(self.scorers))
+
+    def combined(self, rewards: Tensor, ended: list[bool]) -> Tensor:
+        """``[completions]``: the weighted sum of ``rewards`` (``[completions, rewards]``, NaN terms left out), less
+        ``missing_eos_penalty`` for a completion that did not end."""
+        scores = (rewards * rewards.new_tensor(self.weights)).nansum(1)
         if self.missing_eos_penalty:
-            scores -= self.missing_eos_penalty * (~torch.tensor(ended, device=device))
+            scores -= self.missing_eos_penalty * (~torch.tensor(ended, device=scores.device))
         return scores
+
+    def __call__(self, prompts: list, texts: list[str], ended: list[bool], device: torch.device, **columns) -> Tensor:
+        return self.combined(self.per_reward(prompts, texts, device, **columns), ended)
 
 
 def completion_texts(module: LightningModule, completions: list[list[int]]) -> tuple[list[str], list[bool]]:

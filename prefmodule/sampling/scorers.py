@@ -2,13 +2,16 @@
 ``AutoModelForSequenceClassification`` folder) or a Python function (a verifiable reward, a rule).
 
 A scorer is called with the prompts (texts or chat messages, as the data holds them) and the completions (texts)
-and returns one float per completion.
+and returns one float per completion. A function also receives, as keyword arguments, the rows' other columns
+(one list each, aligned with the completions) and ``completion_ids``, as TRL calls reward functions: all of them
+when it takes ``**kwargs``, else those it names.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 from collections.abc import Callable
@@ -21,7 +24,7 @@ from prefmodule.errors import ConfigError
 from prefmodule.models.loading import load_tokenizer
 from prefmodule.paths import resolve
 
-Scorer = Callable[[list, list[str]], list[float]]
+Scorer = Callable[..., list[float]]  # (prompts, completions, **columns) -> one float per completion
 
 
 def scorer_target(spec: str) -> Callable | str:
@@ -67,16 +70,37 @@ def _function(module: str, name: str, spec: str) -> Callable:
     return function
 
 
+def reward_name(target: Callable | str) -> str:
+    """A reward's name in metrics (``rewards/<name>/mean``), as TRL names it: a function's ``__name__``, a reward
+    model's folder (or checkpoint file) name."""
+    if isinstance(target, str):
+        return Path(target.rstrip("/")).stem if target.endswith(".ckpt") else Path(target.rstrip("/")).name
+    return getattr(target, "__name__", type(target).__name__)
+
+
 class FunctionScorer:
-    """A Python function ``(prompts, completions) -> list[float]``, its answer checked: one finite float each."""
+    """A Python function ``(prompts, completions, **columns) -> list[float]``, its answer checked: one finite
+    float per completion, or with ``allow_none`` ``None`` for a completion it cannot judge (NaN in the scores).
 
-    def __init__(self, function: Callable):
+    Keyword columns reach it all when it takes ``**kwargs``, else only those it names (``answer``, ...)."""
+
+    def __init__(self, function: Callable, allow_none: bool = False):
         self.function = function
+        self.allow_none = allow_none
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):  # a callable without a signature to read: no keyword columns
+            parameters = []
+        self.takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+        self.named = {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL}
 
-    def __call__(self, prompts: list, completions: list[str]) -> list[float]:
-        scores = [float(score) for score in self.function(prompts, completions)]
-        if len(scores) != len(completions) or not all(math.isfinite(score) for score in scores):
-            raise ValueError(f"the reward function {getattr(self.function, '__name__', self.function)} gave "
+    def __call__(self, prompts: list, completions: list[str], **columns) -> list[float]:
+        keywords = columns if self.takes_all else {k: v for k, v in columns.items() if k in self.named}
+        answer = self.function(prompts, completions, **keywords)
+        scores = [math.nan if score is None and self.allow_none else float(score) for score in answer]
+        finite = all(math.isfinite(score) or (self.allow_none and math.isnan(score)) for score in scores)
+        if len(scores) != len(completions) or not finite:
+            raise ValueError(f"the reward function {reward_name(self.function)} gave "
                              f"{len(scores)} scores for {len(completions)} completions, or a non-finite one")
         return scores
 
@@ -106,7 +130,7 @@ class RewardModelScorer:
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.batch_size = batch_size
 
-    def __call__(self, prompts: list, completions: list[str]) -> list[float]:
+    def __call__(self, prompts: list, completions: list[str], **columns) -> list[float]:
         scores = []
         for start in range(0, len(completions), self.batch_size):
             texts = [self.text(prompt, completion) for prompt, completion in
