@@ -22,8 +22,11 @@ STAND_INS = {  # the recipe's model -> a tiny config of its architecture (tied a
                                                  final_logit_softcapping=30.0, tie_word_embeddings=True),
     "meta-llama/Llama-3.1-8B-Instruct": lambda: LlamaConfig(**DECODER),
     "HuggingFaceTB/SmolLM2-135M-Instruct": lambda: LlamaConfig(**DECODER, tie_word_embeddings=True),
+    # the same model, converted from the package index by scripts/real_assets.py
+    "~/.cache/prefmodule/models/SmolLM2-135M-Instruct": lambda: LlamaConfig(**DECODER, tie_word_embeddings=True),
 }
 ON_A_CPU = {"smollm2-135m-dpo-cpu.yaml"}  # the recipes that run on a CPU: float32, shorter pairs
+ON_PROMPTS = {"grpo_smollm2_arithmetic.yaml"}  # on a CPU too, sampling completions of prompts
 ON_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.max_steps=2", "--trainer.max_epochs=1",
           "--trainer.accumulate_grad_batches=1",
           "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
@@ -46,7 +49,7 @@ def recipe_names():
 
 def test_the_recipes_cover_the_models_people_start_with():
     models = {yaml.safe_load((RECIPES / name).read_text())["model"]["init_args"]["model"] for name in recipe_names()}
-    assert models == STAND_INS.keys() and len(recipe_names()) == 6
+    assert models == STAND_INS.keys() and len(recipe_names()) == 7
 
 
 @pytest.mark.parametrize("name", recipe_names())
@@ -58,6 +61,9 @@ def test_recipe_parses_with_the_fields_hyperparameters(name, capsys):
     if name in ON_A_CPU:
         assert config["trainer"]["accelerator"] == "cpu" and config["trainer"]["precision"] == "32-true"
         assert config["data"]["max_length"] == 1024 and config["data"]["batch_size"] == 4
+    elif name in ON_PROMPTS:
+        assert config["trainer"]["accelerator"] == "cpu" and config["trainer"]["precision"] == "32-true"
+        assert model["num_generations"] == 8 and model["reward_weights"] == [1.0, 0.2] and model["beta"] == 0.0
     else:
         assert config["trainer"]["precision"] == "bf16-mixed" and model["gradient_checkpointing"] is True
         assert config["data"]["max_length"] == 2048
@@ -75,7 +81,9 @@ def test_recipe_trains_two_steps_on_a_tiny_model_of_its_architecture(name, tmp_p
     AutoModelForCausalLM.from_config(STAND_INS[recipe["model"]["init_args"]["model"]]()).save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve(TINY_MODEL)).save_pretrained(folder)
     sharded = "strategy" in recipe["trainer"]
-    cli = main(["fit", "--config", str(RECIPES / name), f"--model.model={folder}", *ON_CPU, *demo_data,
+    data = demo_data if name not in ON_PROMPTS else [  # its rewards read the arithmetic rows' answers
+        *demo_data[2:], "--data.eval_batch_size=2", "--model.max_new_tokens=16", "--model.num_generations=2"]
+    cli = main(["fit", "--config", str(RECIPES / name), f"--model.model={folder}", *ON_CPU, *data,
                 f"--trainer.default_root_dir={tmp_path / 'run'}",
                 *(["--trainer.strategy.data_parallel_size=1"] if sharded else [])])
     assert cli.trainer.global_step == 2
