@@ -4,8 +4,6 @@ TRL 1.16's ``GRPOTrainer``."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch import Tensor
 
 from prefmodule.objectives.losses.policy_gradient import (
@@ -72,12 +70,9 @@ class GRPOModule(PolicyGradientModule):
     def __init__(self, model: str, reward: str | list[str], reward_weights: list[float] | None = None,
                  num_generations: int = 8, max_new_tokens: int = 512, temperature: float = 1.0, top_p: float = 1.0,
                  beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
-                 loss_type: Literal["dapo", "grpo", "bnpo", "dr_grpo"] = "dapo",
-                 importance_sampling_level: Literal["token", "sequence"] = "token",
-                 scale_rewards: Literal["group", "batch", "none"] = "group",
-                 multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize",
-                 num_iterations: int = 1, mask_truncated_completions: bool = False, generation_seed: int = 0,
-                 **kwargs):
+                 loss_type: str = "dapo", importance_sampling_level: str = "token", scale_rewards: str = "group",
+                 multi_objective_aggregation: str = "sum_then_normalize", num_iterations: int = 1,
+                 mask_truncated_completions: bool = False, generation_seed: int = 0, **kwargs):
         check_grpo_options(loss_type, scale_rewards, multi_objective_aggregation, importance_sampling_level, epsilon,
                            epsilon_high, beta, num_generations)
         super().__init__(model, reward, reward_weights, num_generations, max_new_tokens, temperature, top_p, beta,
