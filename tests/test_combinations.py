@@ -29,6 +29,11 @@ OBJECTIVES = {
     "reward": ("prefmodule.RewardModule", []),
     "online_dpo": ("prefmodule.OnlineDPOModule", ["--model.init_args.reward=prefmodule.sampling.rules:politeness",
                                                   "--model.init_args.max_new_tokens=4"]),
+    "grpo": ("prefmodule.GRPOModule", ["--model.init_args.reward=prefmodule.sampling.rules:politeness",
+                                       "--model.init_args.max_new_tokens=4", "--model.init_args.num_generations=2",
+                                       "--model.init_args.beta=0.1"]),
+    "rloo": ("prefmodule.RLOOModule", ["--model.init_args.reward=prefmodule.sampling.rules:politeness",
+                                       "--model.init_args.max_new_tokens=4"]),
 }
 LAYOUTS = {"packed": "--data.padding_free=true", "padded": "--data.padding_free=false"}
 ONE_STEP = ["--trainer.max_steps=1", "--trainer.val_check_interval=1", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
@@ -87,6 +92,7 @@ def test_objective_model_layout_with_samples(objective, model, layout, models, d
     metrics = trainer.callback_metrics
     assert trainer.global_step == 1 and math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
     assert ("val/accuracy" in metrics) is (objective == "reward")  # a reward model's own metrics, TRL's names
+    assert ("val/reward" in metrics) is (objective in ("grpo", "rloo"))  # the held-out reward of sampled completions
     assert packed == [layout == "packed"]
     if model == "moe":  # every objective adds and logs the router loss, in training and validation
         assert metrics["train/aux_loss"] > 1.0 and metrics["val/aux_loss"] > 1.0
@@ -127,6 +133,7 @@ FORMATS = {
     "sharegpt": ("dpo", sharegpt, True),
     "alpaca": ("simpo", alpaca, True),
     "prompts": ("online_dpo", lambda row: {"prompt": row["prompt"]}, False),
+    "prompts_answers": ("grpo", lambda row: {"prompt": row["prompt"], "answer": "1"}, False),
     "unpaired": ("kto", lambda row: [unpaired(row), {**unpaired(row), "completion": row["rejected"], "label": False}],
                  False),
 }

@@ -86,6 +86,7 @@ class PreferenceModule(LightningModule):
     model_task = "causal_lm"  # the model's head: an LM head, or ``reward`` (a score)
     token_logps = True  # the objective scores response tokens through the LM head (may be chunked)
     scores_new_text = True  # the objective can score completions its data does not hold (samples' rewards)
+    trained_on = "preference pairs"  # what the model card says the model was aligned on
     beta_may_be_zero = False  # ``beta`` weighs a KL term that 0 leaves out (GRPO, RLOO) rather than a temperature
     run_time = RUN_TIME
 
@@ -319,6 +320,11 @@ class PreferenceModule(LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict]:
         return self.predictions(batch, self.batch_outputs(batch)[0])
+
+    def completion_rewards(self, items: list[dict], completions: list[list[int]]) -> list[float | None] | None:
+        """The objective's own reward of one completion (token ids) of each data item, for the samples; ``None``
+        where it has none of its own (the samples then show the implicit reward of a preference objective)."""
+        return None
 
     def predictions(self, batch: dict[str, Tensor], outputs: PairOutputs) -> list[dict]:
         """One row per pair of ``batch``: its log-probs and rewards, and which response the model prefers."""

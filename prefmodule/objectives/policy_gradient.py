@@ -5,6 +5,7 @@ objectives differ in their advantages and their loss only (:mod:`prefmodule.obje
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -278,6 +279,20 @@ class PolicyGradientModule(ReferenceModule):
     def logs_kl(self) -> bool:
         """Whether the loss reports a per-token KL (GRPO with ``beta > 0``)."""
         return False
+
+    def completion_rewards(self, items: list[dict], completions: list[list[int]]) -> list[float | None]:
+        """The weighted reward of one completion of each prompt item (the samples' ``reward``; ``None`` where no
+        reward could judge it)."""
+        texts, ended = completion_texts(self, completions)
+        prompts, columns = completed_rows({"prompt": [item["prompt"] for item in items],
+                                           "columns": [item.get("columns") for item in items]}, 1)
+        rewards = self.scores.per_reward(prompts, texts, self.device, completion_ids=completions, **columns)
+        scores = self.scores.combined(rewards, ended).masked_fill(rewards.isnan().all(1), float("nan"))
+        return [None if math.isnan(score) else score for score in scores.tolist()]
+
+    @property
+    def trained_on(self) -> str:
+        return f"prompts, rewarded by {', '.join(f'`{name}`' for name in self.scores.names)}"
 
     # ----- metrics -------------------------------------------------------------------------------------------
     def metric_names(self) -> tuple[str, ...]:

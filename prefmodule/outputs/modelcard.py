@@ -23,6 +23,10 @@ OBJECTIVES = {
     "CPOModule": ("CPO", "Xu et al., 2024, Contrastive Preference Optimization", "2401.08417"),
     "OnlineDPOModule": ("Online DPO", "Guo et al., 2024, Direct Language Model Alignment from Online AI Feedback",
                         "2402.04792"),
+    "GRPOModule": ("GRPO", "Shao et al., 2024, DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open "
+                   "Language Models", "2402.03300"),
+    "RLOOModule": ("RLOO", "Ahmadian et al., 2024, Back to Basics: Revisiting REINFORCE Style Optimization for "
+                   "Learning from Human Feedback in LLMs", "2402.14740"),
     "RewardModule": ("Reward model", "Ouyang et al., 2022, Training language models to follow instructions with "
                      "human feedback", "2203.02155"),
 }
@@ -94,7 +98,7 @@ def write_model_card(folder: str, module: LightningModule, trainer: Trainer) -> 
     body = "\n".join([
         f"# {title}",
         "",
-        f"`{module.model_name}` {'trained on' if task == 'reward' else 'aligned on'} preference pairs with "
+        f"`{module.model_name}` {'trained on' if task == 'reward' else 'aligned on'} {module.trained_on} with "
         f"**{objective}**"
         + (f" ({paper}, [arXiv {arxiv}](https://arxiv.org/abs/{arxiv}))" if arxiv else "")
         + f", trained with prefmodule's `{type(module).__name__}`.",

@@ -27,10 +27,17 @@ PLOTS = [
       "val/max_reward"]),
     ("Log-probs: chosen vs rejected",
      ["train/logps/chosen", "train/logps/rejected", "val/logps/chosen", "val/logps/rejected"]),
+    ("Reward of sampled completions", ["train/reward", "val/reward"]),
+    ("Clipped ratios", ["train/clip_ratio/low_mean", "train/clip_ratio/high_mean", "train/clip_ratio/region_mean"]),
+    ("KL to the reference, entropy", ["train/kl", "val/kl", "train/entropy", "val/entropy"]),
     ("Learning rate", ["train/lr"]),
     ("Throughput (tokens/s, all ranks)", ["train/tokens_per_sec"]),
 ]
 OPTIONAL_PLOTS = {"Rewards: min, mean, max (reward models)"}  # not noted as missing in other runs
+# The curves of preference pairs, and those of completions sampled and rewarded (GRPO, RLOO): a run of one kind is
+# not told it lacks the other's.
+PAIR_PLOTS = {"Reward accuracy", "Reward margin", "Rewards: chosen vs rejected", "Log-probs: chosen vs rejected"}
+SAMPLED_PLOTS = {"Reward of sampled completions", "Clipped ratios", "KL to the reference, entropy"}
 NO_METRICS = ("no metrics.csv in this folder: the plots come from a CSV logger's metrics.csv, which the prefmodule "
               "CLI always writes; from Python, add lightning.pytorch.loggers.CSVLogger to Trainer(logger=[...]).")
 
@@ -92,10 +99,12 @@ def _plots(metrics: dict | None) -> str:
     if metrics is None:
         return ""
     figures, missing = [], []
+    sampled = bool(metrics.get("train/reward") or metrics.get("val/reward"))
+    optional = OPTIONAL_PLOTS | (PAIR_PLOTS if sampled else SAMPLED_PLOTS)
     for title, columns in PLOTS:
         present = [column for column in columns if metrics.get(column)]
         if not present:
-            if title not in OPTIONAL_PLOTS:
+            if title not in optional:
                 missing.append(title)
             continue
         figures.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,"

@@ -135,8 +135,12 @@ def as_pair(item: dict) -> dict:
 
 
 def _rewards(trainer: Trainer, module: LightningModule, pairs: list[dict], completions: list[list[int]]) -> list:
-    """Each completion's implicit reward: the objective run on pairs (completion, the data's rejected answer, or
-    for an unpaired row its completion)."""
+    """Each completion's reward: the objective's own rewards of completions (GRPO, RLOO: their reward), or its
+    implicit reward: the objective run on pairs (completion, the data's rejected answer, or for an unpaired row
+    its completion)."""
+    own = module.completion_rewards(pairs, completions)
+    if own is not None:
+        return own
     answered = "chosen_ids" in pairs[0] or "completion_ids" in pairs[0]
     if not module.scores_new_text or not answered:  # a precomputed reference, or prompts without an answer
         return [None] * len(pairs)
