@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from prefmodule.data import PreferenceDataModule
-from prefmodule.errors import find_user_error, show_traceback
+from prefmodule.errors import find_user_error, message, show_traceback
 from prefmodule.objectives import PreferenceModule
 from prefmodule.training.cli import PrefCLI
 
@@ -54,7 +54,7 @@ def main(args: list[str] | None = None) -> PrefCLI:
         if error is None or traceback:
             raise
         if rank_zero_only.rank == 0 or not error.on_every_rank:
-            print(f"prefmodule: error: {error}", file=sys.stderr)
+            print(f"prefmodule: error: {message(error)}", file=sys.stderr)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         raise SystemExit(error.exit_code) from None

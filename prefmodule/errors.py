@@ -79,6 +79,17 @@ def find_user_error(error: BaseException) -> UserError | None:
     return None
 
 
+def add_note(error: BaseException, note: str) -> None:
+    """Add ``note`` to ``error`` (as Python 3.11's ``add_note``, on 3.10 too): a traceback shows it below the
+    error, and the CLI prints a user error's notes after its message, on the same line (:func:`message`)."""
+    error.__notes__ = [*getattr(error, "__notes__", []), note]
+
+
+def message(error: BaseException) -> str:
+    """``error``'s message and its notes, on one line."""
+    return " ".join([str(error), *getattr(error, "__notes__", [])])
+
+
 WRITE_HINTS = {
     errno.ENOSPC: "free space on that disk, or write elsewhere (e.g. `--trainer.default_root_dir`)",
     errno.EDQUOT: "your disk quota is used up: free space, or write elsewhere (e.g. `--trainer.default_root_dir`)",

@@ -97,7 +97,8 @@ def test_scorer_names_are_checked(tmp_path):
     assert make_scorer(f"{rule}:length")(["p", "p"], ["ab", "abcd"]) == [2.0, 4.0]
     bad = tmp_path / "bad_rule.py"
     bad.write_text("def nan(prompts, completions):\n    return [float('nan')] * len(completions)\n")
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match=f"reward function {bad}:nan returned nan for completion 1 of 1: a score must "
+                                         "be finite"):
         make_scorer(f"{bad}:nan")(["p"], ["a"])
 
 

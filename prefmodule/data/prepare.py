@@ -33,6 +33,7 @@ CHUNK = 512
 UNPAIR_BLOCK = 1000  # TRL's ``unpair_preference_dataset`` maps batches of 1,000 pairs (``datasets``' default)
 PAIR_PARTS = ("prompt", "chosen", "rejected")
 UNPAIRED_PARTS = ("prompt", "completion")
+EMPTY_PROMPT = "empty prompt"  # a prompt to complete that says nothing: dropped and counted
 
 
 @dataclass
@@ -116,6 +117,9 @@ def prompt_items(sources: list[Source], settings: Settings, encoder: Encoder, la
     for index, _, record, where, row in _items(progress(itertools.chain(first, rows), f"reading {label}",
                                                         unit="rows"), checker, False, report, on_bad_rows, rows=True):
         prompt, tools = record.prompt, record.tools
+        if _empty_prompt(prompt):  # nothing to complete
+            report.dropped[EMPTY_PROMPT] += 1
+            continue
         key = repr(prompt)  # a pair's two rows, or a file of pairs, give each prompt once
         if key in seen:
             report.dropped["repeated prompt"] += 1
@@ -137,6 +141,14 @@ def prompt_items(sources: list[Source], settings: Settings, encoder: Encoder, la
     if report.bad_count and on_bad_rows == "error":
         raise DataValidationError(report.bad, report.rows, report.bad_count)
     return items, report.meta(len(items))
+
+
+def _empty_prompt(prompt: str | list) -> bool:
+    """A text of whitespace alone, or messages none of which says anything."""
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    return not any(message.get("content") not in (None, "", []) and str(message.get("content")).strip()
+                   for message in prompt)
 
 
 def _check_chat(checker, chat: bool, label: str) -> None:

@@ -33,6 +33,9 @@ class GenerationSettings:
         require(finite(self.temperature) and self.temperature >= 0, "model.temperature", self.temperature,
                 "must be >= 0 (0 decodes greedily: every completion of a prompt the same)")
         require(finite(self.top_p) and 0 < self.top_p <= 1, "model.top_p", self.top_p, "must be in (0, 1]")
+        require(self.temperature > 0 or self.num_completions == 1, "model.temperature", self.temperature,
+                f"decodes greedily, and the {self.num_completions} completions of a prompt would all be the same "
+                "(nothing to compare); sample at a temperature > 0 (e.g. 1.0)")
 
 
 def end_tokens(model: nn.Module, tokenizer) -> set[int]:

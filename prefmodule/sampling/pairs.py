@@ -4,21 +4,29 @@ and keeps the best as chosen and the worst as rejected, in a file that trains DP
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
+import json
+import os
 import statistics
+import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from prefmodule.data.contract import BatchFormat
-from prefmodule.errors import ConfigError, finite, require
+from prefmodule.errors import ConfigError, DataError, MissingFileError, add_note, find_user_error, finite, require
 from prefmodule.models.generation import GenerationSettings, aside_from_training, end_tokens, generate
 from prefmodule.models.sharding import is_sharded
 from prefmodule.objectives.base import PreferenceModule
-from prefmodule.sampling.scorers import FunctionScorer, RewardModelScorer, Scorer, reward_name, scorer_target
+from prefmodule.sampling.scorers import (
+    FunctionScorer, RewardModelScorer, Scorer, naming_rows, reward_name, scorer_target,
+)
 from prefmodule.training.callbacks import PredictionWriter, write_jsonl
 
 
@@ -40,8 +48,9 @@ def scored_completions(module: LightningModule, batch: dict, settings: Generatio
     completions = sample_completions(module, batch["prompt_ids"], settings, seed)
     texts, ended = completion_texts(module, completions)
     prompts, columns = completed_rows(batch, settings.num_completions)
-    return completions, texts, ended, scores(prompts, texts, ended, module.device, completion_ids=completions,
-                                             **columns)
+    with naming_rows(batch["index"].tolist(), settings.num_completions):
+        return completions, texts, ended, scores(prompts, texts, ended, module.device, completion_ids=completions,
+                                                 **columns)
 
 
 def completed_rows(batch: dict, repeats: int) -> tuple[list, dict[str, list]]:
@@ -121,6 +130,9 @@ class SamplePairsModule(PreferenceModule):
     ``score_rejected``: ``fit --config configs/dpo.yaml --data.train=<that file>`` trains on them as they are. Under
     DDP each rank samples its share of the prompts; the file holds each prompt once.
 
+    Each finished batch is also appended to a partial file beside the pairs (:class:`PairsWriter`); a run stopped
+    by an error or an interrupt leaves it, and ``resume_partial`` continues from it.
+
     Args:
         model: the policy that completes the prompts.
         reward: a reward model (a ``RewardModule`` export folder or ``.ckpt``) or a function
@@ -130,19 +142,24 @@ class SamplePairsModule(PreferenceModule):
             and its first prompt's row.
         missing_eos_penalty: subtracted from the score of a completion that did not end within ``max_new_tokens``.
         pairs_path: where the pairs go (default ``<log dir>/pairs.jsonl``).
+        resume_partial: the partial file a stopped run left (``<pairs>.partial.jsonl``): the batches it holds are
+            taken as they were sampled and the others sampled, as the stopped run would have (same data, batch size
+            and settings); ``None``: sample everything.
         **kwargs: see :class:`PreferenceModule` (``tokenizer``, ``dtype``, ``attn_implementation``, ...).
     """
 
     token_logps = False  # nothing is scored through the LM head
-    run_time = PreferenceModule.run_time + ("pairs_path",)
+    run_time = PreferenceModule.run_time + ("pairs_path", "resume_partial")
 
     def __init__(self, model: str, reward: str, num_completions: int = 4, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, generation_seed: int = 0,
-                 missing_eos_penalty: float | None = None, pairs_path: str | None = None, **kwargs):
+                 missing_eos_penalty: float | None = None, pairs_path: str | None = None,
+                 resume_partial: str | None = None, **kwargs):
         super().__init__(model=model, **kwargs)
         self.generation = GenerationSettings(num_completions, max_new_tokens, temperature, top_p, generation_seed)
         self.scores = CompletionScores(reward, missing_eos_penalty)
         self.pairs_path = pairs_path
+        self.resumed = read_partial(resume_partial, num_completions) if resume_partial else {}
         self.samples = None  # predict only: no samples during fit
 
     def batch_format(self) -> BatchFormat:
@@ -154,6 +171,9 @@ class SamplePairsModule(PreferenceModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """One row per prompt: its pair and its completions' scores, or ``tie`` when all score the same."""
+        done = [self.resumed.get(index) for index in batch["index"].tolist()]
+        if done and all(done):  # sampled by the run that left ``resume_partial``
+            return done
         n = self.generation.num_completions
         completions, texts, _, scores = scored_completions(self, batch, self.generation, self.scores,
                                                            self.generation.seed + int(batch["index"][0]))
@@ -180,6 +200,37 @@ class SamplePairsModule(PreferenceModule):
         return [PairsWriter(self.pairs_path)]
 
 
+def partial_path(path: str, rank: int = 0) -> str:
+    """The partial file beside the pairs file ``path`` that rank ``rank`` appends its finished batches to:
+    ``pairs.partial.jsonl`` (rank 0), ``pairs.partial.rank1.jsonl``, ..."""
+    stem = path[: -len(".jsonl")] if path.endswith(".jsonl") else path
+    return f"{stem}.partial.jsonl" if rank == 0 else f"{stem}.partial.rank{rank}.jsonl"
+
+
+def read_partial(path: str, num_completions: int) -> dict[int, dict]:
+    """The rows of a partial file (and of the other ranks' beside it) by data row, checked against
+    ``num_completions``; a last line cut short by a kill is left out."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"model.resume_partial={path!r}: no such file (a stopped run's "
+                               "<pairs>.partial.jsonl)")
+    rows = {}
+    for name in [path, *sorted(glob.glob(glob.escape(path[: -len(".jsonl")]) + ".rank*.jsonl"))]:
+        lines = Path(name).read_text().splitlines()
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+                rows[int(row["index"])] = row
+                completions = len(row["scores"])
+            except (ValueError, KeyError, TypeError):
+                if number == len(lines):
+                    break
+                raise DataError(f"{name}:{number}: not a row of a partial file of sampled pairs") from None
+            if completions != num_completions:
+                raise ConfigError(f"model.resume_partial={path!r} holds {completions} completions per prompt and "
+                                  f"this run draws {num_completions}: resume with the stopped run's settings")
+    return rows
+
+
 def response(prompt: str | list, text: str) -> str | list:
     """A completion in its prompt's format: text, or one assistant message."""
     return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
@@ -187,28 +238,66 @@ def response(prompt: str | list, text: str) -> str | list:
 
 class PairsWriter(PredictionWriter):
     """Writes the sampled pairs (rows of every rank, each prompt once, in data order) to ``path`` (default
-    ``<log dir>/pairs.jsonl``) and says in one line what was sampled; :attr:`summary` holds the same figures."""
+    ``<log dir>/pairs.jsonl``) and says in one line what was sampled; :attr:`summary` holds the same figures.
+
+    Each rank also appends its finished batches' rows to a partial file beside it (:func:`partial_path`), removed
+    once the pairs are written. A run stopped by an error keeps it and says so after the error's message; one
+    stopped by an interrupt (Ctrl-C) says so in one line: ``model.resume_partial`` continues from it."""
 
     file_name = "pairs.jsonl"
+    option = "model.pairs_path"
 
     def __init__(self, path: str | None = None):
         super().__init__(path)
         self.summary: dict | None = None
+        self.partial: str | None = None  # this rank's partial file, once sampling has started
+        self.kept = 0  # rows in it
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.partial, self.kept = partial_path(self.output_path(trainer), trainer.global_rank), 0
+        write_jsonl(self.partial, [], what="the partial pairs")  # a stopped run's: read (resume_partial) or replaced
+
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: list[dict], batch,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        write_jsonl(self.partial, outputs, append=True, what="the partial pairs")
+        self.kept += len(outputs)
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        super().write_on_epoch_end(trainer, pl_module, predictions, batch_indices)
+        if trainer.is_global_zero:  # the pairs are written: every rank's partial file goes
+            for rank in range(trainer.world_size):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(partial_path(self.output_path(trainer), rank))
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self.partial is None or not os.path.exists(self.partial):
+            return
+        if not self.kept:
+            os.remove(self.partial)
+            return
+        kept = (f"the {self.kept} prompts sampled are kept in {self.partial}: --model.resume_partial={self.partial} "
+                "continues from them")
+        if isinstance(exception, KeyboardInterrupt):
+            print(f"prefmodule: interrupted; {kept}.", file=sys.stderr)
+        else:
+            add_note(find_user_error(exception) or exception, f"({kept[0].upper()}{kept[1:]}.)")
 
     def write(self, rows: list[dict], path: str, pl_module: LightningModule) -> None:
         pairs = [row["pair"] for row in rows if "pair" in row]
         dropped = Counter(row["dropped"] for row in rows if "dropped" in row)
         scores = [score for row in rows for score in row["scores"]]
-        write_jsonl(path, pairs)
+        write_jsonl(path, pairs, what="the pairs")
         settings = pl_module.generation
         self.summary = {"prompts": len(rows), "completions_per_prompt": settings.num_completions, "pairs": len(pairs),
                         "ties": dropped["ties"], "empty": dropped["empty completions"],
                         "sampled_tokens": sum(row["tokens"] for row in rows),
                         "mean_score": statistics.fmean(scores),
                         "score_std": statistics.pstdev(scores), "min_score": min(scores), "max_score": max(scores),
-                        "path": path}
+                        "path": path, "resumed": sum(pl_module.resumed.get(row["index"]) == row for row in rows)}
         s = self.summary
-        rank_zero_info(f"prefmodule: sampled {s['prompts']} prompts x {s['completions_per_prompt']} completions: "
+        resumed = f" ({s['resumed']} of them taken from model.resume_partial)" if s["resumed"] else ""
+        rank_zero_info(f"prefmodule: sampled {s['prompts']} prompts{resumed} x {s['completions_per_prompt']} "
+                       f"completions: "
                        f"{s['pairs']} pairs kept, {s['ties']} ties dropped"
                        + (f", {s['empty']} with fewer than two non-empty completions" if s["empty"] else "")
                        + f"; scores mean {s['mean_score']:.3f} "

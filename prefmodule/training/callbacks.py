@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -14,10 +15,11 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from prefmodule.errors import ConfigError, writing
 from prefmodule.outputs.hub import HubSettings
 from prefmodule.outputs.loggers import log_dir, log_samples_table
 from prefmodule.outputs.samples import SampleSettings, generate_samples, held_out_pairs
-from prefmodule.training.checkpoints import default_checkpoints
+from prefmodule.training.checkpoints import default_checkpoints, replacing
 from prefmodule.training.fit_end import fit_end_callbacks
 from prefmodule.training.guard import default_guard
 from prefmodule.training.resume import DataPosition
@@ -69,7 +71,7 @@ class SampleWriter(Callback):
         path = os.path.join(log_dir(trainer), "samples.jsonl")
         if not trainer.is_global_zero:
             return
-        write_jsonl(path, rows, append=True)
+        write_jsonl(path, rows, append=True, what="the samples")
         for logger in trainer.loggers:
             log_samples_table(logger, rows, trainer.global_step, path)
         first = rows[0]
@@ -86,23 +88,38 @@ def _short(text: str, width: int = 60) -> str:
 
 class PredictionWriter(BasePredictionWriter):
     """Writes the rows ``predict_step`` returned on every rank (each item once, in dataset order) as JSON lines to
-    ``path`` (default ``<log dir>/predictions.jsonl``), and says in one line what was written (:meth:`write`)."""
+    ``path`` (default ``<log dir>/predictions.jsonl``), and says in one line what was written (:meth:`write`).
+
+    The path is checked before anything is computed (:func:`check_output_path`): when the writer is built, and
+    with the default path and the run's data files when ``predict`` sets up; the file is replaced whole."""
 
     file_name = "predictions.jsonl"  # in the log dir, unless ``path`` is given
+    option = "model.predictions_path"  # the option that sets ``path``, for messages
 
     def __init__(self, path: str | None = None):
         super().__init__(write_interval="epoch")
+        if path is not None:
+            check_output_path(path, self.option)
         self.path = path
 
+    def output_path(self, trainer: Trainer) -> str:
+        """Where the rows go: ``path``, or the log dir's ``file_name``."""
+        return self.path or os.path.join(log_dir(trainer), self.file_name)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict":
+            inputs = trainer.datamodule.input_files() if hasattr(trainer.datamodule, "input_files") else []
+            check_output_path(self.output_path(trainer), self.option, inputs)
+
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        path = self.path or os.path.join(log_dir(trainer), self.file_name)
+        path = self.output_path(trainer)
         rows = gathered_rows(trainer, predictions)
         if trainer.is_global_zero:
             self.write(rows, path, pl_module)
 
     def write(self, rows: list[dict], path: str, pl_module: LightningModule) -> None:
         """Write the scored pairs (or rows) and say how many the model prefers chosen in."""
-        write_jsonl(path, rows)
+        write_jsonl(path, rows, what="the predictions")
         if rows and "preferred" not in rows[0]:  # unpaired rows: a reward each
             rank_zero_info(f"prefmodule: scored {len(rows)} rows -> {path}")
             return
@@ -110,11 +127,38 @@ class PredictionWriter(BasePredictionWriter):
         rank_zero_info(f"prefmodule: scored {len(rows)} pairs ({preferred} prefer chosen) -> {path}")
 
 
-def write_jsonl(path: str, rows: list[dict], append: bool = False) -> None:
-    """``rows`` as JSON lines in ``path`` (its folder made if missing), replacing the file or appended to it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a" if append else "w") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in rows)
+def write_jsonl(path: str, rows: list[dict], append: bool = False, what: str = "JSON lines") -> None:
+    """``rows`` as JSON lines in ``path`` (its folder made if missing): appended to it, or replacing it whole (a
+    temporary file renamed once written: a failed write leaves the earlier file as it was). A failure to write
+    (disk full, no permission) is a :class:`~prefmodule.errors.WriteError` naming ``what`` and the path."""
+    lines = "".join(json.dumps(row) + "\n" for row in rows)
+    with writing(path, what):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if append:
+            with open(path, "a") as handle:
+                handle.write(lines)
+            return
+        with replacing(path) as partial, open(partial, "w") as handle:
+            handle.write(lines)
+
+
+def check_output_path(path: str, option: str, inputs: Iterable[str] = ()) -> None:
+    """Refuse, before anything is computed, an output file ``path`` (set by ``option``) that cannot be written: a
+    folder, a path under a file, a folder without write permission, or one of the run's ``inputs`` (the data it
+    reads: writing would overwrite it)."""
+    location = os.path.abspath(path)
+    if os.path.isdir(location):
+        raise ConfigError(f"{option}={path!r} is a folder: give a file path (e.g. {os.path.join(path, 'out.jsonl')})")
+    folder = os.path.dirname(location)
+    while not os.path.lexists(folder):  # the nearest existing folder: the missing ones are made
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{option}={path!r} lies under {folder}, which is a file: give a path in a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}={path!r}: no permission to write in {folder}; write elsewhere")
+    if any(os.path.realpath(location) == os.path.realpath(name) for name in inputs):
+        raise ConfigError(f"{option}={path!r} is a data file this run reads: writing it would overwrite that data; "
+                          "give another path")
 
 
 def gathered_rows(trainer: Trainer, predictions: list[list[dict]]) -> list[dict]:

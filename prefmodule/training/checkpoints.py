@@ -23,10 +23,13 @@ written or when a save happens outside its triggers).
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pickle
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from weakref import proxy
@@ -44,26 +47,36 @@ PARTIAL = ".partial"  # a checkpoint being written; renamed to its final name on
 SHARDED_META = "meta.pt"  # Lightning's file of the trainer state in a sharded (folder) checkpoint
 
 
+@contextmanager
+def replacing(path: str | os.PathLike, owner: bool = True) -> Iterator[str]:
+    """A temporary name beside ``path`` (``path + ".partial"``) to write a file or a folder under: once the block
+    ends it is flushed to the disk and renamed ``path``; if the block fails it is removed (freeing the space a full
+    disk needs) and ``path`` stays as it was. Only the ``owner`` process (rank 0 where every rank writes a shard)
+    clears, renames and removes."""
+    path = os.fspath(path)
+    partial = path + PARTIAL
+    if owner:
+        _remove(partial)
+    try:
+        yield partial
+        if owner:
+            _fsync(partial)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)  # a sharded checkpoint of the same name (os.replace keeps no folder)
+            os.replace(partial, path)
+    except BaseException:
+        if owner:
+            _remove(partial)
+        raise
+
+
 class AtomicCheckpoint(ModelCheckpoint):
     """:class:`ModelCheckpoint` writing each checkpoint under a temporary name, renamed once complete; a
     failure to write (disk full, no permission) is a :class:`~prefmodule.errors.WriteError` naming the path."""
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
-        partial = filepath + PARTIAL
-        try:
-            with writing(filepath, "a checkpoint"):
-                if trainer.is_global_zero:
-                    _remove(partial)
-                trainer.save_checkpoint(partial, self.save_weights_only)  # every rank; ends with a barrier
-                if trainer.is_global_zero:
-                    _fsync(partial)
-                    if os.path.isdir(filepath) and not os.path.islink(filepath):
-                        shutil.rmtree(filepath)  # a sharded checkpoint of the same name (os.replace keeps no folder)
-                    os.replace(partial, filepath)
-        except BaseException:
-            if trainer.is_global_zero:
-                _remove(partial)  # frees the space a full disk needs; earlier checkpoints stay as they were
-            raise
+        with writing(filepath, "a checkpoint"), replacing(filepath, trainer.is_global_zero) as partial:
+            trainer.save_checkpoint(partial, self.save_weights_only)  # every rank; ends with a barrier
         trainer.strategy.barrier("prefmodule.checkpoint_renamed")
         # What ModelCheckpoint._save_checkpoint records after writing (Lightning 2.6).
         self._last_global_step_saved = trainer.global_step
@@ -211,6 +224,26 @@ def resolve_checkpoint(ckpt_path: str | None, root: str | os.PathLike) -> str | 
     if problem:
         raise UserError(f"ckpt_path={ckpt_path!r} cannot be used: {problem}.")
     return ckpt_path
+
+
+def checkpoint_class(path: str | os.PathLike) -> str | None:
+    """The class path of the module a checkpoint holds, as the CLI saved it (``prefmodule.DPOModule``), read
+    without its weights (memory-mapped; a sharded checkpoint's ``meta.pt``); ``None`` when it does not say."""
+    path = Path(path)
+    state = torch.load(path / SHARDED_META if path.is_dir() else path, map_location="cpu", mmap=not path.is_dir(),
+                       weights_only=True)
+    class_path = (state.get("hyper_parameters") or {}).get("_class_path")
+    return class_path if isinstance(class_path, str) else None
+
+
+def import_class(class_path: str) -> type | str:
+    """The class ``class_path`` names (``prefmodule.DPOModule``), or the path itself when it does not import."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return class_path
+    return found if isinstance(found, type) else class_path
 
 
 def checkpoint_problem(path: Path) -> str | None:

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from prefmodule.errors import ConfigError, find_user_error
 from prefmodule.outputs.loggers import with_csv
-from prefmodule.training.checkpoints import resolve_checkpoint
+from prefmodule.training.checkpoints import checkpoint_class, import_class, resolve_checkpoint
 
 
 class PrefCLI(LightningCLI):
@@ -40,6 +40,7 @@ class PrefCLI(LightningCLI):
             config = self.config[subcommand]
             root = config.trainer.get("default_root_dir") or os.getcwd()
             config.ckpt_path = resolve_checkpoint(config.get("ckpt_path"), root)
+            check_checkpoint_class(config.ckpt_path, config.get("model"))
         super()._parse_ckpt_path()  # lays the checkpoint's hyperparameters over the configuration
 
     def instantiate_classes(self) -> None:
@@ -58,6 +59,21 @@ class PrefCLI(LightningCLI):
             loggers = [] if logger in (None, True) else list(logger) if isinstance(logger, (list, tuple)) else [logger]
             config["logger"] = with_csv(loggers, config.get("default_root_dir") or os.getcwd())
         return super()._instantiate_trainer(config, callbacks)
+
+
+def check_checkpoint_class(ckpt_path: str | None, model) -> None:
+    """Refuse a checkpoint of another objective than the configuration's ``model``: Lightning would lay the
+    checkpoint's class over the configuration and run that objective instead, without a word."""
+    configured = getattr(model, "class_path", None)
+    if not ckpt_path or not configured or not os.path.exists(ckpt_path):
+        return
+    saved = checkpoint_class(ckpt_path)
+    if saved is None or import_class(saved) == import_class(configured):
+        return
+    name = configured.rpartition(".")[2]
+    raise ConfigError(f"ckpt_path={ckpt_path!r} is a checkpoint of {saved}, and the configuration's model is "
+                      f"{configured}: a checkpoint resumes or evaluates its own objective. Give a checkpoint of a "
+                      f"{name} run, or start {name} from that run's policy with --model.model=<its log dir>/hf_model.")
 
 
 def _root_cause(error: BaseException) -> BaseException:
