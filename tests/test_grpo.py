@@ -299,6 +299,7 @@ def test_a_reward_function_that_fails_exits_2_naming_it(body, says, prompts, tmp
     assert exit_.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"prefmodule: error: reward function {rule}:broken ") and says in line
+    assert " of row" in line  # the data rows of the batch's prompts (or of the completion at fault)
 
 
 class PoisonedGRPO(GRPOModule):

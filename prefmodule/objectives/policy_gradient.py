@@ -22,6 +22,7 @@ from prefmodule.objectives.metrics import Mean, Std
 from prefmodule.reference.modes import scored_stats
 from prefmodule.reference.module import ReferenceModule
 from prefmodule.sampling.pairs import CompletionScores, completed_rows, completion_texts, sample_completions
+from prefmodule.sampling.scorers import naming_rows
 
 # A step's metrics, TRL's names: those of the generation batch, then those of the loss.
 ROLLOUT_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
@@ -99,8 +100,6 @@ class PolicyGradientModule(ReferenceModule):
         super().__init__(model=model, **kwargs)
         require(isinstance(num_iterations, int) and num_iterations >= 1, "model.num_iterations", num_iterations,
                 "must be a whole number >= 1 (how many times each generation batch is trained on)")
-        require(temperature > 0, "model.temperature", temperature, f"must be > 0: at 0 every completion of a "
-                f"prompt is the same and the {num_generations} of a group have nothing to compare")
         if self.reference.saved or not self.reference.scores_new_text:
             raise ConfigError(f"model.reference={self.hparams.reference!r}: the KL term scores completions sampled "
                               "while training, with a fixed reference: use copy, or adapter (with lora).")
@@ -202,7 +201,8 @@ class PolicyGradientModule(ReferenceModule):
         completions = sample_completions(self, batch["prompt_ids"], self.generation, seed)
         texts, ended = completion_texts(self, completions)
         prompts, columns = completed_rows(batch, n)
-        rewards = self.scores.per_reward(prompts, texts, self.device, completion_ids=completions, **columns)
+        with naming_rows(batch["index"].tolist(), n):
+            rewards = self.scores.per_reward(prompts, texts, self.device, completion_ids=completions, **columns)
         items = [{"index": index, "prompt_ids": prompt_ids, "completion_ids": completion}
                  for i, completion in enumerate(completions)
                  for index, prompt_ids in [(int(batch["index"][i // n]), batch["prompt_ids"][i // n])]]
@@ -286,7 +286,8 @@ class PolicyGradientModule(ReferenceModule):
         texts, ended = completion_texts(self, completions)
         prompts, columns = completed_rows({"prompt": [item["prompt"] for item in items],
                                            "columns": [item.get("columns") for item in items]}, 1)
-        rewards = self.scores.per_reward(prompts, texts, self.device, completion_ids=completions, **columns)
+        with naming_rows([item["index"] for item in items], 1):
+            rewards = self.scores.per_reward(prompts, texts, self.device, completion_ids=completions, **columns)
         scores = self.scores.combined(rewards, ended).masked_fill(rewards.isnan().all(1), float("nan"))
         return [None if math.isnan(score) else score for score in scores.tolist()]
 
