@@ -208,6 +208,9 @@ def test_what_cannot_be_a_reward_model_is_refused_before_the_policy_loads(tmp_pa
     (tmp_path / "empty").mkdir()
     (tmp_path / "tokenizer_only").mkdir()
     (tmp_path / "tokenizer_only" / "tokenizer.json").write_text("{}")
+    (tmp_path / "two_labels").mkdir()
+    (tmp_path / "two_labels" / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForSequenceClassification"], "id2label": {"0": "bad", "1": "good"}}))
     refused = {
         "asset://tiny-llama": "LlamaForCausalLM is a causal LM, not a reward model (one score per text: a "
                               "sequence-classification head with one label, as configs/reward.yaml trains and exports)",
@@ -216,6 +219,8 @@ def test_what_cannot_be_a_reward_model_is_refused_before_the_policy_loads(tmp_pa
         str(tmp_path / "empty"): "the folder is empty (a RewardModule's export is its run's <log dir>/hf_model)",
         str(tmp_path / "tokenizer_only"): "no config.json in that folder: not a model (a RewardModule's export is "
                                           "its run's <log dir>/hf_model)",
+        str(tmp_path / "two_labels"): "LlamaForSequenceClassification has 2 labels; a reward model has one (a single "
+                                      "score per text)",
     }
     for reward, why in refused.items():
         code, error = fails_with(capsys, *sample_args(tmp_path, data, f"--model.reward={reward}"))
