@@ -199,12 +199,18 @@ class GroupLog(L.Callback):
                                      is None else kept.sequences["index"].tolist()}) + "\n")
 
 
-def test_ddp_samples_whole_groups_per_rank_and_each_prompt_once(prompts, tmp_path):
-    """2 processes (gloo), 4 prompts per rank and step, each generation batch used twice (num_iterations 2)."""
+@pytest.mark.parametrize("strategy", [
+    pytest.param(["--trainer.strategy=ddp"], id="ddp"),
+    pytest.param(["--config", str(CONFIGS / "strategies" / "fsdp2.yaml"), "--trainer.strategy.data_parallel_size=2",
+                  "--model.beta=0.1"], id="fsdp2-beta", marks=pytest.mark.slow),
+])
+def test_two_processes_sample_whole_groups_per_rank_and_each_prompt_once(strategy, prompts, tmp_path):
+    """2 processes (gloo), 4 prompts per rank and step, each generation batch used twice (num_iterations 2); under
+    FSDP2 every rank generates in step with the sharded weights, and the reference copy is sharded too."""
     from test_distributed import launch
 
     log = tmp_path / "groups"
-    launch("fit", "--config", str(CONFIGS / "grpo.yaml"), "--trainer.strategy=ddp", f"--data.train={prompts}",
+    launch("fit", "--config", str(CONFIGS / "grpo.yaml"), *strategy, f"--data.train={prompts}",
            f"--data.val={prompts}", "--model.num_generations=2", "--model.num_iterations=2",
            "--model.max_new_tokens=6", "--trainer.max_epochs=1", "--trainer.limit_val_batches=1",
            "--trainer.callbacks+=test_grpo.GroupLog", f"--trainer.callbacks.log={log}",
