@@ -141,8 +141,8 @@ def test_reward_yaml_fits_the_export_reloads_with_the_same_scores_and_predict_wr
     pairs = read_jsonl(tmp_path / "pairs.jsonl")
     assert len(pairs) == 200 and set(pairs[0]) == {"index", "chosen_reward", "rejected_reward", "preferred"}
     main(["predict", *common, f"--ckpt_path={checkpoint}", f"--data.predict={unpaired}",
-          f"--model.predictions_path={tmp_path / 'rows.jsonl'}"])
-    scored = read_jsonl(tmp_path / "rows.jsonl")
+          f"--model.predictions_path={tmp_path / 'scored.jsonl'}"])  # not rows.jsonl, the data it reads
+    scored = read_jsonl(tmp_path / "scored.jsonl")
     assert [row["index"] for row in scored] == [0, 1, 2] and all(math.isfinite(row["reward"]) for row in scored)
 
 
