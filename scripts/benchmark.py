@@ -19,8 +19,19 @@ loading and logging included), tokens/s over non-pad tokens, peak memory (proces
 the model FLOPs of the non-pad tokens (3 forwards for the trained policy, 1 for a live
 reference) over the matmul throughput measured in the same run.
 
-``--markdown FILE`` rewrites only the part of FILE between the markers of ``--section`` (or appends
-it), so the analysis written around the tables survives a re-run.
+``--objectives grpo`` (on its own, with ``--model``) measures GRPO against TRL's ``GRPOTrainer`` instead: the
+same pretrained model, the first prompts of ``--prompts`` (default: the arithmetic asset) in file order,
+``--batch-size`` prompts per step, ``--num-generations`` completions of each (KV-cached ``generate``, no vLLM) of
+at most ``--max-completion-length`` tokens at ``--temperature``, the exact-match reward, beta 0 and loss_type dapo
+in both, one generation batch per optimizer step. Per run: the median step time and CPU time, the completion
+tokens sampled per timed step and the time per sampled token (completion lengths differ between the runs, as
+their samples do), peak memory, the ratios prefmodule / TRL:
+
+    python scripts/benchmark.py --model smollm2 --objectives grpo --num-generations 8 --batch-size 4 \
+        --max-completion-length 64 --steps 3 --warmup-steps 1 --json grpo.json --markdown BENCHMARKS.md
+
+``--markdown FILE`` rewrites only the part of FILE between the markers of ``--section`` (default ``results``,
+``grpo`` for ``--objectives grpo``; or appends it), so the analysis written around the tables survives a re-run.
 """
 
 from __future__ import annotations
@@ -48,8 +59,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = REPO_ROOT / "prefmodule" / "assets" / "tiny-llama"  # pad 0, BOS 1, EOS 2: only its special ids are used
 EOS_ID = 2
 FRAMEWORKS = ("prefmodule", "trl")
-OBJECTIVES = ("dpo", "orpo", "simpo")
-TRL_OBJECTIVES = ("dpo", "orpo")  # TRL's DPOTrainer and ORPOTrainer
+PAIR_OBJECTIVES = ("dpo", "orpo", "simpo")  # trained on the pairs; the default
+OBJECTIVES = (*PAIR_OBJECTIVES, "grpo")  # grpo: on prompts, sampling each step; measured on its own
+TRL_OBJECTIVES = ("dpo", "orpo", "grpo")  # TRL's DPOTrainer, ORPOTrainer and GRPOTrainer
 
 PRESETS = {
     "small-llama": dict(
@@ -67,6 +79,8 @@ TARGETS = {
     ("orpo", "time_vs_trl"): 0.35, ("orpo", "memory_vs_trl"): 0.5,
     ("dpo", "time_vs_floor"): 3.0,
 }
+# Issue 29's goal for GRPO, judged on SmolLM2-135M-Instruct (``--model smollm2``): upper bounds of the ratios.
+GRPO_TARGETS = {"time_vs_trl": 0.5, "time_per_token_vs_trl": 0.5, "memory_vs_trl": 0.6}
 
 
 @dataclass
@@ -82,7 +96,7 @@ class Settings:
     device: str = "cpu"
     dtype: str = "fp32"  # "bf16": mixed precision over float32 weights, in both frameworks
     gradient_checkpointing: bool = False
-    objectives: list[str] = field(default_factory=lambda: list(OBJECTIVES))
+    objectives: list[str] = field(default_factory=lambda: list(PAIR_OBJECTIVES))
     frameworks: list[str] = field(default_factory=lambda: list(FRAMEWORKS))
     lr: float = 1e-6
     max_grad_norm: float = 1.0  # TRL's default; Lightning's ``gradient_clip_val``
@@ -91,6 +105,12 @@ class Settings:
     reference: str | None = None  # prefmodule DPO's ``reference=``; "precomputed" also in TRL
     seed: int = 0
     repeats: int = 1  # runs of each (framework, objective), interleaved; the fastest is kept
+    # grpo only (batch_size counts prompts per step there):
+    prompts: str = "asset://arithmetic/train.jsonl"  # a JSONL of prompts, with the reward's columns (answer)
+    reward: str = "prefmodule.sampling.rules:exact_match"  # module:function, given to both frameworks
+    num_generations: int = 8  # G, completions per prompt
+    max_completion_length: int = 64
+    temperature: float = 0.7
 
     def model_config(self) -> dict:
         if self.model:
@@ -100,7 +120,9 @@ class Settings:
 
 def pretrained_folder(model: str) -> str:
     if model != "smollm2":
-        return model
+        from prefmodule.paths import resolve
+
+        return resolve(model)  # asset://tiny-llama, ~/..., or a folder
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     from real_assets import smollm2_folder
 
@@ -426,9 +448,180 @@ def run_trl(objective: str, settings: Settings, model_dir: str, pairs: list[dict
     return measurements(steps, baseline, time.perf_counter() - start, settings)
 
 
+# ----- GRPO: prompts, completions sampled every step -------------------------------------------------------------
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def reward_function(spec: str):
+    """The reward ``module:function``, called as both frameworks call it: prefmodule with the completions as texts,
+    TRL (for conversational prompts) with each completion as a list of messages, so TRL's call is given the last
+    message's text. TRL's own keyword arguments (``trainer_state``, ``log_extra``, ...) are not passed on: the
+    function gets what prefmodule gives it, the prompts, the texts, ``completion_ids`` and the rows' columns."""
+    import importlib
+
+    module, name = spec.split(":")
+    function = getattr(importlib.import_module(module), name)
+
+    def reward(prompts, completions, **columns):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        columns = {k: v for k, v in columns.items()
+                   if k not in ("trainer_state", "log_extra", "log_metric", "environments")}
+        return function(prompts, texts, **columns)
+
+    reward.__name__ = name  # TRL logs it as rewards/<name>/mean
+    return reward
+
+
+def prefmodule_top_k(model_dir: str) -> int:
+    """The top-k prefmodule samples with: it does not set one, so ``generate`` takes the model's generation config's,
+    else transformers' default (50). TRL sets its own (``top_k``, default 0: none); the benchmark gives TRL this one."""
+    from transformers import GenerationConfig
+
+    try:
+        configured = GenerationConfig.from_pretrained(model_dir).top_k
+    except OSError:  # no generation_config.json
+        configured = None
+    return 50 if configured is None else configured
+
+
+def grpo_measurements(steps: StepRecorder, baseline_mb: float, total_s: float, settings: Settings,
+                      record: dict) -> dict:
+    """The step clock's figures, and per step: the prompts' ids (each prompt once), every completion's length (the
+    tokens sampled, up to and including the end token) and the sampled tokens the framework logged."""
+    result = measurements(steps, baseline_mb, total_s, settings)
+    expected = settings.warmup_steps + settings.steps
+    for key in ("prompt_ids", "completion_lengths"):
+        if len(record[key]) != expected:
+            raise RuntimeError(f"recorded {len(record[key])} generation batches, expected {expected}")
+    counted = [sum(lengths) for lengths in record["completion_lengths"]]
+    if any(abs(logged - count) > 0.5 for logged, count in zip(record["logged_tokens"], counted)):
+        raise RuntimeError(f"logged sampled tokens {record['logged_tokens']} differ from the completions' {counted}")
+    packed = {"packed": record["packed"]} if "packed" in record else {}  # prefmodule's layout, in the tables
+    return {**result, "prompt_ids": record["prompt_ids"], "completion_lengths": record["completion_lengths"],
+            "sampled_tokens": [round(t) for t in record["logged_tokens"]], **packed}
+
+
+def run_prefmodule_grpo(settings: Settings, model_dir: str, prompts_path: str, profile_dir: str | None = None) -> dict:
+    """``GRPOModule`` on the prompts in file order, with a real Lightning Trainer."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from prefmodule import GRPOModule, PreferenceDataModule
+
+    record = {"prompt_ids": [], "completion_lengths": [], "logged_tokens": []}
+
+    class FileOrder(PreferenceDataModule):
+        """The prompts in file order, as TRL's ``shuffle_dataset=False`` (the datamodule shuffles training rows)."""
+
+        def train_dataloader(self):
+            return DataLoader(self._split("train"), batch_size=self.hparams.batch_size, shuffle=False,
+                              collate_fn=self.collator())
+
+    class Recorded(GRPOModule):
+        def sample_rollout(self, batch):
+            rollout = super().sample_rollout(batch)
+            if self.training:
+                record["prompt_ids"].append([[int(t) for t in ids] for ids in batch["prompt_ids"]])
+                record["completion_lengths"].append([int(n) for n in rollout.values["completions/mean_length"]])
+                record["packed"] = "sequence_ids" in rollout.sequences
+            return rollout
+
+    steps = StepRecorder(settings, profile_dir and Path(profile_dir, "prefmodule-grpo.txt"))
+
+    class StepClock(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            steps.started(batch_idx)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.ended()
+            total = float(trainer.callback_metrics["train/sampled_tokens"])  # cumulative, as logged
+            record["logged_tokens"].append(total - sum(record["logged_tokens"]))
+
+    baseline, start = current_memory_mb(settings.device), time.perf_counter()
+    with tempfile.TemporaryDirectory() as cache_dir:
+        module = Recorded(
+            model=model_dir, reward=settings.reward, num_generations=settings.num_generations,
+            max_new_tokens=settings.max_completion_length, temperature=settings.temperature, loss_type="dapo",
+            beta=0.0, lr=settings.lr, warmup=0, export_hf=False, samples=None,
+            gradient_checkpointing=settings.gradient_checkpointing,
+            **accepted_knobs(GRPOModule, {"logps_chunk_size": settings.logps_chunk_size}),
+        )
+        packing = {"on": True, "off": False, "auto": None}[settings.padding_free]
+        data = FileOrder(train=prompts_path, batch_size=settings.batch_size, max_length=settings.max_length,
+                         cache_dir=cache_dir, padding_free=packing)
+        trainer = L.Trainer(
+            accelerator=settings.device, devices=1, precision="bf16-mixed" if settings.dtype == "bf16" else "32-true",
+            max_steps=settings.warmup_steps + settings.steps, gradient_clip_val=settings.max_grad_norm or None,
+            accumulate_grad_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, callbacks=[StepClock()],
+        )
+        trainer.fit(module, datamodule=data)
+    return grpo_measurements(steps, baseline, time.perf_counter() - start, settings, record)
+
+
+def run_trl_grpo(settings: Settings, model_dir: str, prompts_path: str, profile_dir: str | None = None) -> dict:
+    """TRL's ``GRPOTrainer`` on the same prompts, in file order, one generation batch per optimizer step."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    G = settings.num_generations
+    record = {"prompt_ids": [], "completion_lengths": [], "logged_tokens": []}
+
+    class Trainer(GRPOTrainer):
+        def _generate(self, prompts):
+            generated = super()._generate(prompts)
+            prompt_ids, completion_ids = generated[0], generated[1]  # one row per completion, a prompt's G together
+            if self.model.training:
+                record["prompt_ids"].append([[int(t) for t in ids] for ids in prompt_ids[::G]])
+                record["completion_lengths"].append([len(ids) for ids in completion_ids])
+            return generated
+
+    baseline, start = current_memory_mb(settings.device), time.perf_counter()
+    steps = StepRecorder(settings, profile_dir and Path(profile_dir, "trl-grpo.txt"))
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            steps.started(state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.ended()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs:  # logging_steps=1: this step's generation batch
+                record["logged_tokens"].append(logs["completions/mean_length"] * settings.batch_size * G)
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = GRPOConfig(
+            output_dir=output_dir, per_device_train_batch_size=settings.batch_size * G,  # completions per step
+            gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, num_generations=G,
+            max_completion_length=settings.max_completion_length, temperature=settings.temperature, top_p=1.0,
+            top_k=prefmodule_top_k(model_dir), beta=0.0, loss_type="dapo", learning_rate=settings.lr,
+            max_steps=settings.warmup_steps + settings.steps, max_grad_norm=settings.max_grad_norm,
+            bf16=settings.dtype == "bf16", gradient_checkpointing=settings.gradient_checkpointing,
+            use_cpu=settings.device == "cpu", shuffle_dataset=False, use_transformers_continuous_batching=False,
+            use_vllm=False, logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none",
+            disable_tqdm=True, seed=settings.seed,
+        )
+        trainer = Trainer(
+            model=model_dir, reward_funcs=[reward_function(settings.reward)], args=args,
+            processing_class=AutoTokenizer.from_pretrained(model_dir),
+            train_dataset=Dataset.from_list(read_jsonl(prompts_path)), callbacks=[StepClock()],
+        )
+        trainer.train()
+    return grpo_measurements(steps, baseline, time.perf_counter() - start, settings, record)
+
+
 def worker(framework: str, objective: str, spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     settings = Settings(**spec["settings"])
+    if objective == "grpo":
+        run = run_prefmodule_grpo if framework == "prefmodule" else run_trl_grpo
+        result = run(settings, spec["model_dir"], spec["prompts"], spec.get("profile_dir"))
+        Path(spec["result"]).write_text(json.dumps(result))
+        return
     pairs = json.loads(Path(spec["pairs"]).read_text())
     if framework == "prefmodule":
         result = run_prefmodule(objective, settings, spec["model_dir"], pairs, spec.get("profile_dir"))
@@ -446,6 +639,8 @@ def benchmark(settings: Settings, profile_dir: str | None = None) -> dict:
     if "trl" in frameworks and util.find_spec("trl") is None:
         print("benchmark: trl is not installed, so prefmodule runs alone")
         frameworks.remove("trl")
+    if "grpo" in settings.objectives:
+        return benchmark_grpo(settings, frameworks, profile_dir)
     count = (settings.warmup_steps + settings.steps) * settings.batch_size
     runs = {}
     with tempfile.TemporaryDirectory() as work:
@@ -475,6 +670,151 @@ def benchmark(settings: Settings, profile_dir: str | None = None) -> dict:
     return summarise(settings, parameters, pairs, runs, throughputs)
 
 
+def benchmark_grpo(settings: Settings, frameworks: list[str], profile_dir: str | None = None) -> dict:
+    """GRPO in each framework, in a subprocess: the same model, the first ``(warmup_steps + steps) * batch_size``
+    prompts of ``settings.prompts`` in file order, ``batch_size`` prompts per step, G completions of each."""
+    if settings.objectives != ["grpo"]:
+        raise SystemExit("benchmark: grpo samples prompts rather than training on pairs; measure it on its own "
+                         "(--objectives grpo)")
+    if not settings.model:
+        raise SystemExit("benchmark: grpo needs a pretrained model that answers its prompts: --model smollm2, "
+                         "asset://tiny-llama or a folder")
+    if settings.num_generations < 2:
+        raise SystemExit("benchmark: --num-generations must be >= 2 (GRPO's groups)")
+    from prefmodule.paths import resolve
+
+    count = (settings.warmup_steps + settings.steps) * settings.batch_size
+    rows = read_jsonl(resolve(settings.prompts))
+    if len(rows) < count:
+        raise SystemExit(f"benchmark: {settings.prompts} holds {len(rows)} prompts; {count} are needed "
+                         f"({settings.warmup_steps} + {settings.steps} steps of {settings.batch_size})")
+    rows = rows[:count]
+    runs = {}
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        (work / "model").symlink_to(Path(pretrained_folder(settings.model)).resolve())
+        parameters = count_parameters(work / "model")
+        (work / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        top_k = prefmodule_top_k(str(work / "model"))
+        for repeat in range(settings.repeats):
+            for framework in frameworks:
+                print(f"benchmark: {framework} grpo (repeat {repeat + 1}/{settings.repeats}) ...", flush=True)
+                result = run_in_subprocess(framework, "grpo", settings, work, profile_dir)
+                runs.setdefault(framework, []).append(result)
+    runs = [fastest(framework, "grpo", results) for framework, results in runs.items()]
+    return summarise_grpo(settings, parameters, rows, runs, top_k)
+
+
+def summarise_grpo(settings: Settings, parameters: int, rows: list[dict], runs: list[dict], top_k: int) -> dict:
+    """Per run: the median step time and CPU time, the completion tokens sampled in the timed steps and the time per
+    sampled token (the fairer figure: completion lengths differ run to run, as sampling does), peak memory; the
+    ratios prefmodule / TRL. Every run must have completed the same prompts, step by step."""
+    timed = slice(settings.warmup_steps, None)
+    for run in runs:
+        if run["prompt_ids"] != runs[0]["prompt_ids"]:
+            raise RuntimeError(f"{run['framework']} grpo completed other prompts than {runs[0]['framework']} "
+                               "(tokenised differently, or in another order)")
+        tokens, times = sum(run["sampled_tokens"][timed]), sum(run["step_times_s"])
+        lengths = run["completion_lengths"][timed]
+        run.update(
+            median_step_s=statistics.median(run["step_times_s"]),
+            median_step_cpu_s=statistics.median(run["step_cpu_times_s"]),
+            timed_sampled_tokens=run["sampled_tokens"][timed],
+            sampled_tokens_per_s=tokens / times,
+            ms_per_sampled_token=1e3 * times / tokens,
+            cpu_ms_per_sampled_token=1e3 * sum(run["step_cpu_times_s"]) / tokens,
+            mean_completion_length=statistics.mean(n for step in lengths for n in step),
+            decode_steps=[max(step) for step in lengths],  # generate runs until the longest completion ends
+            clipped_ratio=statistics.mean(n >= settings.max_completion_length for step in lengths for n in step),
+            memory_above_start_mb=run["peak_memory_mb"] - run["memory_at_start_mb"],
+        )
+    trl = next((r for r in runs if r["framework"] == "trl"), None)
+    for run in runs:
+        if run["framework"] == "prefmodule" and trl is not None:
+            run["time_vs_trl"] = run["median_step_s"] / trl["median_step_s"]
+            run["cpu_time_vs_trl"] = run["median_step_cpu_s"] / trl["median_step_cpu_s"]
+            run["time_per_token_vs_trl"] = run["ms_per_sampled_token"] / trl["ms_per_sampled_token"]
+            run["cpu_time_per_token_vs_trl"] = run["cpu_ms_per_sampled_token"] / trl["cpu_ms_per_sampled_token"]
+            run["memory_vs_trl"] = run["peak_memory_mb"] / trl["peak_memory_mb"]
+            run["memory_above_start_vs_trl"] = run["memory_above_start_mb"] / trl["memory_above_start_mb"]
+    prompt_tokens = [len(ids) for step in runs[0]["prompt_ids"] for ids in step] if runs else []
+    ours = next((r for r in runs if r["framework"] == "prefmodule"), None)
+    rows_targets = []
+    if settings.model == "smollm2" and ours is not None:
+        rows_targets = [{"objective": "grpo", "ratio": ratio_name, "target": bound, "reached": ours[ratio_name],
+                         "met": ours[ratio_name] <= bound} for ratio_name, bound in GRPO_TARGETS.items()
+                        if ratio_name in ours]
+    return {
+        "settings": asdict(settings),
+        "model_config": settings.model_config(),
+        "parameters": parameters,
+        "data": {"prompts": len(rows), "source": settings.prompts,
+                 "prompt_tokens_median": statistics.median(prompt_tokens) if prompt_tokens else None,
+                 "prompt_tokens_max": max(prompt_tokens, default=None),
+                 "completions_per_step": settings.batch_size * settings.num_generations},
+        "sampling": {"temperature": settings.temperature, "top_p": 1.0, "top_k": top_k,
+                     "max_completion_length": settings.max_completion_length},
+        "machine": machine(settings.device),
+        "versions": versions(),
+        "runs": runs,
+        "targets": rows_targets,
+    }
+
+
+def markdown_grpo(summary: dict, command: str) -> str:
+    s, runs, data = summary["settings"], summary["runs"], summary["data"]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "| framework | median step (ms) | CPU time per step (ms) | sampled tokens per timed step | sampled tokens/s "
+        "| ms per sampled token | peak memory (MB) | above start (MB) | time vs TRL | CPU time vs TRL "
+        "| time per token vs TRL | memory vs TRL |",
+        "|---|" + "---:|" * 11,
+    ]
+    for run in runs:
+        lines.append(
+            f"| {run['framework']}{layout(run)} | {run['median_step_s'] * 1e3:.0f} "
+            f"| {run['median_step_cpu_s'] * 1e3:.0f} | {', '.join(str(t) for t in run['timed_sampled_tokens'])} "
+            f"| {run['sampled_tokens_per_s']:.1f} | {run['ms_per_sampled_token']:.1f} | {run['peak_memory_mb']:.0f} "
+            f"| {run['memory_above_start_mb']:.0f} | {ratio(run.get('time_vs_trl'))} "
+            f"| {ratio(run.get('cpu_time_vs_trl'))} | {ratio(run.get('time_per_token_vs_trl'))} "
+            f"| {ratio(run.get('memory_vs_trl'))} |"
+        )
+    if summary["targets"]:
+        lines += ["", "| target | bound | reached | met |", "|---|---:|---:|---|"]
+        lines += [f"| grpo {t['ratio']} | {t['target']} | {t['reached']:.2f} | {'yes' if t['met'] else 'no'} |"
+                  for t in summary["targets"]]
+    config, m, sampling = summary["model_config"], summary["machine"], summary["sampling"]
+    lines += [
+        "",
+        f"- Model: pretrained `{s['model']}` ({config['model_type']}, {summary['parameters'] / 1e6:.2f}M parameters, "
+        f"vocab {config['vocab_size']}, {config['num_hidden_layers']} layers), full fine-tuning, {s['dtype']}, "
+        "no reference model (beta 0).",
+        f"- Prompts: the first {data['prompts']} rows of `{data['source']}` in file order, "
+        f"{s['batch_size']} per step, prompt tokens median {data['prompt_tokens_median']}, "
+        f"max {data['prompt_tokens_max']} (the same ids in both, checked step by step).",
+        f"- Sampling: G = {s['num_generations']} completions of each prompt ({data['completions_per_step']} per step), "
+        f"at most {sampling['max_completion_length']} tokens, temperature {sampling['temperature']}, top_p 1.0, "
+        f"top_k {sampling['top_k']}, stopping at EOS, KV-cached `generate` (TRL: its transformers path, no vLLM, "
+        "no continuous batching).",
+        "- Sampled tokens: completion tokens up to and including EOS; prefmodule's logged `train/sampled_tokens` "
+        "(per step: the difference), TRL's logged `completions/mean_length` x completions (both checked against "
+        "the completions' own lengths). "
+        + "; ".join(f"{run['framework']}: mean completion {run['mean_completion_length']:.1f} tokens, "
+                    f"{run['clipped_ratio']:.0%} cut at the limit, decode steps per timed step "
+                    f"{', '.join(str(n) for n in run['decode_steps'])}" for run in runs) + ".",
+        f"- Settings: reward `{s['reward']}` in both, loss_type dapo, beta 0, epsilon 0.2, one generation batch per "
+        f"optimizer step (no gradient accumulation, num_iterations 1), {s['steps']} timed steps after "
+        f"{s['warmup_steps']} warm-up, fastest of {s['repeats']} interleaved run(s) of each, AdamW lr {s['lr']}, "
+        f"grad-norm clip {s['max_grad_norm']}, gradient checkpointing "
+        f"{'on' if s['gradient_checkpointing'] else 'off'}, device {s['device']}.",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "") + f"; {m['platform']}.",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items() if v) + ".",
+    ]
+    return "\n".join(lines)
+
+
 def count_parameters(folder: Path) -> int:
     """Parameters of a saved model (a tied head counted once), from its safetensors header."""
     from safetensors import safe_open
@@ -491,7 +831,8 @@ def fastest(framework: str, objective: str, results: list[dict]) -> dict:
 
 
 def run_in_subprocess(framework: str, objective: str, settings: Settings, work: Path, profile_dir: str | None) -> dict:
-    spec = {"settings": asdict(settings), "pairs": str(work / "pairs.json"), "model_dir": str(work / "model"),
+    spec = {"settings": asdict(settings), "pairs": str(work / "pairs.json"), "prompts": str(work / "prompts.jsonl"),
+            "model_dir": str(work / "model"),
             "result": str(work / f"{framework}-{objective}.json"), "profile_dir": profile_dir}
     spec_path = work / f"{framework}-{objective}.spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -685,12 +1026,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         parser.add_argument(flag, dest=key, type=int, help="override the preset")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (grpo: prompts per step)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(PAIR_OBJECTIVES),
+                        help="default: the pair objectives; grpo is measured on its own (with --model)")
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -701,9 +1043,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
                         "'precomputed' also sets TRL's precompute_ref_log_probs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of each; the fastest is kept")
+    parser.add_argument("--prompts", default=Settings.prompts, help="grpo: a JSONL of prompts with the reward's "
+                        "columns (default: the arithmetic asset, conversational prompts with an answer)")
+    parser.add_argument("--num-generations", type=int, default=Settings.num_generations, help="grpo: G")
+    parser.add_argument("--max-completion-length", type=int, default=Settings.max_completion_length, help="grpo")
+    parser.add_argument("--temperature", type=float, default=Settings.temperature, help="grpo: sampling temperature")
     parser.add_argument("--json", type=Path, help="write the full results here")
     parser.add_argument("--markdown", type=Path, help="write the tables into this file (see --section)")
-    parser.add_argument("--section", default="results", help="name of the block --markdown replaces")
+    parser.add_argument("--section", help="name of the block --markdown replaces (default: results; grpo for "
+                        "--objectives grpo)")
     parser.add_argument("--profile", help="directory for a torch profile of each run's timed steps (slows them)")
     parser.add_argument("--worker", nargs=2, metavar=("FRAMEWORK", "OBJECTIVE"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -716,6 +1064,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         gradient_checkpointing=args.gradient_checkpointing, objectives=args.objectives, frameworks=args.frameworks,
         lr=args.lr, max_grad_norm=args.max_grad_norm, logps_chunk_size=args.logps_chunk_size,
         padding_free=args.padding_free, reference=args.reference, seed=args.seed, repeats=args.repeats,
+        prompts=args.prompts, num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+        temperature=args.temperature,
     )
     return settings, args
 
@@ -728,12 +1078,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     summary = benchmark(settings, args.profile)
     command = "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     summary["command"] = command.strip()
-    report = markdown(summary, summary["command"])
+    grpo = "grpo" in settings.objectives
+    report = (markdown_grpo if grpo else markdown)(summary, summary["command"])
     print(report)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     if args.markdown:
-        write_markdown(args.markdown, report, args.section)
+        write_markdown(args.markdown, report, args.section or ("grpo" if grpo else "results"))
     return summary
 
 

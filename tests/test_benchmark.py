@@ -90,3 +90,63 @@ def test_other_objectives_train_the_planned_batches(tmp_path):
         assert run["batch_tokens"] == planned
         assert len(run["step_times_s"]) == 2 and all(t > 0 for t in run["step_times_s"])
         assert run["peak_memory_mb"] > 100
+
+
+GRPO_TINY = ["--model", "asset://tiny-llama", "--objectives", "grpo", "--num-generations", "2",
+             "--max-completion-length", "8", "--batch-size", "2", "--steps", "1", "--warmup-steps", "1"]
+
+
+def test_grpo_tiny_run_reports_sampled_tokens_and_ratios_for_both_frameworks(tmp_path):
+    """GRPO against TRL's GRPOTrainer on the tiny model: 2 prompts of the arithmetic asset per step, G = 2, at most
+    8 tokens, 1 warm-up and 1 timed step, each framework in its own process (about 25 s on 2 cores)."""
+    out, report = tmp_path / "grpo.json", tmp_path / "BENCH.md"
+    report.write_text("# Kept\n\n<!-- benchmark:grpo:start -->\nold\n<!-- benchmark:grpo:end -->\n\nAlso kept.\n")
+    benchmark.main([*GRPO_TINY, "--json", str(out), "--markdown", str(report)])
+    summary = json.loads(out.read_text())
+
+    runs = summary["runs"]
+    assert [(r["framework"], r["objective"]) for r in runs] == [("prefmodule", "grpo")] + [("trl", "grpo")] * HAS_TRL
+    for run in runs:
+        assert len(run["step_times_s"]) == 1 and 0 < run["median_step_s"] < 60
+        assert len(run["prompt_ids"]) == 2 and all(len(step) == 2 for step in run["prompt_ids"])  # 2 prompts a step
+        assert run["prompt_ids"] == runs[0]["prompt_ids"]  # the same prompt ids, step by step
+        assert [len(step) for step in run["completion_lengths"]] == [4, 4]  # 2 prompts x G = 2
+        assert all(1 <= n <= 8 for step in run["completion_lengths"] for n in step)
+        assert run["sampled_tokens"] == [sum(step) for step in run["completion_lengths"]]
+        assert run["timed_sampled_tokens"] == run["sampled_tokens"][1:] and run["timed_sampled_tokens"][0] > 0
+        assert run["sampled_tokens_per_s"] == pytest.approx(run["timed_sampled_tokens"][0] / run["step_times_s"][0])
+        assert run["ms_per_sampled_token"] == pytest.approx(1e3 / run["sampled_tokens_per_s"])
+        assert run["decode_steps"] == [max(run["completion_lengths"][1])]
+        assert 100 < run["peak_memory_mb"] < 20_000 and run["memory_at_start_mb"] < run["peak_memory_mb"]
+    if HAS_TRL:
+        ours, trl = runs
+        assert ours["time_vs_trl"] == pytest.approx(ours["median_step_s"] / trl["median_step_s"])
+        assert ours["cpu_time_vs_trl"] == pytest.approx(ours["median_step_cpu_s"] / trl["median_step_cpu_s"])
+        per_token = ours["ms_per_sampled_token"] / trl["ms_per_sampled_token"]
+        assert ours["time_per_token_vs_trl"] == pytest.approx(per_token)
+        assert ours["memory_vs_trl"] == pytest.approx(ours["peak_memory_mb"] / trl["peak_memory_mb"])
+        assert "time_vs_trl" not in trl
+    assert summary["sampling"] == {"temperature": 0.7, "top_p": 1.0, "top_k": 50, "max_completion_length": 8}
+    assert summary["data"]["completions_per_step"] == 4 and summary["targets"] == []  # judged on SmolLM2 only
+
+    text = report.read_text()  # --section defaults to grpo for --objectives grpo
+    assert text.startswith("# Kept\n") and text.endswith("Also kept.\n") and "\nold\n" not in text
+    assert "| prefmodule (packed) |" in text and ("| trl |" in text) == HAS_TRL and "--num-generations 2" in text
+
+
+def test_grpo_is_measured_on_its_own_with_a_pretrained_model():
+    with pytest.raises(SystemExit, match="--objectives grpo"):
+        benchmark.main(["--model", "asset://tiny-llama", "--objectives", "dpo", "grpo"])
+    with pytest.raises(SystemExit, match="--model"):
+        benchmark.main(["--objectives", "grpo"])
+
+
+def test_grpo_reward_scores_trl_message_completions_as_prefmodule_scores_texts():
+    reward = benchmark.reward_function("prefmodule.sampling.rules:exact_match")
+    prompts = [[{"role": "user", "content": "What is 2 + 3?"}]] * 2
+    texts = ["The answer is 5.", "The answer is 6."]
+    as_messages = [[{"role": "assistant", "content": text}] for text in texts]
+    trl_extras = dict(trainer_state=object(), log_extra=print, log_metric=print)  # TRL's own keywords: not passed on
+    assert reward(prompts, as_messages, completion_ids=[[1], [2]], answer=["5", "5"], **trl_extras) == [1.0, 0.0]
+    assert reward(prompts, texts, completion_ids=[[1], [2]], answer=["5", "5"]) == [1.0, 0.0]
+    assert reward.__name__ == "exact_match"
