@@ -27,7 +27,8 @@ import random
 from pathlib import Path
 
 SEED = 0
-LOW, HIGH = 10, 99  # two-digit operands
+OPERANDS = {1: (1, 9), 2: (10, 99)}  # digits -> the smallest and largest operand
+LOW, HIGH = OPERANDS[2]
 INSTRUCTION = 'End your reply with "The answer is N." where N is the number.'
 QUESTIONS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.",
              "What does {a} {op} {b} equal?")
@@ -59,14 +60,17 @@ def answer(problem: tuple[int, str, int]) -> int:
     return a + b if op == "+" else a - b
 
 
-def row(problem: tuple[int, str, int], rng: random.Random, text: bool = False) -> dict:
-    """One JSONL row: ``{"prompt": messages or text, "answer": "<number>"}``."""
+def row(problem: tuple[int, str, int], rng: random.Random, text: bool = False, instruction: bool = True) -> dict:
+    """One JSONL row: ``{"prompt": messages or text, "answer": "<number>"}``; the question alone without
+    ``instruction``."""
     a, op, b = problem
     question = rng.choice(QUESTIONS).format(a=a, op=op, b=b)
+    if instruction:
+        question = f"{question} {INSTRUCTION}"
     if text:
-        prompt: str | list = f"Question: {question} {INSTRUCTION}\nAnswer:"
+        prompt: str | list = f"Question: {question}\nAnswer:"
     else:
-        prompt = [{"role": "user", "content": f"{question} {INSTRUCTION}"}]
+        prompt = [{"role": "user", "content": question}]
     return {"prompt": prompt, "answer": str(answer(problem))}
 
 
@@ -78,14 +82,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_task(out: Path, n_train: int = 200, n_val: int = 50, seed: int = SEED, text: bool = False,
-               suffix: str = "") -> dict[str, Path]:
+               suffix: str = "", digits: int = 2, instruction: bool = True) -> dict[str, Path]:
     """Write ``out/train{suffix}.jsonl`` and ``out/val{suffix}.jsonl``; returns their paths by split."""
-    train, val = problems(n_train, n_val, seed)
+    train, val = problems(n_train, n_val, seed, *OPERANDS[digits])
     rng = random.Random(seed + 1)
     paths = {}
     for split, chosen in (("train", train), ("val", val)):
         paths[split] = out / f"{split}{suffix}.jsonl"
-        write_jsonl(paths[split], [row(problem, rng, text) for problem in chosen])
+        write_jsonl(paths[split], [row(problem, rng, text, instruction) for problem in chosen])
     return paths
 
 
@@ -96,10 +100,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=int, default=50, help="held-out rows (default 50)")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--text", action="store_true", help="plain-text prompts instead of chat messages")
+    parser.add_argument("--digits", type=int, choices=sorted(OPERANDS), default=2,
+                        help="operands of one digit (1-9: 90 problems in all) or two (10-99, default)")
+    parser.add_argument("--no-instruction", dest="instruction", action="store_false",
+                        help='ask the question alone, without \'End your reply with "The answer is N."\'')
     args = parser.parse_args(argv)
     if args.train < 0 or args.val < 0:
         parser.error("--train and --val must be >= 0")
-    paths = write_task(args.out, args.train, args.val, args.seed, args.text)
+    paths = write_task(args.out, args.train, args.val, args.seed, args.text, digits=args.digits,
+                       instruction=args.instruction)
     print(f"Wrote {args.train} training rows to {paths['train']} and {args.val} held-out rows to {paths['val']}")
 
 

@@ -288,6 +288,7 @@ def write_jsonl(path, rows):
 
 
 ARITHMETIC_ROWS = {"train": 200, "val": 50}
+ONE_DIGIT_ROWS = {"train": 60, "val": 30}  # of the 90 one-digit problems
 
 
 def write_readme(path, tokenizer, model):
@@ -307,7 +308,9 @@ def write_readme(path, tokenizer, model):
         "two-digit addition or subtraction asked as a chat message that ends 'End your reply with \"The answer is "
         "N.\"'; `answer` is the result as text. `train_text.jsonl`/`val_text.jsonl`: the same problems as "
         "plain-text prompts (`Question: ... Answer:`). No problem is in both splits. Written by "
-        "`scripts/arithmetic_task.py`; score with `prefmodule.sampling.rules:exact_match` and `:answer_format`.\n"
+        "`scripts/arithmetic_task.py`; score with `prefmodule.sampling.rules:exact_match` and `:answer_format`. "
+        f"`train_one_digit.jsonl`/`val_one_digit.jsonl` ({ONE_DIGIT_ROWS['train']}/{ONE_DIGIT_ROWS['val']} rows): "
+        "one-digit operands, the question alone (no instruction), as chat messages: the real-model GRPO walk.\n"
         f"- `tiny-llama/`: a randomly initialised Llama causal LM ({n_params:,} parameters, float32) and a "
         f"byte-level BPE tokenizer trained on the demo text (vocab {len(tokenizer)}; adds BOS `<s>` "
         f"(id {tokenizer.bos_token_id}), never EOS `</s>` (id {tokenizer.eos_token_id}); pad `<pad>` "
@@ -334,6 +337,8 @@ def main():
     for suffix, text in (("", False), ("_text", True)):
         write_arithmetic_task(out / "arithmetic", ARITHMETIC_ROWS["train"], ARITHMETIC_ROWS["val"], text=text,
                               suffix=suffix)
+    write_arithmetic_task(out / "arithmetic", *ONE_DIGIT_ROWS.values(), suffix="_one_digit", digits=1,
+                          instruction=False)
 
     tokenizer = build_tokenizer(corpus_lines(datasets))
     model = build_model(tokenizer)
