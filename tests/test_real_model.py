@@ -89,3 +89,39 @@ def test_fit_trains_the_end_token_keeps_it_and_the_export_still_knows_paris(obje
     assert "Paris" in tokenizer.decode(completions[0])
     stops = end_tokens(model, tokenizer)
     assert all(completion[-1] in stops for completion in completions), [tokenizer.decode(c) for c in completions]
+
+
+@pytest.mark.parametrize("head", ["causal_lm", "reward"])
+def test_the_real_model_takes_packed_rows_as_a_policy_and_as_a_reward_model(head, smollm2):
+    """SmolLM2's residual stream reaches 55: the probe compares log-probs and scores relative to their scale, so
+    packing holds (an absolute 1e-4 on hidden states turned it off on some CPUs, +36% memory, silently)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from prefmodule.models.attention import VARLEN_SDPA, enable_packed_attention
+
+    loader = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+    model = loader.from_pretrained(smollm2, **({} if head == "causal_lm" else {"num_labels": 1}))
+    packing = enable_packed_attention(model)
+    assert packing and packing.reason is None and model.config._attn_implementation == VARLEN_SDPA
+
+
+def recorded_smollm2_memory_mb() -> float:
+    """The packed DPO step's peak memory that BENCHMARKS.md records for SmolLM2-135M-Instruct."""
+    text = (Path(__file__).parent.parent / "BENCHMARKS.md").read_text()
+    section = text[text.index("## A real pretrained model: SmolLM2-135M-Instruct"):]
+    row = next(line for line in section.splitlines() if line.startswith("| dpo | prefmodule (packed) |"))
+    return float(row.split("|")[7].replace(",", ""))
+
+
+def test_the_real_model_step_is_packed_and_within_its_recorded_memory(smollm2, tmp_path):
+    """The guard of the real-model figures: ``scripts/benchmark.py --model smollm2`` (prefmodule alone, the
+    BENCHMARKS.md command's shape) must run packed batches, at most 10% above the recorded peak memory."""
+    import benchmark
+
+    results = benchmark.main(["--model", "smollm2", "--data", "sharegpt", "--objectives", "dpo", "--frameworks",
+                              "prefmodule", "--batch-size", "4", "--max-length", "1024", "--steps", "1",
+                              "--warmup-steps", "1", "--json", str(tmp_path / "smollm2.json")])
+    (run,) = results["runs"]
+    assert run["packed"] is True, "the real-model DPO step ran padded batches"
+    assert run["peak_memory_mb"] <= 1.10 * recorded_smollm2_memory_mb(), (run["peak_memory_mb"],
+                                                                           recorded_smollm2_memory_mb())
