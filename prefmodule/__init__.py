@@ -4,11 +4,9 @@ causal LMs."""
 from prefmodule.data import BatchFormat, DataValidationError, PreferenceDataModule
 from prefmodule.objectives import (
     BetaDPOSettings, CPOModule, DPOModule, GRPOModule, KTOModule, OnlineDPOModule, ORPOModule, PreferenceModule,
-    RewardModule, RLOOModule, SimPOModule,
+    ReferenceModule, RewardModule, RLOOModule, SamplePairsModule, SimPOModule,
 )
 from prefmodule.outputs.loggers import silence_lightning_tips
-from prefmodule.reference import ReferenceModule
-from prefmodule.sampling.pairs import SamplePairsModule
 
 silence_lightning_tips()
 

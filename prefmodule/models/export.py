@@ -7,11 +7,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import torch
 from lightning.pytorch import LightningModule
+from torch import nn
 
-from prefmodule.errors import writing
+from prefmodule.errors import NonFiniteError, writing
 from prefmodule.models.sharding import cpu_copy, gather_unsharded, is_sharded
-from prefmodule.training.guard import check_finite_weights
 
 
 @dataclass(frozen=True)
@@ -48,3 +49,19 @@ def export_policy(module: LightningModule, path: str, merge: bool, chat_template
     with writing(path, "the Hugging Face export"):
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
+
+
+def check_finite_weights(model: nn.Module, destination: str, sharded: bool = False) -> None:
+    """Raise :class:`~prefmodule.errors.NonFiniteError` if ``model`` holds a NaN or infinite weight. Sharded
+    weights: every rank checks its shards and all agree (then call it on every rank)."""
+    bad = [name for name, p in model.named_parameters()
+           if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
+    device = next(model.parameters()).device  # where the backend (gloo, nccl) takes its tensors
+    count = torch.tensor(len(bad), device=device)
+    if sharded:
+        torch.distributed.all_reduce(count)
+    if count.item():
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise NonFiniteError(f"the policy holds non-finite weights (NaN or infinite: {names or 'on another rank'}); "
+                             f"nothing was written to {destination}. Training diverged: resume from an earlier "
+                             "checkpoint with a lower learning rate or gradient clipping.")

@@ -95,10 +95,6 @@ class LogitsTransform:
             scale = 1.0 / config.logits_scaling
         return cls(float(scale), getattr(config, "final_logit_softcapping", None))
 
-    @property
-    def is_identity(self) -> bool:
-        return self.scale == 1.0 and self.softcap is None
-
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.scale != 1.0:
             logits = logits * self.scale

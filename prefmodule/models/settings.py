@@ -36,6 +36,7 @@ class ModelSettings:
     logps_chunk_size: int = 512
     router_aux_loss_coef: float | None = None
     task: str = "causal_lm"  # or "reward": a sequence-classification model with one label (set by the objective)
+    compile_layers: bool = False
 
     def __post_init__(self):
         require(isinstance(self.logps_chunk_size, int) and self.logps_chunk_size >= 0, "model.logps_chunk_size",

@@ -8,8 +8,10 @@ from prefmodule.objectives.kto import KTOModule
 from prefmodule.objectives.online_dpo import OnlineDPOModule
 from prefmodule.objectives.orpo import ORPOModule
 from prefmodule.objectives.reward import RewardModule
+from prefmodule.objectives.reference import ReferenceModule
 from prefmodule.objectives.rloo import RLOOModule
+from prefmodule.objectives.sample_pairs import SamplePairsModule
 from prefmodule.objectives.simpo import SimPOModule
 
 __all__ = ["BetaDPOSettings", "CPOModule", "DPOModule", "GRPOModule", "KTOModule", "ORPOModule", "OnlineDPOModule",
-           "PreferenceModule", "RLOOModule", "RewardModule", "SimPOModule"]
+           "PreferenceModule", "RLOOModule", "ReferenceModule", "RewardModule", "SamplePairsModule", "SimPOModule"]

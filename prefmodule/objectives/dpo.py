@@ -15,7 +15,7 @@ from prefmodule.objectives.losses import (
     beta_dpo_beta, beta_dpo_filter, beta_dpo_running_stats, check_dpo_options, dpo_loss, ld_logps, nll_loss, wpo_weights,
 )
 from prefmodule.objectives.outputs import PairOutputs
-from prefmodule.reference.module import ReferenceModule
+from prefmodule.objectives.reference import ReferenceModule
 
 # The options ``dpo_loss`` takes as they are.
 LOSS_OPTIONS = ("loss_type", "loss_weights", "label_smoothing", "discopop_tau", "f_divergence_type",
@@ -120,9 +120,10 @@ class DPOModule(ReferenceModule):
         if self.beta_dpo is not None and self.training:
             beta, selected = self.beta_dpo_batch((chosen_logratios - rejected_logratios).detach())
             extra["beta"] = beta
-        losses, _, _ = dpo_loss(chosen.logps, rejected.logps, reference[:, 0], reference[:, 1], beta=beta,
-                                chosen_lengths=chosen.lengths, rejected_lengths=rejected.lengths,
-                                **{name: self.hparams[name] for name in LOSS_OPTIONS})
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen.logps, rejected.logps, reference[:, 0], reference[:, 1], beta=beta,
+            chosen_lengths=chosen.lengths, rejected_lengths=rejected.lengths,
+            **{name: self.hparams[name] for name in LOSS_OPTIONS})
         if self.hparams.use_weighting:
             losses = losses * wpo_weights(chosen.logps, rejected.logps, chosen.log_sum_sq_probs,
                                           rejected.log_sum_sq_probs, chosen.lengths, rejected.lengths)
@@ -130,8 +131,6 @@ class DPOModule(ReferenceModule):
         if self.hparams.sft_weight > 0:
             extra["nll_loss"] = nll_loss(chosen.logps, chosen.lengths)
             loss = loss + self.hparams.sft_weight * extra["nll_loss"]
-        chosen_rewards = self.hparams.beta * chosen_logratios.detach()
-        rejected_rewards = self.hparams.beta * rejected_logratios.detach()
         return PairOutputs(loss, chosen, rejected, chosen_rewards, rejected_rewards, extra)
 
     def beta_dpo_batch(self, margins: Tensor) -> tuple[Tensor, Tensor]:

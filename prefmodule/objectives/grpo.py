@@ -59,7 +59,7 @@ class GRPOModule(PolicyGradientModule):
             micro-batches) that many times in a row.
         mask_truncated_completions: leave completions that did not end within ``max_new_tokens`` out of the loss.
         generation_seed: seeds each batch's sampling, with its first prompt's row and the optimizer step.
-        **kwargs: see :class:`~prefmodule.reference.module.ReferenceModule` (``reference``) and
+        **kwargs: see :class:`~prefmodule.objectives.reference.ReferenceModule` (``reference``) and
             :class:`~prefmodule.objectives.base.PreferenceModule` (``lr`` (TRL's default 1e-6), ``lora``, ...).
 
     Differences from TRL: ``data.batch_size`` counts prompts, not completions; a step's completions are sampled

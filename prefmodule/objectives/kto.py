@@ -16,7 +16,7 @@ from prefmodule.errors import ConfigError
 from prefmodule.models.logps import SequenceStats
 from prefmodule.objectives.losses import KTO_LOSS_TYPES, kto_kl, kto_loss
 from prefmodule.objectives.outputs import PairOutputs, RowOutputs
-from prefmodule.reference.module import ReferenceModule
+from prefmodule.objectives.reference import ReferenceModule
 
 
 @dataclass

@@ -98,9 +98,9 @@ class OnlineDPOModule(DPOModule):
     def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: Tensor) -> PairOutputs:
         outputs = super().pair_outputs(batch, policy, reference)
         if "score_chosen" in batch:  # sampled pairs (not the data's own, as in ``predict``)
-            logratios = torch.cat([outputs.chosen_rewards, outputs.rejected_rewards]) / self.hparams.beta
+            logratios = torch.cat([outputs.chosen.logps - reference[:, 0], outputs.rejected.logps - reference[:, 1]])
             outputs.extra.update({
-                "objective/kl": logratios,
+                "objective/kl": logratios.detach(),
                 "objective/entropy": -torch.cat([outputs.chosen.logps, outputs.rejected.logps]).detach(),
                 "objective/scores": torch.cat([batch["score_chosen"], batch["score_rejected"]]),
                 "objective/scores_margin": batch["score_chosen"] - batch["score_rejected"],

@@ -20,7 +20,7 @@ from prefmodule.models.logps import SequenceStats
 from prefmodule.objectives.losses.policy_gradient import GroupAdvantages, PolicyGradientLoss
 from prefmodule.objectives.metrics import Mean, Std
 from prefmodule.reference.modes import scored_stats
-from prefmodule.reference.module import ReferenceModule
+from prefmodule.objectives.reference import ReferenceModule
 from prefmodule.sampling.pairs import CompletionScores, completed_rows, completion_texts, sample_completions
 from prefmodule.sampling.scorers import naming_rows
 

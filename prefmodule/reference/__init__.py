@@ -1,6 +1,3 @@
-"""The frozen reference model of DPO, KTO and any objective scored against one: its four modes and the module
-base that holds one."""
-
-from prefmodule.reference.module import ReferenceModule
-
-__all__ = ["ReferenceModule"]
+"""The frozen reference model of DPO, KTO and any objective scored against one: its four modes
+(:mod:`prefmodule.reference.modes`); the objectives' base that holds one is
+:class:`prefmodule.objectives.reference.ReferenceModule`."""

@@ -30,6 +30,8 @@ from prefmodule.models.loading import load_tokenizer
 from prefmodule.paths import resolve
 from prefmodule.training.checkpoints import checkpoint_class, checkpoint_problem, import_class
 
+# The class of a reward model's checkpoint, imported by name when one is read: the objectives sit above sampling.
+REWARD_MODULE = "prefmodule.objectives.reward.RewardModule"
 Scorer = Callable[..., list[float]]  # (prompts, completions, **columns) -> one float per completion
 
 
@@ -118,8 +120,7 @@ def reward_model_problem(location: str) -> str | None:
 
 def _checkpoint_problem(location: str) -> str | None:
     """Why a ``.ckpt`` cannot be read as a ``RewardModule``'s; ``None`` when it can."""
-    from prefmodule.objectives.reward import RewardModule  # here: the objectives import this module
-
+    reward_module = import_class(REWARD_MODULE)
     if os.path.isdir(location):
         return ("a sharded checkpoint (a folder): give the run's export (<log dir>/hf_model) or a one-file "
                 "checkpoint (--trainer.strategy.save_distributed_checkpoint=false)")
@@ -127,8 +128,8 @@ def _checkpoint_problem(location: str) -> str | None:
     if problem:
         return f"cannot be used: {problem}"
     saved = checkpoint_class(location)
-    found = import_class(saved) if saved else RewardModule
-    if not isinstance(found, type) or not issubclass(found, RewardModule):
+    found = import_class(saved) if saved else reward_module
+    if not isinstance(found, type) or not issubclass(found, reward_module):
         return (f"a checkpoint of {saved}, not of a RewardModule; a reward model is a RewardModule's checkpoint "
                 "or export (configs/reward.yaml)")
     return None
@@ -292,11 +293,10 @@ class RewardModelScorer:
 
     def __init__(self, location: str, device: torch.device | str = "cpu", batch_size: int = 16):
         if location.endswith(".ckpt"):
-            from prefmodule.objectives.reward import RewardModule  # here: the objectives import this module
-
+            reward_module = import_class(REWARD_MODULE)
             checkpoint = torch.load(location, map_location="cpu", weights_only=True)
             settings = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
-            module = RewardModule(**settings, export_hf=False)
+            module = reward_module(**settings, export_hf=False)
             module.configure_model()
             module.load_state_dict(checkpoint["state_dict"])
             self.model, self.tokenizer = module.policy, module.tokenizer

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 
 from prefmodule.training.checkpoints import newest_checkpoint
 from prefmodule.errors import ConfigError, NonFiniteError
@@ -111,19 +111,3 @@ def default_guard(trainer: Trainer | None) -> list[NonFiniteGuard]:
     """A :class:`NonFiniteGuard` unless the trainer has one (configured by the user)."""
     given = trainer is not None and any(isinstance(cb, NonFiniteGuard) for cb in trainer.callbacks)
     return [] if given else [NonFiniteGuard()]
-
-
-def check_finite_weights(model: nn.Module, destination: str, sharded: bool = False) -> None:
-    """Raise :class:`~prefmodule.errors.NonFiniteError` if ``model`` holds a NaN or infinite weight. Sharded
-    weights: every rank checks its shards and all agree (then call it on every rank)."""
-    bad = [name for name, p in model.named_parameters()
-           if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
-    device = next(model.parameters()).device  # where the backend (gloo, nccl) takes its tensors
-    count = torch.tensor(len(bad), device=device)
-    if sharded:
-        torch.distributed.all_reduce(count)
-    if count.item():
-        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-        raise NonFiniteError(f"the policy holds non-finite weights (NaN or infinite: {names or 'on another rank'}); "
-                             f"nothing was written to {destination}. Training diverged: resume from an earlier "
-                             "checkpoint with a lower learning rate or gradient clipping.")

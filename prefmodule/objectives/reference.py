@@ -1,5 +1,5 @@
-"""The base of objectives scored against a frozen reference model (DPO, KTO): Lightning's hooks wired to
-one :class:`prefmodule.reference.modes.Reference`."""
+"""The base of objectives scored against a frozen reference model (DPO, KTO, GRPO with a KL term): Lightning's
+hooks wired to one :class:`prefmodule.reference.modes.Reference`."""
 
 from __future__ import annotations
 
