@@ -373,12 +373,13 @@ def run_prefmodule(objective: str, settings: Settings, model_dir: str, pairs: li
     baseline, start = current_memory_mb(settings.device), time.perf_counter()
     module_class = {"dpo": DPOModule, "orpo": ORPOModule, "simpo": SimPOModule}[objective]
     with tempfile.TemporaryDirectory() as cache_dir:
-        knobs = {"logps_chunk_size": settings.logps_chunk_size, "compile_layers": settings.compile_layers}
+        knobs = {"logps_chunk_size": settings.logps_chunk_size}
         if objective == "dpo":
             knobs["reference"] = settings.reference
             knobs["ref_cache_dir"] = cache_dir if settings.reference == "precomputed" else None  # computed, not reused
         module = module_class(model=model_dir, lr=settings.lr, warmup=0, export_hf=False,
                               gradient_checkpointing=settings.gradient_checkpointing,
+                              **({"compile_layers": True} if settings.compile_layers else {}),  # the base's option
                               **accepted_knobs(module_class, knobs))
         trainer = L.Trainer(
             accelerator=settings.device, devices=1, precision="bf16-mixed" if settings.dtype == "bf16" else "32-true",

@@ -38,6 +38,19 @@ def small_disk(path: Path):
             subprocess.run(["umount", "-l", str(path)], check=True)
 
 
+def exhaust_space(path: str, tmpfs: bool, file_size_limit: int) -> None:
+    """Fill the disk under ``path`` (a tmpfs), or cap the size of any file this process writes at
+    ``file_size_limit`` bytes (no tmpfs): either way the next big write fails."""
+    if tmpfs:
+        with open(os.path.join(path, "filler"), "wb") as handle, contextlib.suppress(OSError):
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+    else:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
 class FillDisk(L.Callback):
     """At optimizer step ``step``, fills the disk under ``path`` (a tmpfs), or caps the size of any file this
     process writes (no tmpfs) so that nothing bigger than what is written already fits."""
@@ -46,16 +59,8 @@ class FillDisk(L.Callback):
         self.path, self.step, self.tmpfs = path, step, tmpfs
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step + 1 != self.step:
-            return
-        if self.tmpfs:
-            with open(os.path.join(self.path, "filler"), "wb") as handle, contextlib.suppress(OSError):
-                while True:
-                    handle.write(b"\0" * 65536)
-                    handle.flush()
-        else:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
-            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        if trainer.global_step + 1 == self.step:
+            exhaust_space(self.path, self.tmpfs, 1 << 20)
 
 
 class ReadOnlyRunFolder(L.Callback):

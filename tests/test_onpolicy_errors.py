@@ -3,7 +3,6 @@ any weights load where it can be known then, and no earlier output file is damag
 (``configs/sample_pairs.yaml``), Online DPO (``configs/online_dpo.yaml``), rewards and ``scripts/iterative_dpo.py``,
 each driven through the CLI as a user runs it."""
 
-import contextlib
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from prefmodule.sampling.scorers import FunctionScorer, RewardError
 
 from conftest import read_jsonl, write_jsonl
 from test_cli import fails_with
-from test_disk import small_disk
+from test_disk import exhaust_space, small_disk
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 SCRIPTS = Path(__file__).parent.parent / "scripts"
@@ -322,14 +321,7 @@ class FillDiskBeforeThePairs(L.Callback):
         self.path, self.tmpfs = path, tmpfs
 
     def on_predict_epoch_end(self, trainer, pl_module):
-        if self.tmpfs:
-            with open(os.path.join(self.path, "filler"), "wb") as handle, contextlib.suppress(OSError):
-                while True:
-                    handle.write(b"\0" * 65536)
-                    handle.flush()
-        else:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (64, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        exhaust_space(self.path, self.tmpfs, 64)
 
 
 def test_a_full_disk_leaves_the_earlier_pairs_whole_and_keeps_the_samples(tmp_path, prompts, capsys):
