@@ -110,7 +110,7 @@ def recorded_smollm2_memory_mb() -> float:
     text = (Path(__file__).parent.parent / "BENCHMARKS.md").read_text()
     section = text[text.index("## A real pretrained model: SmolLM2-135M-Instruct"):]
     row = next(line for line in section.splitlines() if line.startswith("| dpo | prefmodule (packed) |"))
-    return float(row.split("|")[7].replace(",", ""))
+    return float(row.split("|")[6].replace(",", ""))  # the peak memory (MB) column
 
 
 def test_the_real_model_step_is_packed_and_within_its_recorded_memory(smollm2, tmp_path):
@@ -125,3 +125,22 @@ def test_the_real_model_step_is_packed_and_within_its_recorded_memory(smollm2, t
     assert run["packed"] is True, "the real-model DPO step ran padded batches"
     assert run["peak_memory_mb"] <= 1.10 * recorded_smollm2_memory_mb(), (run["peak_memory_mb"],
                                                                            recorded_smollm2_memory_mb())
+
+
+def test_grpo_with_an_exact_match_reward_teaches_the_real_model_one_digit_arithmetic(smollm2, tmp_path):
+    """The README's verifiable-reward walk, short: 12 GRPO steps (4 problems x 8 completions) of
+    ``configs/recipes/grpo_smollm2_arithmetic.yaml`` raise SmolLM2's greedy held-out accuracy from 16 of 30 and
+    shorten its answers (the whole 30-step recipe: 30 of 30, README)."""
+    import arithmetic_accuracy
+
+    before = arithmetic_accuracy.accuracy(smollm2, "asset://arithmetic/val_one_digit.jsonl")
+    recipe = Path(__file__).parent.parent / "configs" / "recipes" / "grpo_smollm2_arithmetic.yaml"
+    cli = main(["fit", "--config", str(recipe), f"--model.model={smollm2}",
+                "--trainer.max_epochs=1", "--trainer.max_steps=12", "--trainer.limit_val_batches=0",
+                f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    after = arithmetic_accuracy.accuracy(str(Path(cli.trainer.log_dir) / "hf_model"),
+                                         "asset://arithmetic/val_one_digit.jsonl")
+    assert cli.trainer.global_step == 12
+    assert before["accuracy"] == 16 / 30
+    # measured: 23 of 30 right after the 12 steps, 21.9 tokens per answer against 36.3
+    assert after["accuracy"] >= 21 / 30 and after["mean_tokens"] < 0.75 * before["mean_tokens"], (before, after)
