@@ -63,7 +63,8 @@ def test_recipe_parses_with_the_fields_hyperparameters(name, capsys):
         assert config["data"]["max_length"] == 1024 and config["data"]["batch_size"] == 4
     elif name in ON_PROMPTS:
         assert config["trainer"]["accelerator"] == "cpu" and config["trainer"]["precision"] == "32-true"
-        assert model["num_generations"] == 8 and model["reward_weights"] == [1.0, 0.2] and model["beta"] == 0.0
+        assert model["num_generations"] == 8 and model["reward"] == "prefmodule.sampling.rules:exact_match"
+        assert model["beta"] == 0.0 and config["data"]["train"] == "asset://arithmetic/train_one_digit.jsonl"
     else:
         assert config["trainer"]["precision"] == "bf16-mixed" and model["gradient_checkpointing"] is True
         assert config["data"]["max_length"] == 2048
@@ -82,7 +83,8 @@ def test_recipe_trains_two_steps_on_a_tiny_model_of_its_architecture(name, tmp_p
     AutoTokenizer.from_pretrained(resolve(TINY_MODEL)).save_pretrained(folder)
     sharded = "strategy" in recipe["trainer"]
     data = demo_data if name not in ON_PROMPTS else [  # its rewards read the arithmetic rows' answers
-        *demo_data[2:], "--data.eval_batch_size=2", "--model.max_new_tokens=16", "--model.num_generations=2"]
+        *demo_data[2:], "--data.eval_batch_size=2", "--model.max_new_tokens=16", "--model.num_generations=2",
+        "--trainer.check_val_every_n_epoch=1"]  # the recipe validates once, after its 2 epochs
     cli = main(["fit", "--config", str(RECIPES / name), f"--model.model={folder}", *ON_CPU, *data,
                 f"--trainer.default_root_dir={tmp_path / 'run'}",
                 *(["--trainer.strategy.data_parallel_size=1"] if sharded else [])])
