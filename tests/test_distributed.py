@@ -39,7 +39,7 @@ FSDP1_ON_CPU = "The strategy `fsdp` requires a GPU accelerator"  # Lightning 2.6
 def rendezvous_port() -> int:
     """A free port below the ephemeral range (32768-60999 on Linux), where the gloo connections of another test
     running beside this one cannot take it between the choice and the bind (seen as EADDRINUSE)."""
-    for port in random.sample(range(20000, 32000), 50):
+    for port in random.SystemRandom().sample(range(20000, 32000), 50):  # not the seeded global state: tests seed it
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
