@@ -5,8 +5,6 @@ leave the reference out and resume; precisions; the strategy configs."""
 import csv
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,19 +34,6 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 FSDP1_ON_CPU = "The strategy `fsdp` requires a GPU accelerator"  # Lightning 2.6; torch's FSDP1 needs one too
 
 
-def rendezvous_port() -> int:
-    """A free port below the ephemeral range (32768-60999 on Linux), where the gloo connections of another test
-    running beside this one cannot take it between the choice and the bind (seen as EADDRINUSE)."""
-    for port in random.SystemRandom().sample(range(20000, 32000), 50):  # not the seeded global state: tests seed it
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port in 20000-31999")
-
-
 def launch(*args: str, torchrun: bool = False, samples: bool = False) -> None:
     """``python -m prefmodule`` on 2 processes, re-launched by Lightning or started by ``torchrun``; without
     generated samples unless ``samples``."""
@@ -57,8 +42,6 @@ def launch(*args: str, torchrun: bool = False, samples: bool = False) -> None:
     tests = str(Path(__file__).parent)  # the launched processes import ShardingReport from here
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    if not torchrun:
-        env["MASTER_PORT"] = str(rendezvous_port())
     done = subprocess.run([*command, *args, "--trainer.devices=2", *QUIET,
                            *([] if samples else ["--model.samples=null"])], env=env, capture_output=True, text=True,
                           timeout=300)
