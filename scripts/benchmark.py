@@ -258,8 +258,11 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def non_pad_tokens(batch: dict) -> int:
-    """Tokens that are not padding, in a padded, packed or TRL ORPO (chosen/rejected) batch."""
+def non_pad_tokens(batch) -> int:
+    """Tokens that are not padding, in a prefmodule batch (padded or packed) or a TRL batch (a dict; ORPO's has
+    chosen/rejected masks)."""
+    if not isinstance(batch, dict):
+        return batch.tokens()
     masks = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")
     return sum(int(batch[key].sum()) for key in masks if key in batch)
 
@@ -366,7 +369,7 @@ def run_prefmodule(objective: str, settings: Settings, model_dir: str, pairs: li
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             steps.ended(non_pad_tokens(batch))
-            self.packed = "sequence_ids" in batch
+            self.packed = batch.sequences.packed
 
     clock = StepClock()
 
@@ -525,9 +528,9 @@ def run_prefmodule_grpo(settings: Settings, model_dir: str, prompts_path: str, p
         def sample_rollout(self, batch):
             rollout = super().sample_rollout(batch)
             if self.training:
-                record["prompt_ids"].append([[int(t) for t in ids] for ids in batch["prompt_ids"]])
+                record["prompt_ids"].append([[int(t) for t in ids] for ids in batch.prompt_ids])
                 record["completion_lengths"].append([int(n) for n in rollout.values["completions/mean_length"]])
-                record["packed"] = "sequence_ids" in rollout.sequences
+                record["packed"] = rollout.sequences.packed
             return rollout
 
     steps = StepRecorder(settings, profile_dir and Path(profile_dir, "prefmodule-grpo.txt"))

@@ -50,13 +50,13 @@ def run(candidate: str, steps: int, warmup: int) -> dict:
     times = []
     for batch in batches:
         start = time.perf_counter()
-        stats, _ = module.policy_forward(batch)
+        stats, _ = module.policy_forward(batch.sequences)
         stats.logps.sum().backward()
         module.policy.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     return {"candidate": candidate, "warmup_s": times[:warmup], "steps_s": times[warmup:],
             "median_step_s": statistics.median(times[warmup:]),
-            "tokens": [int(b["input_ids"].numel()) for b in batches],
+            "tokens": [int(b.sequences.input_ids.numel()) for b in batches],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

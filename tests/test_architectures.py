@@ -74,13 +74,13 @@ def test_packed_padded_chunked_and_full_logits_agree(name, saved, demo_rows):
             assert relative_error(actual_grads[parameter], grad) < 1e-4, parameter
         if name.endswith("moe"):  # the router loss, padding masked out, equals transformers' own
             with torch.no_grad():
-                torch.testing.assert_close(module.policy_forward(batch)[1], full.policy_forward(padded)[1],
-                                           rtol=1e-5, atol=0)
+                torch.testing.assert_close(module.policy_forward(batch.sequences)[1],
+                                           full.policy_forward(padded.sequences)[1], rtol=1e-5, atol=0)
     if name.endswith("moe"):
         with torch.no_grad():
-            own = full.policy(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+            own = full.policy(input_ids=padded.sequences.input_ids, attention_mask=padded.sequences.attention_mask,
                               output_router_logits=True).aux_loss
-            torch.testing.assert_close(full.policy_forward(padded)[1], own, rtol=1e-6, atol=0)
+            torch.testing.assert_close(full.policy_forward(padded.sequences)[1], own, rtol=1e-6, atol=0)
         assert own > 1.0  # num_experts * sum(fraction routed x mean probability): 1 when perfectly balanced
 
 
@@ -113,8 +113,8 @@ def test_dpo_and_orpo_train_and_the_export_reloads_the_same(name, saved, demo_ro
     batch = a_batch(dpo, demo_rows[8:12])
     dpo.policy.eval()
     with torch.no_grad():
-        ours = dpo.sequence_stats(dpo.policy, batch)
-        theirs = dpo.sequence_stats(reloaded, batch)
+        ours = dpo.model_stats(dpo.policy, batch.sequences)
+        theirs = dpo.model_stats(reloaded, batch.sequences)
     torch.testing.assert_close(theirs.logps, ours.logps, rtol=1e-5, atol=1e-5)
     tied = name in TIED
     policy, copy = dpo.policy, reloaded
@@ -141,4 +141,5 @@ def test_router_loss_weight_comes_from_the_config_unless_the_module_sets_it(save
         total = module.training_step(batch, 0)  # the objective's loss plus the weighted router loss
     assert aux_loss > 1.0 and "aux_loss" not in plain.extra
     torch.testing.assert_close(total, plain.loss + 0.5 * aux_loss)
-    assert module.sequence_stats(module.policy, batch).logps.shape == (4,)  # a plain forward asks for no router loss
+    # a plain forward asks for no router loss
+    assert module.model_stats(module.policy, batch.sequences).logps.shape == (4,)

@@ -104,7 +104,7 @@ def test_fit_packs_by_default_when_the_model_allows(attention, padding_free, pac
 
     class BatchKinds(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append("sequence_ids" in batch)
+            seen.append(batch.sequences.packed)
 
     module = ORPOModule(model=TINY_MODEL, attn_implementation=attention, export_hf=False)
     data = PreferenceDataModule(train="asset://demo/train.jsonl", padding_free=padding_free, batch_size=4,

@@ -12,6 +12,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeConfig
 
 from prefmodule.cli import main
+from prefmodule.data.batches import PromptBatch
 from prefmodule.paths import resolve
 
 from conftest import TINY_MODEL, read_jsonl, write_jsonl
@@ -48,10 +49,10 @@ class Layouts(L.Callback):
         self.packed = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if "prompt_ids" in batch:  # prompts, whose sampled pairs the module lays out with the data's collator
+        if isinstance(batch, PromptBatch):  # prompts, whose sampled pairs the module lays out with the data's collator
             self.packed.append(module.collate.padding_free)
         else:
-            self.packed.append("sequence_ids" in batch)
+            self.packed.append(batch.sequences.packed)
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,7 @@ def test_module_loss_and_training(loss_type, alpha, tmp_path, small_data, demo_r
     batch = a_batch(module, demo_rows[:4])
     with torch.no_grad():
         outputs = module.batch_outputs(batch)[0]
-        chosen, rejected = module.sequence_stats(module.policy, batch).split()
+        chosen, rejected = module.model_stats(module.policy, batch.sequences).split()
     logps = (chosen.avg_logps, rejected.avg_logps) if loss_type == "simpo" else (chosen.logps, rejected.logps)
     expected = cpo_loss(*logps, beta=0.1, loss_type=loss_type, alpha=alpha)[0].mean() + 0.7 * nll_loss(
         chosen.logps, chosen.lengths)

@@ -307,9 +307,9 @@ def test_datamodule_val_fraction_and_batches(tmp_path, demo_rows):
     indexes = {train[i]["index"] for i in range(30)} | {val[i]["index"] for i in range(10)}
     assert indexes == set(range(40))  # held-out pairs keep their row numbers
     batch = next(iter(data.train_dataloader()))
-    assert batch["input_ids"].shape[0] == 10
-    assert (batch["labels"] != -100).sum() > 0
-    assert (batch["attention_mask"].sum(1) > 0).all()
+    assert batch.sequences.input_ids.shape[0] == 10
+    assert (batch.sequences.labels != -100).sum() > 0
+    assert (batch.sequences.attention_mask.sum(1) > 0).all()
     data.setup("validate")  # validate/test/predict reuse the held-out part
     assert [data.datasets["val"][i]["index"] for i in range(10)] == [val[i]["index"] for i in range(10)]
     with pytest.raises(ValueError, match="no test data: set `data.test` or `data.val`"):

@@ -21,24 +21,25 @@ I = -100
 
 def test_collator_masks_prompt_and_padding():
     batch = PreferenceCollator(pad_token_id=0)(PAIRS)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 0, 0], [1, 2, 3, 6, 0], [7, 8, 10, 11, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
-    assert batch["labels"].tolist() == [[I, I, I, 4, 5], [I, I, 9, I, I], [I, I, I, 6, I], [I, I, 10, 11, I]]
-    assert batch["index"].tolist() == [0, 1]
-    assert PreferenceCollator(0, pad_to_multiple_of=8)(PAIRS)["input_ids"].shape == (4, 8)
+    sequences = batch.sequences
+    assert sequences.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 0, 0], [1, 2, 3, 6, 0], [7, 8, 10, 11, 0]]
+    assert sequences.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
+    assert sequences.labels.tolist() == [[I, I, I, 4, 5], [I, I, 9, I, I], [I, I, I, 6, I], [I, I, 10, 11, I]]
+    assert batch.index.tolist() == [0, 1]
+    assert PreferenceCollator(0, pad_to_multiple_of=8)(PAIRS).sequences.input_ids.shape == (4, 8)
 
 
 def test_packed_batch_is_one_row_with_positions_restarting_per_sequence():
     no_prompt = {"index": 7, "prompt_ids": [], "chosen_ids": [12, 13], "rejected_ids": [14]}
     batch = PreferenceCollator(pad_token_id=0, padding_free=True)([*PAIRS, no_prompt])
     # sequences: chosen of pairs 0, 1, 2, then rejected of pairs 0, 1, 2
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 1, 2, 3, 6, 7, 8, 10, 11, 14]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 0]]
-    assert batch["sequence_ids"].tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5]]
+    assert batch.sequences.input_ids.tolist() == [[1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 1, 2, 3, 6, 7, 8, 10, 11, 14]]
+    assert batch.sequences.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 0]]
+    assert batch.sequences.sequence_ids.tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5]]
     # a sequence's first token is never a target (it would be predicted from the previous sequence)
-    assert batch["labels"].tolist() == [[I, I, I, 4, 5, I, I, 9, I, 13, I, I, I, 6, I, I, 10, 11, I]]
-    assert batch["attention_mask"].tolist() == [[1] * 19]
-    assert batch["index"].tolist() == [0, 1, 7]
+    assert batch.sequences.labels.tolist() == [[I, I, I, 4, 5, I, I, 9, I, 13, I, I, I, 6, I, I, 10, 11, I]]
+    assert batch.sequences.attention_mask.tolist() == [[1] * 19]
+    assert batch.index.tolist() == [0, 1, 7]
 
 
 def test_packed_equals_padded_log_probs_and_gradients(tmp_path, demo_rows):
@@ -48,11 +49,11 @@ def test_packed_equals_padded_log_probs_and_gradients(tmp_path, demo_rows):
     pairs = pairs_of(data)
     padded = PreferenceCollator(module.tokenizer.pad_token_id)(pairs)
     packed = PreferenceCollator(module.tokenizer.pad_token_id, padding_free=True)(pairs)
-    assert packed["input_ids"].numel() == padded["attention_mask"].sum() < padded["input_ids"].numel()
+    assert packed.sequences.input_ids.numel() == padded.tokens() < padded.sequences.input_ids.numel()
 
     def run(batch):
         module.policy.zero_grad()
-        stats = module.sequence_stats(module.policy, batch)
+        stats = module.model_stats(module.policy, batch.sequences)
         module.batch_outputs(batch)[0].loss.backward()
         return stats, [p.grad.clone() for p in module.policy.parameters()]
 
@@ -130,8 +131,8 @@ def test_fit_with_grouping_and_packing_sees_every_pair_once_per_epoch(tmp_path, 
 
     class Record(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            assert batch["input_ids"].shape[0] == 1 and "sequence_ids" in batch
-            seen.append((trainer.current_epoch, batch["index"].tolist()))
+            assert batch.sequences.input_ids.shape[0] == 1 and batch.sequences.packed
+            seen.append((trainer.current_epoch, batch.index.tolist()))
 
     trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()])

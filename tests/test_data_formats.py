@@ -175,7 +175,7 @@ def test_ultrafeedback_ratings_become_pairs_with_their_scores(tmp_path, caplog, 
     assert tokenizer.decode(first["rejected_ids"]) == "answer 2 to Q1?</s>"
     assert (third["index"], third["score_chosen"], third["score_rejected"]) == (2, 5.0, 1.0)
     batch = next(iter(data.train_dataloader()))
-    assert sorted(batch["score_chosen"].tolist()) == [4.5, 5.0] and batch["score_rejected"].dtype.is_floating_point
+    assert sorted(batch.score_chosen.tolist()) == [4.5, 5.0] and batch.score_rejected.dtype.is_floating_point
     by_overall = pairs_of(setup_fit(tmp_path, path, columns={"overall_score": "score"}))
     assert (by_overall[0]["score_chosen"], by_overall[0]["score_rejected"]) == (-2.0, -4.5)
 

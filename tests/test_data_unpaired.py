@@ -118,11 +118,11 @@ def test_max_length_cuts_completions_and_kl_completions_as_trls_collator(tmp_pat
     for i in range(n):
         for mine, prefix in ((i, ""), (n + i, "KL_")):
             width = int(trl_batch[f"{prefix}attention_mask"][i].sum())
-            assert batch["attention_mask"][mine].sum() == width <= 40
-            assert torch.equal(batch["input_ids"][mine, :width], trl_batch[f"{prefix}input_ids"][i, :width])
-            targets = batch["labels"][mine, :width] != -100
+            assert batch.sequences.attention_mask[mine].sum() == width <= 40
+            assert torch.equal(batch.sequences.input_ids[mine, :width], trl_batch[f"{prefix}input_ids"][i, :width])
+            targets = batch.sequences.labels[mine, :width] != -100
             assert torch.equal(targets.long(), trl_batch[f"{prefix}completion_mask"][i, :width])
-    assert batch["attention_mask"][n + 3].sum() == 40 and len(ours[2]["completion_ids"]) > 40 - 31
+    assert batch.sequences.attention_mask[n + 3].sum() == 40 and len(ours[2]["completion_ids"]) > 40 - 31
 
 
 # ----- batches -------------------------------------------------------------------------------------------------
@@ -130,17 +130,17 @@ def test_collated_unpaired_batch_layout(tokenizer):
     rows = [{"index": 4, "prompt_ids": [1, 2], "completion_ids": [3, 4], "kl_completion_ids": [5], "label": True},
             {"index": 9, "prompt_ids": [6], "completion_ids": [5], "kl_completion_ids": [3, 4], "label": False}]
     padded = PreferenceCollator(pad_token_id=0)(rows)
-    assert padded["input_ids"].tolist() == [[1, 2, 3, 4], [6, 5, 0, 0], [1, 2, 5, 0], [6, 3, 4, 0]]
-    assert padded["labels"].tolist() == [[-100, -100, 3, 4], [-100, 5, -100, -100], [-100, -100, 5, -100],
-                                         [-100, 3, 4, -100]]
-    assert padded["label"].tolist() == [True, False] and padded["label"].dtype == torch.bool
-    assert padded["index"].tolist() == [4, 9]
+    assert padded.sequences.input_ids.tolist() == [[1, 2, 3, 4], [6, 5, 0, 0], [1, 2, 5, 0], [6, 3, 4, 0]]
+    assert padded.sequences.labels.tolist() == [[-100, -100, 3, 4], [-100, 5, -100, -100], [-100, -100, 5, -100],
+                                                [-100, 3, 4, -100]]
+    assert padded.label.tolist() == [True, False] and padded.label.dtype == torch.bool
+    assert padded.index.tolist() == [4, 9]
     packed = PreferenceCollator(pad_token_id=0, padding_free=True)(rows)
-    assert packed["sequence_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3]]
-    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2, 0, 1, 2]]
+    assert packed.sequences.sequence_ids.tolist() == [[0, 0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3]]
+    assert packed.sequences.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2, 0, 1, 2]]
     without_kl = PreferenceCollator(pad_token_id=0)([{k: v for k, v in r.items() if k != "kl_completion_ids"}
                                                      for r in rows])
-    assert without_kl["input_ids"].shape == (2, 4)
+    assert without_kl.sequences.input_ids.shape == (2, 4)
 
 
 def test_training_batches_are_the_kl_chunks_mixed_and_reshuffled(tmp_path, demo_rows):
@@ -164,8 +164,8 @@ def test_training_batches_are_the_kl_chunks_mixed_and_reshuffled(tmp_path, demo_
     labels = [[dataset[i]["label"] for i in b] for b in epochs[0]]
     assert sum(len(set(b)) == 2 for b in labels) >= 4  # labels mixed within batches, though the file is sorted
     batch = next(iter(loader))
-    assert batch["input_ids"].shape[0] == 2 * batch["index"].numel()
-    assert batch["label"].dtype == torch.bool
+    assert batch.sequences.input_ids.shape[0] == 2 * batch.index.numel()
+    assert batch.label.dtype == torch.bool
 
 
 @pytest.mark.parametrize("chunks, ranks", [([4, 4, 4, 4, 4, 2], 2), ([4, 4, 4, 4, 3], 2), ([3, 3, 3, 1], 3)])

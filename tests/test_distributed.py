@@ -282,7 +282,7 @@ class BatchRecorder(L.Callback):
         self.seen = []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.seen.append((trainer.current_epoch, batch_idx, batch["index"].tolist()))
+        self.seen.append((trainer.current_epoch, batch_idx, batch.index.tolist()))
 
 
 class InterruptAfterEpoch(L.Callback):

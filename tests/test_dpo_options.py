@@ -242,7 +242,7 @@ def test_wpo_and_ld_sums_equal_on_full_and_chunked_logits(full_and_chunked, demo
     batch = a_batch(full_and_chunked[0], demo_rows[:5])
     batch = packed(batch) if layout == "packed" else batch
     (full, full_ld), (chunked, chunked_ld) = [
-        (m.forward_stats(m.policy, batch, sum_sq_probs=True)[0], m.sequence_stats(m.policy, batch))
+        (m.forward(m.policy, batch.sequences, sum_sq_probs=True)[0], m.model_stats(m.policy, batch.sequences))
         for m in full_and_chunked
     ]
     torch.testing.assert_close(chunked.log_sum_sq_probs, full.log_sum_sq_probs, rtol=1e-5, atol=1e-5)
@@ -260,9 +260,10 @@ def test_log_sum_sq_probs_by_definition(demo_rows):
     module.configure_model()
     batch = a_batch(module, demo_rows[:2])
     with torch.no_grad():
-        stats = module.sequence_stats(module.policy, batch, sum_sq_probs=True)
-        probs = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.softmax(-1)
-    mask = batch["labels"][:, 1:] != -100
+        stats = module.model_stats(module.policy, batch.sequences, sum_sq_probs=True)
+        sequences = batch.sequences
+        probs = module.policy(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask).logits.softmax(-1)
+    mask = batch.sequences.labels[:, 1:] != -100
     expected = (probs[:, :-1] ** 2).sum(-1).log().double() * mask
     torch.testing.assert_close(stats.log_sum_sq_probs.double(), expected.sum(1), rtol=1e-5, atol=1e-5)
 

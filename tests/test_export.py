@@ -75,8 +75,8 @@ def test_lora_export_merges_on_a_copy_sharing_the_base_weights_and_leaves_the_po
     batch = a_batch(module, demo_rows[:4])
     module.policy.eval()
     with torch.no_grad():
-        torch.testing.assert_close(module.sequence_stats(merged, batch).logps,
-                                   module.sequence_stats(module.policy, batch).logps, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(module.model_stats(merged, batch.sequences).logps,
+                                   module.model_stats(module.policy, batch.sequences).logps, rtol=1e-5, atol=1e-5)
 
 
 def test_adapter_alone_is_saved_with_export_merged_false(tmp_path, demo_rows):
@@ -93,8 +93,8 @@ def test_adapter_alone_is_saved_with_export_merged_false(tmp_path, demo_rows):
     batch = a_batch(module, demo_rows[:4])
     module.policy.eval()
     with torch.no_grad():
-        torch.testing.assert_close(module.sequence_stats(reloaded, batch).logps,
-                                   module.sequence_stats(module.policy, batch).logps, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(module.model_stats(reloaded, batch.sequences).logps,
+                                   module.model_stats(module.policy, batch.sequences).logps, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_settings_are_peft_lora_config_arguments():

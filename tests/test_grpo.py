@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from prefmodule import GRPOModule, PreferenceDataModule, RLOOModule
 from prefmodule.cli import main
-from prefmodule.models.logps import chunked_sequence_stats, sequence_stats
+from prefmodule.models.logps import stats_from_hidden, stats_from_logits
 from prefmodule.objectives.losses.policy_gradient import grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
 from prefmodule.paths import resolve
 
@@ -99,8 +99,8 @@ def module_and_batch(prompts, module_class=GRPOModule, padding_free=None, **sett
 def own_token_logps(model, sequences) -> tuple[torch.Tensor, torch.Tensor]:
     """``[completions, T]`` per-token log-probs of each completion from the model's full logits on each
     sequence alone (no padding, no packing), and the mask: computed here, apart from the library's path."""
-    ids, labels = sequences["input_ids"][0], sequences["labels"][0]
-    owners = sequences["sequence_ids"][0]
+    ids, labels = sequences.input_ids[0], sequences.labels[0]
+    owners = sequences.sequence_ids[0]
     rows, width = [], 0
     for k in range(int(owners.max()) + 1):
         own = owners == k
@@ -156,9 +156,9 @@ def test_a_rows_columns_reach_the_reward_function_and_none_gives_advantage_zero(
         "    assert source == ['demo'] * len(completions) and len(completion_ids) == len(completions)\n"
         "    return [None if int(a) % 4 == 0 else float(a) + len(c) % 2 for a, c in zip(answer, completions)]\n")
     module, batch = module_and_batch(prompts, num_generations=4, reward=f"{rule}:by_answer")
-    assert batch["columns"] == [{"answer": str(i), "source": "demo"} for i in batch["index"].tolist()]
+    assert batch.columns == [{"answer": str(i), "source": "demo"} for i in batch.index.tolist()]
     rollout = module.sample_rollout(batch)
-    answers = torch.tensor([float(i) for i in batch["index"].tolist()]).repeat_interleave(4)
+    answers = torch.tensor([float(i) for i in batch.index.tolist()]).repeat_interleave(4)
     judged = answers % 4 != 0
     assert torch.isnan(rollout.rewards[:, 0]).equal(~judged)  # None: NaN, left out
     assert ((rollout.rewards[judged, 0] - answers[judged]) % 1 == 0).all()  # each its own row's answer
@@ -175,8 +175,8 @@ def test_entropy_per_token_from_the_full_and_the_chunked_head():
     head = torch.nn.Linear(8, 11, bias=False)
     hidden = torch.randn(2, 6, 8)
     labels = torch.tensor([[-100, -100, 3, 4, 5, -100], [-100, 1, 2, -100, -100, -100]])
-    full = sequence_stats(head(hidden), labels, token_entropy=True)
-    chunked = chunked_sequence_stats(hidden, head, labels, 2, token_entropy=True)
+    full = stats_from_logits(head(hidden), labels, token_entropy=True)
+    chunked = stats_from_hidden(hidden, head, labels, 2, token_entropy=True)
     probs = torch.softmax(head(hidden)[:, :-1], -1)[labels[:, 1:] != -100]
     torch.testing.assert_close(full.token_entropy, -(probs * probs.log()).sum(-1))
     torch.testing.assert_close(chunked.token_entropy, full.token_entropy)
@@ -192,11 +192,11 @@ class GroupLog(L.Callback):
         self.path = log
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        key = tuple(batch["index"].tolist())
+        key = tuple(batch.index.tolist())
         kept = module.rollouts.get(key)
         with open(f"{self.path}.{trainer.global_rank}", "a") as handle:
             handle.write(json.dumps({"step": trainer.global_step, "prompts": list(key), "completions": None if kept
-                                     is None else kept.sequences["index"].tolist()}) + "\n")
+                                     is None else kept.sequences.count}) + "\n")
 
 
 @pytest.mark.parametrize("strategy", [
@@ -220,8 +220,8 @@ def test_two_processes_sample_whole_groups_per_rank_and_each_prompt_once(strateg
     for rank in (0, 1):
         first, second = steps[rank][0::2], steps[rank][1::2]
         assert [s["prompts"] for s in first] == [s["prompts"] for s in second]  # each batch twice in a row
-        for step in first:  # kept after its first use: whole groups of this rank's own prompts
-            assert step["completions"] == [i for i in step["prompts"] for _ in range(2)]
+        for step in first:  # kept after its first use, under its own prompts: a whole group of each
+            assert step["completions"] == 2 * len(step["prompts"])
         assert all(s["completions"] is None for s in second)  # dropped after its second use
     used = [i for rank in (0, 1) for s in steps[rank][0::2] for i in s["prompts"]]
     assert sorted(used) == list(range(16))  # each prompt once in the epoch, across ranks
@@ -238,7 +238,7 @@ class KillMidStep(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         with open(self.path, "a") as handle:
-            handle.write(json.dumps([trainer.global_step, batch["index"].tolist()]) + "\n")
+            handle.write(json.dumps([trainer.global_step, batch.index.tolist()]) + "\n")
 
     def on_before_optimizer_step(self, trainer, module, optimizer):
         if self.step and trainer.global_step + 1 == self.step:

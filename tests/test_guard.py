@@ -40,7 +40,7 @@ class WeightsAfterEachStep(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.weights.append([p.detach().clone() for p in module.policy.parameters()])
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-        self.pairs.append(sorted(batch["index"].tolist()))
+        self.pairs.append(sorted(batch.index.tolist()))
 
 
 def test_a_non_finite_step_leaves_weights_optimizer_and_schedule_untouched(tmp_path, small_data, caplog):

@@ -56,15 +56,12 @@ class Collate:
     """Sequences 0..n-1 prompt + completion, then (``kl``) n..2n-1 prompt + KL completion; ``label``, ``index``."""
 
     def __init__(self, pad_token_id, kl=True):
-        self.pairs, self.kl = PreferenceCollator(pad_token_id), kl
+        self.rows, self.kl = PreferenceCollator(pad_token_id), kl
 
     def __call__(self, items):
-        batch = self.pairs([{"index": x["index"], "prompt_ids": x["prompt_ids"], "chosen_ids": x["completion_ids"],
-                             "rejected_ids": x["kl_completion_ids"]} for x in items])
-        if not self.kl:  # only the completions: the first half of the rows
-            batch = {key: value[: len(items)] for key, value in batch.items()}
-        batch["label"] = torch.tensor([x["label"] for x in items])
-        return batch
+        if not self.kl:  # only the completions
+            items = [{key: value for key, value in x.items() if key != "kl_completion_ids"} for x in items]
+        return self.rows(items)
 
 
 def collate(tokenizer, rows, first_index=0, kl=True):
@@ -263,9 +260,9 @@ def test_apo_zero_unpaired_needs_no_kl_rows_padded_or_packed(rows):
     module.configure_model()
     assert not module.kl_completions and module.unpaired
     batch = collate(module.tokenizer, train[:4], kl=False)
-    assert batch["input_ids"].shape[0] == 4
+    assert batch.sequences.input_ids.shape[0] == 4
     with torch.no_grad():
-        padded, in_one_row = module.batch_outputs(batch)[0], module.batch_outputs(packed(batch) | {"label": batch["label"]})[0]
+        padded, in_one_row = module.batch_outputs(batch)[0], module.batch_outputs(packed(batch))[0]
     torch.testing.assert_close(in_one_row.loss, padded.loss, rtol=1e-5, atol=1e-6)
     assert padded.desirable_rewards.numel() == 2 and padded.extra["kl"] == 0
 
@@ -281,7 +278,7 @@ def test_predict_scores_pairs_and_rows(rows, demo_rows):
     pair_batch = PreferenceCollator(module.tokenizer.pad_token_id)(pairs)
     with torch.no_grad():
         predictions = module.predict_step(pair_batch, 0)
-        chosen, rejected = module.sequence_stats(module.policy, pair_batch).split()
+        chosen, rejected = module.model_stats(module.policy, pair_batch.sequences).split()
         reference = module.reference_logps(pair_batch)
     assert [p["index"] for p in predictions] == [0, 1, 2]
     for p, c, r, ref in zip(predictions, chosen.logps, rejected.logps, reference):

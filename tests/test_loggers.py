@@ -209,8 +209,8 @@ class BatchTokens(L.Callback):
         self.tokens, self.pairs = [], []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.tokens.append(int(batch["attention_mask"].sum()))
-        self.pairs.append(batch["index"].numel())
+        self.tokens.append(int(batch.sequences.attention_mask.sum()))
+        self.pairs.append(batch.index.numel())
 
 
 def test_throughput_counts_pairs_tokens_and_model_flops(tmp_path, small_data):

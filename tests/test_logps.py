@@ -1,5 +1,7 @@
 """Log-probs from the final hidden states in chunks equal the full-logits way, values and gradients."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import (
@@ -7,11 +9,12 @@ from transformers import (
 )
 
 from prefmodule import ORPOModule
+from prefmodule.data.batches import Sequences
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.tokenize import tokenize_pair
 from prefmodule.models.logps import (
-    IGNORE_INDEX, LinearLogSoftmax, LogitsTransform, chunked_sequence_stats, head_logits_transform, is_plain_linear,
-    sequence_stats,
+    IGNORE_INDEX, LinearLogSoftmax, LogitsTransform, head_logits_transform, is_plain_linear, stats_from_hidden,
+    stats_from_logits,
 )
 
 from conftest import TINY_MODEL, full_and_chunked_modules
@@ -25,21 +28,18 @@ def a_batch(module, rows):
 
 def packed(batch):
     """The padded batch as one row: sequences back to back, positions restarting, ``sequence_ids``."""
-    keep = batch["attention_mask"].bool()
+    padded = batch.sequences
+    keep = padded.attention_mask.bool()
     lengths = keep.sum(1)
-    return {
-        "input_ids": batch["input_ids"][keep][None],
-        "labels": batch["labels"][keep][None],
-        "attention_mask": torch.ones(1, int(lengths.sum()), dtype=torch.long),
-        "position_ids": torch.cat([torch.arange(n) for n in lengths.tolist()])[None],
-        "sequence_ids": torch.repeat_interleave(torch.arange(len(lengths)), lengths)[None],
-        "index": batch["index"],
-    }
+    return dataclasses.replace(batch, sequences=Sequences(
+        padded.input_ids[keep][None], padded.labels[keep][None], torch.ones(1, int(lengths.sum()), dtype=torch.long),
+        padded.count, torch.cat([torch.arange(n) for n in lengths.tolist()])[None],
+        torch.repeat_interleave(torch.arange(len(lengths)), lengths)[None]))
 
 
 def stats_and_grads(module, batch):
     module.policy.zero_grad()
-    stats = module.sequence_stats(module.policy, batch)
+    stats = module.model_stats(module.policy, batch.sequences)
     (stats.logps * torch.linspace(-1.0, 2.0, len(stats.logps))).sum().backward()  # every sequence weighs differently
     return stats, {n: p.grad.clone() for n, p in module.policy.named_parameters()}
 
@@ -71,13 +71,13 @@ def test_chunked_equals_plain_values_and_gradients(plain_and_chunked, demo_rows,
 
 def test_chunked_saves_no_vocabulary_sized_tensor_for_backward(plain_and_chunked, demo_rows):
     batch = a_batch(plain_and_chunked[0], demo_rows[:6])
-    rows, length = batch["input_ids"].shape
+    rows, length = batch.sequences.input_ids.shape
     vocab = plain_and_chunked[0].policy.config.vocab_size
     saved_vocab_rows = {}
     for module in plain_and_chunked:
         shapes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
-            module.sequence_stats(module.policy, batch)
+            module.model_stats(module.policy, batch.sequences)
         saved_vocab_rows[module.model_settings.logps_chunk_size] = max(
             (s.numel() // vocab for s in shapes if s and s[-1] == vocab), default=0)
     assert saved_vocab_rows == {0: rows * (length - 1), 7: 0}  # chunks are recomputed, not saved
@@ -117,9 +117,9 @@ def test_scaled_and_soft_capped_logits_chunk_like_the_models_own(config, transfo
         model.zero_grad()
         if chunked:
             hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
-            stats = chunked_sequence_stats(hidden, model.get_output_embeddings(), labels, 4, transform=transform)
+            stats = stats_from_hidden(hidden, model.get_output_embeddings(), labels, 4, transform=transform)
         else:
-            stats = sequence_stats(model(input_ids=input_ids).logits, labels)
+            stats = stats_from_logits(model(input_ids=input_ids).logits, labels)
         (stats.logps * weights).sum().backward()
         results.append((stats, [p.grad.clone() for p in model.parameters()]))
     (full, full_grads), (chunked, chunked_grads) = results
@@ -127,7 +127,7 @@ def test_scaled_and_soft_capped_logits_chunk_like_the_models_own(config, transfo
     torch.testing.assert_close(chunked.logits, full.logits, rtol=1e-5, atol=1e-5)
     for chunked_grad, full_grad in zip(chunked_grads, full_grads):
         assert relative_error(chunked_grad, full_grad) < 1e-5
-    plain = sequence_stats(head(model.get_decoder()(input_ids=input_ids).last_hidden_state), labels)
+    plain = stats_from_logits(head(model.get_decoder()(input_ids=input_ids).last_hidden_state), labels)
     assert (plain.logps - full.logps).abs().max() > 0.1  # the transform matters at these logits
 
 
@@ -172,8 +172,8 @@ def test_negative_chunk_size_fails_at_construction():
 def test_labels_all_ignored_give_zero_sums(plain_and_chunked, demo_rows):
     chunked = plain_and_chunked[1]
     batch = a_batch(chunked, demo_rows[:2])
-    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
-    stats = chunked.sequence_stats(chunked.policy, batch)
+    batch.sequences.labels = torch.full_like(batch.sequences.labels, IGNORE_INDEX)
+    stats = chunked.model_stats(chunked.policy, batch.sequences)
     assert torch.equal(stats.logps, torch.zeros(4)) and torch.equal(stats.lengths, torch.zeros(4, dtype=torch.long))
 
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from prefmodule import DPOModule, ORPOModule, PreferenceDataModule, SimPOModule
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.tokenize import tokenize_pair
-from prefmodule.models.logps import sequence_stats
+from prefmodule.models.logps import stats_from_logits
 
 from conftest import TINY_MODEL
 
@@ -81,7 +81,7 @@ class BatchLog(L.Callback):
         self.indices = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.indices.append(batch["index"].tolist())
+        self.indices.append(batch.index.tolist())
 
 
 def test_mid_epoch_resume_trains_the_rest_of_the_epoch_as_if_never_stopped(tmp_path, small_data):
@@ -119,9 +119,10 @@ def test_hf_export_loads_and_gives_same_logps(tmp_path, demo_rows):
     batch = a_batch(module, demo_rows[:6])
     module.policy.eval()
     with torch.no_grad():
-        ours = module.sequence_stats(module.policy, batch)
-        theirs = sequence_stats(reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                batch["labels"])
+        ours = module.model_stats(module.policy, batch.sequences)
+        sequences = batch.sequences
+        logits = reloaded(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask).logits
+        theirs = stats_from_logits(logits, sequences.labels)
     torch.testing.assert_close(ours.logps, theirs.logps, rtol=1e-6, atol=1e-6)
     assert (ours.logps < 0).all()
 

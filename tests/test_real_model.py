@@ -68,10 +68,9 @@ def test_fit_trains_the_end_token_keeps_it_and_the_export_still_knows_paris(obje
 
     # Every response of a training batch ends with <|im_end|> among its trained (labelled) tokens, once.
     batch = next(iter(cli.datamodule.train_dataloader()))
-    sequences = module.sequences_per_index(batch) * batch["index"].numel()
     eos = module.tokenizer.eos_token_id
     assert eos == module.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert int((batch["labels"] == eos).sum()) == sequences
+    assert int((batch.sequences.labels == eos).sum()) == batch.sequences.count
 
     # The samples show each chat prompt by its last user message.
     rows = read_jsonl(resolve(CONVERSATIONS))

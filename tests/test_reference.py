@@ -101,7 +101,7 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path, small_data):
     start = DPOModule(model=TINY_MODEL)
     start.configure_model()
     batch = next(iter(test.test_dataloader()))
-    torch.testing.assert_close(pre.reference.tables["test"][batch["index"]], start.reference_logps(batch),
+    torch.testing.assert_close(pre.reference.tables["test"][batch.index], start.reference_logps(batch),
                                rtol=1e-5, atol=0)
     assert pre.ref_model is None
 

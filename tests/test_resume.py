@@ -35,7 +35,7 @@ class KillAt(L.Callback):
         if not trainer.is_global_zero:
             return
         with open(self.steps_file, "a") as handle:
-            handle.write(json.dumps([trainer.global_step, batch["index"].tolist()]) + "\n")
+            handle.write(json.dumps([trainer.global_step, batch.index.tolist()]) + "\n")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self.point == "mid_step" and trainer.global_step + 1 == self.step:

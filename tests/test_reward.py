@@ -102,7 +102,7 @@ def test_packed_rewards_and_gradients_equal_padded(reward_checkpoint, demo_rows)
     results = []
     for batch in (padded, packed(padded)):
         module.policy.zero_grad()
-        rewards, _ = module.rewards(batch)
+        rewards, _ = module.rewards(batch.sequences)
         (rewards * torch.linspace(-1, 2, len(rewards))).sum().backward()
         results.append((rewards.detach(), {n: p.grad.clone() for n, p in module.policy.named_parameters()}))
     (padded_rewards, padded_grads), (packed_rewards, packed_grads) = results
@@ -111,7 +111,8 @@ def test_packed_rewards_and_gradients_equal_padded(reward_checkpoint, demo_rows)
     for name, grad in padded_grads.items():
         assert relative_error(packed_grads[name], grad) < 1e-5, name
     with torch.no_grad():  # the model's own pooling: the last non-padding token of each sequence
-        own = module.policy(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits[:, 0]
+        inputs = padded.sequences
+        own = module.policy(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).logits[:, 0]
     torch.testing.assert_close(padded_rewards, own, rtol=1e-5, atol=1e-6)
 
 
@@ -132,8 +133,9 @@ def test_reward_yaml_fits_the_export_reloads_with_the_same_scores_and_predict_wr
     batch = PreferenceCollator(module.tokenizer.pad_token_id)([cli.datamodule.datasets["val"][i] for i in range(4)])
     module.policy.eval()
     with torch.no_grad():
-        ours, _ = module.rewards(batch)
-        theirs = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        ours, _ = module.rewards(batch.sequences)
+        sequences = batch.sequences
+        theirs = reloaded(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask).logits[:, 0]
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
     checkpoint = str(Path(trainer.log_dir) / "checkpoints" / "last.ckpt")

@@ -83,7 +83,7 @@ def test_a_reward_model_scores_as_the_reward_module_it_was_trained_as(tmp_path, 
     batch = PreferenceCollator(module.tokenizer.pad_token_id)([data.datasets["train"][i] for i in range(3)])
     module.policy.eval()
     with torch.no_grad():
-        rewards, _ = module.rewards(batch)
+        rewards, _ = module.rewards(batch.sequences)
     torch.testing.assert_close(torch.tensor(scores), rewards[:3], rtol=1e-5, atol=1e-5)
 
 
@@ -154,10 +154,10 @@ def test_sampling_leaves_training_as_it_was(prompts):
     state = torch.get_rng_state()
     pairs = module.sampled_pairs(batch)
     assert torch.equal(torch.get_rng_state(), state) and module.policy.training and not module.ref_model.training
-    assert pairs["input_ids"].requires_grad is False and all(p.grad is None for p in module.policy.parameters())
-    assert (pairs["score_chosen"] >= pairs["score_rejected"]).all() and pairs["index"].tolist() == batch["index"].tolist()
+    assert pairs.sequences.input_ids.requires_grad is False and all(p.grad is None for p in module.policy.parameters())
+    assert (pairs.score_chosen >= pairs.score_rejected).all() and pairs.index.tolist() == batch.index.tolist()
     again = module.sampled_pairs(batch)  # seeded by the batch and the step: the same completions
-    assert torch.equal(again["input_ids"], pairs["input_ids"])
+    assert torch.equal(again.sequences.input_ids, pairs.sequences.input_ids)
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
@@ -172,8 +172,8 @@ def test_online_dpo_lays_out_its_sampled_pairs_as_the_data_says(padding_free, pr
     module.trainer.datamodule = data
     module.configure_model()  # connects the datamodule: its collator comes back
     pairs = module.sampled_pairs(next(iter(data.predict_dataloader())))
-    assert ("sequence_ids" in pairs) is padding_free
-    assert pairs["input_ids"].shape[0] == (1 if padding_free else 8)  # 4 prompts, 2 completions each
+    assert pairs.sequences.packed is padding_free
+    assert pairs.sequences.input_ids.shape[0] == (1 if padding_free else 8)  # 4 prompts, 2 completions each
 
 
 def test_online_dpo_refuses_a_precomputed_reference():

@@ -1,31 +1,22 @@
-"""Batching: pairs (chosen sequences first, then rejected) or unpaired rows (completions first, then KL
-completions), right-padded or packed into one row."""
+"""Batching: pairs (chosen sequences first, then rejected), unpaired rows (completions first, then KL
+completions) or prompts alone; sequences right-padded or packed into one row."""
 
 from __future__ import annotations
 
 import torch
 
+from prefmodule.data.batches import PairBatch, PromptBatch, RowBatch, Sequences
 from prefmodule.models.logps import IGNORE_INDEX
 
 
 class PreferenceCollator:
-    """Turns tokenised items into a batch for :meth:`PreferenceModule.sequence_stats`.
+    """Turns tokenised items into a batch (:mod:`prefmodule.data.batches`): items with ``chosen_ids`` into a
+    :class:`PairBatch`, items with ``completion_ids`` (and ``label``) into a :class:`RowBatch`, with KL
+    completions when they carry ``kl_completion_ids``, and items without responses into a :class:`PromptBatch`.
+    So ``SequenceStats.split()`` gives (chosen, rejected) for pairs and (completions, KL completions) for rows.
 
-    Pairs (``n`` of them): sequences ``0..n-1`` are prompt + chosen, ``n..2n-1`` prompt + rejected.
-    Unpaired rows (items with ``completion_ids``): sequences ``0..n-1`` are prompt + completion and, when the
-    items carry ``kl_completion_ids``, ``n..2n-1`` prompt + KL completion; plus ``label`` (bool ``[n]``). So
-    ``SequenceStats.split()`` gives (chosen, rejected) for pairs and (completions, KL completions) for rows.
-
-    Padded (default): ``input_ids``, ``attention_mask`` and ``labels`` of shape ``[sequences, T]``, padded to
-    the longest row of the batch (optionally rounded up to ``pad_to_multiple_of``). ``padding_free``: the
-    sequences back to back in one row, ``[1, N]``, with ``position_ids`` restarting at 0 per sequence,
-    ``sequence_ids`` naming each token's sequence and an all-ones ``attention_mask``. ``labels`` hold the
-    response ids and ``-100`` on prompt and padding; ``index`` is each item's row number, and
-    ``score_chosen``/``score_rejected`` (float ``[n]``) come along when the data rates its pairs, and ``margin``
-    (float ``[n]``, NaN for a pair without one) when it has that column.
-
-    Prompts alone (items without responses): ``index`` and the lists ``prompt_ids``, ``prompt``, ``tools`` and
-    ``columns`` (each row's other columns, a dict), as they are (generation pads them itself).
+    Sequences are padded (default) to the longest of the batch (optionally rounded up to ``pad_to_multiple_of``),
+    or with ``padding_free`` packed back to back in one row (:class:`Sequences`).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_free: bool = False):
@@ -33,25 +24,29 @@ class PreferenceCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_free = padding_free
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        if "chosen_ids" not in items[0] and "completion_ids" not in items[0]:  # prompts to complete
-            return {"index": torch.tensor([item["index"] for item in items]),
-                    **{key: [item.get(key) for item in items] for key in ("prompt_ids", "prompt", "tools", "columns")}}
-        first, second = ("completion_ids", "kl_completion_ids") if "completion_ids" in items[0] else (
-            "chosen_ids", "rejected_ids")
-        sequences = [(item["prompt_ids"], item[first]) for item in items]
-        if second in items[0]:
-            sequences += [(item["prompt_ids"], item[second]) for item in items]
-        batch = self._pack(sequences) if self.padding_free else self._pad(sequences)
-        batch["index"] = torch.tensor([item["index"] for item in items])
-        if "label" in items[0]:
-            batch["label"] = torch.tensor([item["label"] for item in items], dtype=torch.bool)
-        for key in ("score_chosen", "score_rejected", "margin"):
-            if key in items[0]:
-                batch[key] = torch.tensor([item[key] for item in items], dtype=torch.float32)
-        return batch
+    def __call__(self, items: list[dict]) -> PairBatch | RowBatch | PromptBatch:
+        index = torch.tensor([item["index"] for item in items])
+        first = items[0]
+        if "completion_ids" in first:
+            kl = "kl_completion_ids" in first
+            sequences = [(item["prompt_ids"], item["completion_ids"]) for item in items]
+            sequences += [(item["prompt_ids"], item["kl_completion_ids"]) for item in items] if kl else []
+            return RowBatch(index, torch.tensor([item["label"] for item in items], dtype=torch.bool),
+                            self.layout(sequences), kl_completions=kl)
+        if "chosen_ids" in first:
+            sequences = [(item["prompt_ids"], item["chosen_ids"]) for item in items]
+            sequences += [(item["prompt_ids"], item["rejected_ids"]) for item in items]
+            scores = {key: torch.tensor([item[key] for item in items], dtype=torch.float32)
+                      for key in ("score_chosen", "score_rejected", "margin") if key in first}
+            return PairBatch(index, self.layout(sequences), **scores)
+        return PromptBatch(index, *([item.get(key) for item in items] for key in ("prompt_ids", "prompt", "tools",
+                                                                                   "columns")))
 
-    def _pad(self, sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    def layout(self, sequences: list[tuple[list[int], list[int]]]) -> Sequences:
+        """``(prompt ids, response ids)`` sequences padded or packed, as this collator lays out its batches."""
+        return self._pack(sequences) if self.padding_free else self._pad(sequences)
+
+    def _pad(self, sequences: list[tuple[list[int], list[int]]]) -> Sequences:
         width = max(len(prompt) + len(response) for prompt, response in sequences)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -63,9 +58,9 @@ class PreferenceCollator:
             input_ids[i, : n + m] = torch.tensor(prompt + response)
             attention_mask[i, : n + m] = 1
             labels[i, n : n + m] = torch.tensor(response)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return Sequences(input_ids, labels, attention_mask, len(sequences))
 
-    def _pack(self, sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    def _pack(self, sequences: list[tuple[list[int], list[int]]]) -> Sequences:
         input_ids, labels, position_ids, sequence_ids = [], [], [], []
         for k, (prompt, response) in enumerate(sequences):
             n = len(prompt) + len(response)
@@ -75,7 +70,6 @@ class PreferenceCollator:
             labels += sequence_labels
             position_ids += range(n)
             sequence_ids += [k] * n
-        tensors = {name: torch.tensor([values]) for name, values in (
-            ("input_ids", input_ids), ("labels", labels), ("position_ids", position_ids),
-            ("sequence_ids", sequence_ids))}
-        return {**tensors, "attention_mask": torch.ones_like(tensors["input_ids"])}
+        input_ids = torch.tensor([input_ids])
+        return Sequences(input_ids, torch.tensor([labels]), torch.ones_like(input_ids), len(sequences),
+                         torch.tensor([position_ids]), torch.tensor([sequence_ids]))

@@ -8,8 +8,8 @@ A *packed* batch (``padding_free``) is one row holding every sequence back to ba
 each token belongs to. Its first token of every sequence is a prompt token, so no label crosses
 a sequence boundary.
 
-Two ways give the same numbers: :func:`sequence_stats` from the model's full logits, and
-:func:`chunked_sequence_stats` from the final hidden states through the LM head, a chunk of
+Two ways give the same numbers: :func:`stats_from_logits` from the model's full logits, and
+:func:`stats_from_hidden` from the final hidden states through the LM head, a chunk of
 response tokens at a time, never holding ``[rows, T, vocab]`` logits. Models that scale or
 soft-cap their head's output (Gemma 2, Cohere, Granite) get the same :class:`LogitsTransform`
 per chunk.
@@ -170,9 +170,9 @@ def token_extras(logits: torch.Tensor, sum_sq_probs: bool, token_entropy: bool) 
     return (log_sum_sq_probs(logits) if sum_sq_probs else None, entropy(logits) if token_entropy else None)
 
 
-def sequence_stats(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None,
-                   num_sequences: int | None = None, sum_sq_probs: bool = False,
-                   token_entropy: bool = False) -> SequenceStats:
+def stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None,
+                      num_sequences: int | None = None, sum_sq_probs: bool = False,
+                      token_entropy: bool = False) -> SequenceStats:
     """Reduce ``logits [rows, T, vocab]`` for ``labels [rows, T]`` to per-sequence response sums.
 
     Padded batches need only ``logits`` and ``labels``; packed batches also pass ``sequence_ids``
@@ -190,11 +190,11 @@ def sequence_stats(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: tor
     return per_sequence(logps[mask], mean_logits[mask], response_owners(mask, sequence_ids), rows, sum_sq, entropies)
 
 
-def chunked_sequence_stats(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int,
-                           sequence_ids: torch.Tensor | None = None, num_sequences: int | None = None,
-                           transform: LogitsTransform = LogitsTransform(), sum_sq_probs: bool = False,
-                           token_entropy: bool = False) -> SequenceStats:
-    """:func:`sequence_stats` from the final hidden states ``[rows, T, hidden]``, the LM ``head`` and
+def stats_from_hidden(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, chunk_size: int,
+                      sequence_ids: torch.Tensor | None = None, num_sequences: int | None = None,
+                      transform: LogitsTransform = LogitsTransform(), sum_sq_probs: bool = False,
+                      token_entropy: bool = False) -> SequenceStats:
+    """:func:`stats_from_logits` from the final hidden states ``[rows, T, hidden]``, the LM ``head`` and
     the model's ``transform`` of the head's output.
 
     Only response positions go through the head, ``chunk_size`` tokens at a time; with gradients
@@ -287,7 +287,7 @@ class LinearLogSoftmax(torch.autograd.Function):
 
 def head_logits_transform(model: nn.Module) -> LogitsTransform | None:
     """How ``model``'s logits follow from its output embeddings applied to its decoder's last hidden
-    state, so that :func:`chunked_sequence_stats` may stand in for its forward; ``None`` if they do not.
+    state, so that :func:`stats_from_hidden` may stand in for its forward; ``None`` if they do not.
 
     The transform its config names (:meth:`LogitsTransform.of`) is checked on an 8-token probe rather
     than trusted: a model that changes its logits some other way answers ``None``. (``model`` may be a

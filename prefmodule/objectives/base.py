@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from prefmodule.data.batches import PairBatch, RowBatch, Sequences
 from prefmodule.data.contract import BatchFormat
 from prefmodule.errors import ConfigError, finite, require
 from prefmodule.models.attention import PackedAttention, takes_sequence_bounds
@@ -20,7 +21,7 @@ from prefmodule.models.export import ExportSettings, export_policy
 from prefmodule.models.loading import load_tokenizer
 from prefmodule.models.logps import LogitsTransform, SequenceStats
 from prefmodule.models.moe import router_aux_loss_coef
-from prefmodule.models.scoring import batch_stats
+from prefmodule.models.scoring import forward_stats
 from prefmodule.models.settings import ModelSettings
 from prefmodule.models.setup import compile_layers, load_policy, place, trainable
 from prefmodule.objectives.metrics import preference_metrics
@@ -39,7 +40,7 @@ RUN_TIME = ("optimizer", "predictions_path", "export_hf", "export_merged", "logp
 
 
 class PreferenceModule(LightningModule):
-    """Base for preference objectives. Subclasses implement :meth:`pair_outputs`; the base runs the forward passes
+    """Base for preference objectives. Subclasses implement :meth:`objective_outputs`; the base runs the forward passes
     and adds a mixture-of-experts policy's load-balancing loss to every objective's loss.
 
     Args:
@@ -213,26 +214,25 @@ class PreferenceModule(LightningModule):
         return self.head_transform is not None
 
     # ----- forward ----------------------------------------------------------------------------
-    def sequence_stats(self, model: nn.Module, batch: dict[str, Tensor], sum_sq_probs: bool = False) -> SequenceStats:
-        """``model``'s statistics of the concatenated chosen + rejected sequences of ``batch`` (padded or packed),
-        never asking a mixture-of-experts model for its router logits (a reference, a scoring pass)."""
-        return self.scored_stats(self.forward_stats(model, batch, sum_sq_probs)[0])
+    def forward(self, model: nn.Module, sequences: Sequences, sum_sq_probs: bool = False, router_loss: bool = False,
+                token_entropy: bool = False) -> tuple[SequenceStats, Tensor | None]:
+        """One forward of ``model`` over ``sequences`` (:func:`~prefmodule.models.scoring.forward_stats`): its
+        statistics, before :meth:`reweighted`, and with ``router_loss`` the load-balancing loss."""
+        return forward_stats(model, sequences, self.head_transform, self.model_settings.logps_chunk_size,
+                             sum_sq_probs, router_loss, token_entropy)
 
-    def policy_forward(self, batch: dict[str, Tensor]) -> tuple[SequenceStats, Tensor | None]:
-        """The policy's statistics of ``batch`` and, beside them, its mixture-of-experts load-balancing loss
+    def model_stats(self, model: nn.Module, sequences: Sequences, sum_sq_probs: bool = False) -> SequenceStats:
+        """``model``'s statistics of ``sequences`` as the objective scores them (:meth:`reweighted`), never asking
+        a mixture-of-experts model for its router logits (a reference, a scoring pass)."""
+        return self.reweighted(self.forward(model, sequences, sum_sq_probs)[0])
+
+    def policy_forward(self, sequences: Sequences) -> tuple[SequenceStats, Tensor | None]:
+        """The policy's statistics of ``sequences`` and, beside them, its mixture-of-experts load-balancing loss
         (``None`` for a dense policy, or when its weight is 0)."""
-        stats, aux_loss = self.forward_stats(self.policy, batch, self.sum_sq_probs,
-                                             router_loss=self.router_loss_weight(self.policy) > 0,
-                                             token_entropy=self.token_entropy)
-        return self.scored_stats(stats), aux_loss
-
-    def forward_stats(self, model: nn.Module, batch: dict[str, Tensor], sum_sq_probs: bool = False,
-                      router_loss: bool = False, token_entropy: bool = False) -> tuple[SequenceStats, Tensor | None]:
-        """One forward over the sequences of ``batch`` (:func:`~prefmodule.models.scoring.batch_stats`): its own
-        statistics, before :meth:`scored_stats`, and with ``router_loss`` the load-balancing loss."""
-        num_sequences = self.sequences_per_index(batch) * batch["index"].numel()
-        return batch_stats(model, batch, num_sequences, self.head_transform, self.model_settings.logps_chunk_size,
-                           sum_sq_probs, router_loss, token_entropy)
+        stats, aux_loss = self.forward(self.policy, sequences, self.sum_sq_probs,
+                                       router_loss=self.router_loss_weight(self.policy) > 0,
+                                       token_entropy=self.token_entropy)
+        return self.reweighted(stats), aux_loss
 
     @property
     def sum_sq_probs(self) -> bool:
@@ -244,14 +244,10 @@ class PreferenceModule(LightningModule):
         """Whether the policy's forward also keeps each response token's entropy (GRPO's ``entropy`` metric)."""
         return False
 
-    def scored_stats(self, stats: SequenceStats) -> SequenceStats:
+    def reweighted(self, stats: SequenceStats) -> SequenceStats:
         """The statistics the objective scores, from those of a forward (policy and reference alike): as they are,
         unless an objective reweighs the tokens (LD-DPO)."""
         return stats
-
-    def sequences_per_index(self, batch: dict[str, Tensor]) -> int:
-        """How many sequences ``batch`` holds per entry of its ``index``: a pair's chosen and rejected."""
-        return 2
 
     def router_loss_weight(self, model: nn.Module) -> float:
         """The weight of ``model``'s MoE load-balancing loss in the objective (0: none, or a dense model)."""
@@ -261,18 +257,18 @@ class PreferenceModule(LightningModule):
         own = self.model_settings.router_aux_loss_coef
         return coef if own is None else own
 
-    def reference_logps(self, batch: dict[str, Tensor]) -> Tensor | None:
+    def reference_logps(self, batch: PairBatch | RowBatch) -> Tensor | None:
         """``[rows, sequences per row]`` reference log-probs of ``batch``; ``None`` for a reference-free objective."""
         return None
 
-    def batch_outputs(self, batch: dict[str, Tensor]) -> tuple[PairOutputs | RowOutputs, Tensor | None]:
+    def batch_outputs(self, batch: PairBatch | RowBatch) -> tuple[PairOutputs | RowOutputs, Tensor | None]:
         """The objective on ``batch``, and beside it the policy's router loss (``None`` for a dense policy)."""
         reference = self.reference_logps(batch)  # first: its activations are freed before the policy's exist
-        policy, aux_loss = self.policy_forward(batch)
-        return self.pair_outputs(batch, policy, reference), aux_loss
+        policy, aux_loss = self.policy_forward(batch.sequences)
+        return self.objective_outputs(batch, policy, reference), aux_loss
 
-    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats,
-                     reference: Tensor | None) -> PairOutputs | RowOutputs:
+    def objective_outputs(self, batch: PairBatch | RowBatch, policy: SequenceStats,
+                          reference: Tensor | None) -> PairOutputs | RowOutputs:
         """The objective on ``batch`` from the policy's statistics of its sequences and, for objectives with a
         reference, the reference's ``[rows, sequences per row]`` log-probs."""
         raise NotImplementedError
@@ -294,16 +290,16 @@ class PreferenceModule(LightningModule):
         """The metrics of one stage, besides the ``extra`` names: TRL's preference metrics."""
         return preference_metrics(extra, not self.unpaired)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: PairBatch | RowBatch, batch_idx: int) -> Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: PairBatch | RowBatch, batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: PairBatch | RowBatch, batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def _step(self, batch: PairBatch | RowBatch, stage: str) -> Tensor:
         outputs, aux_loss = self.batch_outputs(batch)
         if aux_loss is not None:  # as transformers' MoE models add it to their language-modelling loss
             outputs.loss = outputs.loss + self.router_loss_weight(self.policy) * aux_loss
@@ -324,7 +320,7 @@ class PreferenceModule(LightningModule):
     def on_train_epoch_end(self) -> None:
         self.metrics["train_metrics"].reset()
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict]:
+    def predict_step(self, batch: PairBatch | RowBatch, batch_idx: int) -> list[dict]:
         return self.predictions(batch, self.batch_outputs(batch)[0])
 
     def completion_rewards(self, items: list[dict], completions: list[list[int]]) -> list[float | None] | None:
@@ -332,9 +328,9 @@ class PreferenceModule(LightningModule):
         where it has none of its own (the samples then show the implicit reward of a preference objective)."""
         return None
 
-    def predictions(self, batch: dict[str, Tensor], outputs: PairOutputs) -> list[dict]:
+    def predictions(self, batch: PairBatch, outputs: PairOutputs) -> list[dict]:
         """One row per pair of ``batch``: its log-probs and rewards, and which response the model prefers."""
-        rows = zip(batch["index"].tolist(), logged_logps(outputs.chosen, self.length_normalized).tolist(),
+        rows = zip(batch.index.tolist(), logged_logps(outputs.chosen, self.length_normalized).tolist(),
                    logged_logps(outputs.rejected, self.length_normalized).tolist(), outputs.chosen_rewards.tolist(),
                    outputs.rejected_rewards.tolist())
         return [

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from torch import Tensor
 
 from prefmodule.errors import ConfigError
+from prefmodule.data.batches import PairBatch
 from prefmodule.models.logps import SequenceStats
 from prefmodule.objectives.base import PreferenceModule
 from prefmodule.objectives.losses import check_cpo_options, cpo_loss, nll_loss
@@ -56,7 +56,7 @@ class CPOModule(PreferenceModule):
     def extra_metrics(self, stage: str) -> tuple[str, ...]:
         return ("nll_loss",)
 
-    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: None) -> PairOutputs:
+    def objective_outputs(self, batch: PairBatch, policy: SequenceStats, reference: None) -> PairOutputs:
         chosen, rejected = policy.split()
         hp = self.hparams
         losses, chosen_rewards, rejected_rewards = cpo_loss(

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from prefmodule.data.batches import PairBatch
 from prefmodule.errors import ConfigError
 from prefmodule.models.logps import SequenceStats
 from prefmodule.objectives.losses import (
@@ -102,7 +103,7 @@ class DPOModule(ReferenceModule):
     def sum_sq_probs(self) -> bool:
         return self.hparams.use_weighting
 
-    def scored_stats(self, stats: SequenceStats) -> SequenceStats:
+    def reweighted(self, stats: SequenceStats) -> SequenceStats:
         """With ``ld_alpha``, LD-DPO's log-probs, whose tokens past the pair's public length (its shorter response)
         count ``ld_alpha``."""
         if self.hparams.ld_alpha is None:
@@ -112,7 +113,7 @@ class DPOModule(ReferenceModule):
         return dataclasses.replace(stats, logps=ld_logps(stats.logps, stats.prefix_logps(public_lengths),
                                                          self.hparams.ld_alpha))
 
-    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: Tensor) -> PairOutputs:
+    def objective_outputs(self, batch: PairBatch, policy: SequenceStats, reference: Tensor) -> PairOutputs:
         chosen, rejected = policy.split()
         chosen_logratios = chosen.logps - reference[:, 0]
         rejected_logratios = rejected.logps - reference[:, 1]

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from prefmodule.data.batches import PairBatch, RowBatch
 from prefmodule.data.contract import BatchFormat
 from prefmodule.errors import ConfigError
 from prefmodule.models.logps import SequenceStats
@@ -38,10 +39,9 @@ class KTOModule(ReferenceModule):
     batch's KL estimate from each prompt paired with the previous row's completion (see
     ``prefmodule.objectives.losses.kto_loss``, ``kto_kl``). ``apo_zero_unpaired`` drops ``z0`` (no KL completions).
 
-    Batches (the datamodule builds them as this module's ``batch_format`` says: unpaired rows, KL completions):
-    sequences ``0..n-1`` are prompt + completion, ``n..2n-1`` (with ``kl_completions``) prompt + KL
-    completion, plus ``label`` (bool ``[n]``, True = desirable) and ``index``. A batch of pairs without
-    ``label`` (``predict`` on a paired file) is scored as its chosen rows (desirable) and rejected rows
+    Batches are :class:`~prefmodule.data.batches.RowBatch` (the datamodule builds them as this module's
+    ``batch_format`` says: unpaired rows, KL completions). A :class:`~prefmodule.data.batches.PairBatch`
+    (``predict`` on a paired file, the samples) is scored as its chosen rows (desirable) and rejected rows
     (undesirable), with no reference point: its predictions say which answer the model prefers.
 
     Metrics, as TRL's ``KTOTrainer``: ``loss``, ``kl`` (z0), ``rewards/chosen`` / ``rewards/rejected``
@@ -86,49 +86,46 @@ class KTOModule(ReferenceModule):
     def extra_metrics(self, stage: str) -> tuple[str, ...]:
         return ("kl",)
 
-    def sequences_per_index(self, batch: dict[str, Tensor]) -> int:
-        return 2 if self.kl_completions or "label" not in batch else 1
-
-    def score_rows(self, batch: dict[str, Tensor], stats: SequenceStats, reference: Tensor) -> RowScores:
+    def score_rows(self, batch: RowBatch | PairBatch, stats: SequenceStats, reference: Tensor) -> RowScores:
         """KTO on ``batch`` from the policy's ``stats`` of its sequences and the ``reference`` log-probs
         (``[rows, 2]``: completion, KL completion; or ``[rows, 1]``)."""
         kl = stats.logps.new_zeros(())
-        if "label" not in batch:  # pairs: the chosen rows, then the rejected ones
-            desirable = torch.arange(len(stats.logps), device=stats.logps.device) < batch["index"].numel()
+        if isinstance(batch, PairBatch):  # the chosen rows, then the rejected ones
+            desirable = torch.arange(len(stats.logps), device=stats.logps.device) < batch.index.numel()
             completions, ref_logps = stats, reference.T.reshape(-1)
-        elif self.kl_completions:
-            desirable = batch["label"].bool()
+        elif batch.kl_completions:
+            desirable = batch.label
             completions, kl_rows = stats.split()
             ref_logps = reference[:, 0]
             gather = self.all_gather if self._trainer is not None else lambda value: value  # all ranks' means
             kl = kto_kl(kl_rows.logps, reference[:, 1], gather)
         else:
-            desirable, completions, ref_logps = batch["label"].bool(), stats, reference[:, 0]
+            desirable, completions, ref_logps = batch.label, stats, reference[:, 0]
         hp = self.hparams
         losses, rewards = kto_loss(completions.logps, ref_logps, desirable, kl, beta=hp.beta, loss_type=hp.loss_type,
                                    desirable_weight=hp.desirable_weight, undesirable_weight=hp.undesirable_weight)
         return RowScores(losses, rewards, completions, desirable, kl)
 
-    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats,
-                     reference: Tensor) -> RowOutputs | PairOutputs:
+    def objective_outputs(self, batch: RowBatch | PairBatch, policy: SequenceStats,
+                          reference: Tensor) -> RowOutputs | PairOutputs:
         """The batch's loss over its desirable and its undesirable rows; on a batch of pairs (``predict``, the
         samples), each answer's reward, chosen as desirable and rejected as undesirable."""
         rows = self.score_rows(batch, policy, reference)
-        if "label" not in batch:  # the chosen rows, then the rejected ones
+        if isinstance(batch, PairBatch):  # the chosen rows, then the rejected ones
             (chosen, rejected), (chosen_rewards, rejected_rewards) = rows.completions.split(), rows.rewards.chunk(2)
             return PairOutputs(rows.losses.mean(), chosen, rejected, chosen_rewards, rejected_rewards)
         d = rows.desirable
         return RowOutputs(rows.losses.mean(), rows.completions.select(d), rows.completions.select(~d),
                           rows.rewards[d], rows.rewards[~d], {"kl": rows.kl})
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict]:
+    def predict_step(self, batch: RowBatch | PairBatch, batch_idx: int) -> list[dict]:
         """Pairs: as every objective (``preferred`` by implicit reward). Unpaired rows: each row's reward."""
-        if "label" not in batch:
+        if isinstance(batch, PairBatch):
             return super().predict_step(batch, batch_idx)
-        rows = self.score_rows(batch, self.sequence_stats(self.policy, batch), self.reference_logps(batch))
+        rows = self.score_rows(batch, self.model_stats(self.policy, batch.sequences), self.reference_logps(batch))
         return [
             {"index": index, "label": label, "logps": logps, "reward": reward}
-            for index, label, logps, reward in zip(batch["index"].tolist(), rows.desirable.tolist(),
+            for index, label, logps, reward in zip(batch.index.tolist(), rows.desirable.tolist(),
                                                    rows.completions.logps.tolist(), rows.rewards.tolist())
         ]
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
+from prefmodule.data.batches import PairBatch, PromptBatch, SampledPairs
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.contract import BatchFormat
 from prefmodule.errors import ConfigError
@@ -61,49 +63,49 @@ class OnlineDPOModule(DPOModule):
     def extra_metrics(self, stage: str) -> tuple[str, ...]:
         return super().extra_metrics(stage) + SAMPLING_METRICS
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:
         pairs = self.sampled_pairs(batch)
-        self.sampled_tokens += int((pairs["labels"] != IGNORE_INDEX).sum())  # the completions are the targets
+        self.sampled_tokens += int((pairs.sequences.labels != IGNORE_INDEX).sum())  # the completions are the targets
         self.log("train/sampled_tokens", float(self.sampled_tokens), on_step=True, on_epoch=False, reduce_fx="sum",
                  sync_dist=True, batch_size=1)
         return self._step(pairs, "train")
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
         self._step(self.sampled_pairs(batch), "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: PromptBatch, batch_idx: int) -> None:
         self._step(self.sampled_pairs(batch), "test")
 
-    def predict_step(self, batch: dict, batch_idx: int):
+    def predict_step(self, batch: PromptBatch, batch_idx: int):
         raise ConfigError("OnlineDPOModule trains; to sample pairs from a policy, predict with SamplePairsModule "
                           "(configs/sample_pairs.yaml)")
 
-    def sampled_pairs(self, batch: dict) -> dict[str, Tensor]:
+    def sampled_pairs(self, batch: PromptBatch) -> SampledPairs:
         """A batch of prompts as a batch of pairs: two completions of each, sampled and scored, the better first."""
         step = self.trainer.global_step if self._trainer is not None else 0
-        seed = self.generation.seed + int(batch["index"][0]) + 1_000_003 * step
+        seed = self.generation.seed + int(batch.index[0]) + 1_000_003 * step
         completions, _, ended, scores = scored_completions(self, batch, self.generation, self.scores, seed)
         scores = scores.view(-1, 2)
         first_chosen = (scores[:, 0] >= scores[:, 1]).tolist()
         items = [{"index": index, "prompt_ids": prompt_ids,
                   "chosen_ids": completions[2 * i + (not first)], "rejected_ids": completions[2 * i + first],
                   "score_chosen": float(scores[i, int(not first)]), "score_rejected": float(scores[i, int(first)])}
-                 for i, (index, prompt_ids, first) in enumerate(zip(batch["index"].tolist(), batch["prompt_ids"],
+                 for i, (index, prompt_ids, first) in enumerate(zip(batch.index.tolist(), batch.prompt_ids,
                                                                     first_chosen))]
         collate = self.collate or PreferenceCollator(self.tokenizer.pad_token_id, padding_free=self.packed_attention)
         pairs = collate(items)  # laid out as the data's own batches (padded or packed)
-        pairs["contain_eos_token"] = torch.tensor(ended, dtype=torch.float32)
-        return {name: value.to(self.device) for name, value in pairs.items()}
+        sampled = SampledPairs(**vars(pairs), ended=torch.tensor(ended, dtype=torch.float32))
+        return move_data_to_device(sampled, self.device)
 
-    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: Tensor) -> PairOutputs:
-        outputs = super().pair_outputs(batch, policy, reference)
-        if "score_chosen" in batch:  # sampled pairs (not the data's own, as in ``predict``)
+    def objective_outputs(self, batch: PairBatch, policy: SequenceStats, reference: Tensor) -> PairOutputs:
+        outputs = super().objective_outputs(batch, policy, reference)
+        if isinstance(batch, SampledPairs):  # not the data's own pairs (the samples' implicit rewards)
             logratios = torch.cat([outputs.chosen.logps - reference[:, 0], outputs.rejected.logps - reference[:, 1]])
             outputs.extra.update({
                 "objective/kl": logratios.detach(),
                 "objective/entropy": -torch.cat([outputs.chosen.logps, outputs.rejected.logps]).detach(),
-                "objective/scores": torch.cat([batch["score_chosen"], batch["score_rejected"]]),
-                "objective/scores_margin": batch["score_chosen"] - batch["score_rejected"],
-                "contain_eos_token": batch["contain_eos_token"],
+                "objective/scores": torch.cat([batch.score_chosen, batch.score_rejected]),
+                "objective/scores_margin": batch.score_chosen - batch.score_rejected,
+                "contain_eos_token": batch.ended,
             })
         return outputs

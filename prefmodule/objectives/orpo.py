@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor
 
+from prefmodule.data.batches import PairBatch
 from prefmodule.models.logps import SequenceStats
 from prefmodule.objectives.losses import nll_loss, orpo_loss
 from prefmodule.objectives.base import PreferenceModule
@@ -27,7 +27,7 @@ class ORPOModule(PreferenceModule):
     def __init__(self, model: str, beta: float = 0.1, **kwargs):
         super().__init__(model=model, **kwargs)
 
-    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: None) -> PairOutputs:
+    def objective_outputs(self, batch: PairBatch, policy: SequenceStats, reference: None) -> PairOutputs:
         chosen, rejected = policy.split()
         odds_losses, log_odds = orpo_loss(chosen.avg_logps, rejected.avg_logps, beta=self.hparams.beta)
         nll = nll_loss(chosen.logps, chosen.lengths)

@@ -9,9 +9,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from prefmodule.data.batches import PromptBatch, Sequences
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.contract import BatchFormat
 from prefmodule.errors import ConfigError, require
@@ -19,7 +21,7 @@ from prefmodule.models.generation import GenerationSettings
 from prefmodule.models.logps import SequenceStats
 from prefmodule.objectives.losses.policy_gradient import GroupAdvantages, PolicyGradientLoss
 from prefmodule.objectives.metrics import Mean, Std
-from prefmodule.reference.modes import scored_stats
+from prefmodule.reference.modes import stats_without_grad
 from prefmodule.objectives.reference import ReferenceModule
 from prefmodule.sampling.pairs import CompletionScores, completed_rows, completion_texts, sample_completions
 from prefmodule.sampling.scorers import naming_rows
@@ -37,7 +39,7 @@ class Rollout:
     completion, prompt after prompt), their ``[completions, rewards]`` scores, and what the loss needs besides
     the policy's own log-probs; kept while the batch is trained on again (``num_iterations``)."""
 
-    sequences: dict[str, Tensor]  # the collated prompt + completion sequences (padded or packed)
+    sequences: Sequences  # the prompt + completion sequences (padded or packed)
     rewards: Tensor  # [completions, rewards], NaN where a function answered None
     ended: Tensor  # [completions] bool: the completion ended with an end token
     old_logps: Tensor | None  # per completion token (flat), the sampling policy's; None: the current policy
@@ -46,23 +48,20 @@ class Rollout:
     advantages: Tensor | None = None  # [completions], once computed (at the first use)
     uses: int = 0
 
-    def to(self, device: torch.device) -> Rollout:
+    def on(self, device: torch.device) -> Rollout:
         """The same rollout with its tensors on ``device`` (one restored from a checkpoint is on the CPU)."""
-        def moved(value):
-            if isinstance(value, dict):
-                return {name: moved(v) for name, v in value.items()}
-            return value.to(device) if isinstance(value, Tensor) else value
-
-        return Rollout(**{f.name: moved(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        return move_data_to_device(self, device)
 
     def state(self) -> dict:
         """Plain data for a checkpoint (tensors on the CPU)."""
-        def cpu(value):
-            if isinstance(value, dict):
-                return {name: cpu(v) for name, v in value.items()}
-            return value.cpu() if isinstance(value, Tensor) else value
+        state = move_data_to_device(self, "cpu")
+        return {f.name: vars(value) if isinstance(value, Sequences) else value
+                for f in dataclasses.fields(self) for value in [getattr(state, f.name)]}
 
-        return {f.name: cpu(getattr(self, f.name)) for f in dataclasses.fields(self)}
+    @classmethod
+    def restored(cls, state: dict) -> Rollout:
+        """The rollout :meth:`state` saved."""
+        return cls(**{**state, "sequences": Sequences(**state["sequences"])})
 
 
 @dataclass
@@ -147,25 +146,22 @@ class PolicyGradientModule(ReferenceModule):
     def batch_format(self) -> BatchFormat:
         return dataclasses.replace(super().batch_format(), prompts=True, repeats=self.hparams.num_iterations)
 
-    def sequences_per_index(self, batch: dict[str, Tensor]) -> int:
-        return 1  # a rollout's sequences: one per completion
-
     @property
     def token_entropy(self) -> bool:
         return True
 
     # ----- steps -------------------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> Tensor:
         loss = self._step(batch, "train")
         self.log("train/sampled_tokens", float(self.sampled_tokens), on_step=True, on_epoch=False, reduce_fx="sum",
                  sync_dist=True, batch_size=1)
         return loss
 
-    def predict_step(self, batch: dict, batch_idx: int):
+    def predict_step(self, batch: PromptBatch, batch_idx: int):
         raise ConfigError(f"{type(self).__name__} trains; to sample completions from a policy, predict with "
                           "SamplePairsModule (configs/sample_pairs.yaml)")
 
-    def batch_outputs(self, batch: dict) -> tuple[RolloutOutputs, Tensor | None]:
+    def batch_outputs(self, batch: PromptBatch) -> tuple[RolloutOutputs, Tensor | None]:
         """The objective on a batch of prompts: its generation batch (sampled now, or kept from an earlier use),
         the policy's forward over it, the advantages (at the first use) and the loss."""
         rollout = self.rollout(batch)
@@ -180,38 +176,36 @@ class PolicyGradientModule(ReferenceModule):
         result = self.policy_loss(logps, old, ref, rollout.advantages, mask, self.tokens_per_process(mask))
         return self.outputs(rollout, result, stats, mask), aux_loss
 
-    def rollout(self, batch: dict) -> Rollout:
+    def rollout(self, batch: PromptBatch) -> Rollout:
         """The generation batch of ``batch``: kept from an earlier use while ``num_iterations`` allows (training
         only), else sampled and scored now."""
-        key = tuple(batch["index"].tolist())
+        key = tuple(batch.index.tolist())
         rollout = self.rollouts.pop(key, None) if self.training else None
-        rollout = self.sample_rollout(batch) if rollout is None else rollout.to(self.device)
+        rollout = self.sample_rollout(batch) if rollout is None else rollout.on(self.device)
         rollout.uses += 1
         if self.training and rollout.uses < self.hparams.num_iterations:
             self.rollouts[key] = rollout
         return rollout
 
-    def sample_rollout(self, batch: dict) -> Rollout:
+    def sample_rollout(self, batch: PromptBatch) -> Rollout:
         """``num_generations`` completions of each prompt of ``batch`` (seeded by the batch's first row and the
         optimizer step), scored, laid out as the data's batches, with the sampling policy's and the reference's
         per-token log-probs when the loss needs them."""
         n = self.num_generations
         step = self.trainer.global_step if self._trainer is not None else 0
-        seed = self.generation.seed + int(batch["index"][0]) + 1_000_003 * step
-        completions = sample_completions(self, batch["prompt_ids"], self.generation, seed)
+        seed = self.generation.seed + int(batch.index[0]) + 1_000_003 * step
+        completions = sample_completions(self, batch.prompt_ids, self.generation, seed)
         texts, ended = completion_texts(self, completions)
-        prompts, columns = completed_rows(batch, n)
-        with naming_rows(batch["index"].tolist(), n):
+        prompts, columns = completed_rows(batch.prompt, batch.columns, n)
+        with naming_rows(batch.index.tolist(), n):
             rewards = self.scores.per_reward(prompts, texts, self.device, completion_ids=completions, **columns)
-        items = [{"index": index, "prompt_ids": prompt_ids, "completion_ids": completion}
-                 for i, completion in enumerate(completions)
-                 for index, prompt_ids in [(int(batch["index"][i // n]), batch["prompt_ids"][i // n])]]
         collate = self.collate or PreferenceCollator(self.tokenizer.pad_token_id, padding_free=self.packed_attention)
-        sequences = {name: value.to(self.device) for name, value in collate(items).items()}
+        sequences = move_data_to_device(collate.layout(
+            [(batch.prompt_ids[i // n], completion) for i, completion in enumerate(completions)]), self.device)
         lengths = torch.tensor([len(completion) for completion in completions], device=self.device)
         if self.training:
             self.sampled_tokens += int(lengths.sum())
-        old = scored_stats(self, self.policy, sequences).token_logps if self.needs_old_logps else None
+        old = stats_without_grad(self, self.policy, sequences).token_logps if self.needs_old_logps else None
         ref = self.reference.stats(self, sequences).token_logps if self.hparams.beta > 0 else None
         ended = torch.tensor(ended, device=self.device)
         values = {"completions/mean_length": lengths.float(), "completions/clipped_ratio": (~ended).float()}
@@ -284,8 +278,8 @@ class PolicyGradientModule(ReferenceModule):
         """The weighted reward of one completion of each prompt item (the samples' ``reward``; ``None`` where no
         reward could judge it)."""
         texts, ended = completion_texts(self, completions)
-        prompts, columns = completed_rows({"prompt": [item["prompt"] for item in items],
-                                           "columns": [item.get("columns") for item in items]}, 1)
+        prompts, columns = completed_rows([item["prompt"] for item in items],
+                                          [item.get("columns") for item in items], 1)
         with naming_rows([item["index"] for item in items], 1):
             rewards = self.scores.per_reward(prompts, texts, self.device, completion_ids=completions, **columns)
         scores = self.scores.combined(rewards, ended).masked_fill(rewards.isnan().all(1), float("nan"))
@@ -317,4 +311,4 @@ class PolicyGradientModule(ReferenceModule):
         saved = checkpoint.get("prefmodule_rollouts")
         if saved is not None:
             self.sampled_tokens = saved["sampled_tokens"]
-            self.rollouts = {tuple(key): Rollout(**state) for key, state in saved["rollouts"]}
+            self.rollouts = {tuple(key): Rollout.restored(state) for key, state in saved["rollouts"]}

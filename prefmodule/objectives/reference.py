@@ -7,6 +7,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from prefmodule.data.batches import PairBatch, RowBatch
 from prefmodule.errors import ConfigError
 from prefmodule.objectives.base import PreferenceModule
 from prefmodule.reference.modes import REFERENCES, default_cache_dir, make_reference
@@ -84,7 +85,7 @@ class ReferenceModule(PreferenceModule):
         (part of the precomputed reference's cache key)."""
         return {}
 
-    def reference_logps(self, batch: dict[str, Tensor]) -> Tensor:
+    def reference_logps(self, batch: PairBatch | RowBatch) -> Tensor:
         """``[rows, sequences per row]`` reference log-probs of ``batch``: a pair's (chosen, rejected)."""
         return self.reference.logps(self, batch)
 

@@ -10,6 +10,7 @@ from lightning.pytorch.strategies import Strategy
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from prefmodule.data.batches import PairBatch, RowBatch, Sequences
 from prefmodule.errors import finite, require
 from prefmodule.models.loading import load_reward_model
 from prefmodule.models.scoring import sequence_rewards
@@ -77,18 +78,14 @@ class RewardModule(PreferenceModule):
     def load_model(self, strategy: Strategy | None) -> nn.Module:
         return load_reward_model(self.model_settings, self.tokenizer.pad_token_id)
 
-    def rewards(self, batch: dict[str, Tensor], router_loss: bool = False) -> tuple[Tensor, Tensor | None]:
-        """``[sequences]`` rewards of the policy on ``batch`` (chosen, then rejected), and its router loss."""
-        num_sequences = self.sequences_per_index(batch) * batch["index"].numel()
-        return sequence_rewards(self.policy, batch, num_sequences, router_loss)
+    def rewards(self, sequences: Sequences, router_loss: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``[sequences.count]`` rewards of the policy, and its router loss."""
+        return sequence_rewards(self.policy, sequences, router_loss)
 
-    def sequences_per_index(self, batch: dict[str, Tensor]) -> int:
-        return 1 if "completion_ids" in batch or "label" in batch else 2
-
-    def batch_outputs(self, batch: dict[str, Tensor]) -> tuple[RewardOutputs, Tensor | None]:
-        rewards, aux_loss = self.rewards(batch, router_loss=self.router_loss_weight(self.policy) > 0)
+    def batch_outputs(self, batch: PairBatch) -> tuple[RewardOutputs, Tensor | None]:
+        rewards, aux_loss = self.rewards(batch.sequences, router_loss=self.router_loss_weight(self.policy) > 0)
         chosen, rejected = rewards.chunk(2)
-        margin = batch.get("margin")
+        margin = batch.margin
         losses = bradley_terry_loss(chosen, rejected, None if margin is None else margin.nan_to_num(0.0),
                                     self.hparams.center_rewards_coefficient)
         return RewardOutputs(losses.mean(), chosen.detach(), rejected.detach()), aux_loss
@@ -97,12 +94,12 @@ class RewardModule(PreferenceModule):
         kinds = {**REWARD_METRICS, **dict.fromkeys(extra, Mean)}
         return MetricCollection({name: kind(name) for name, kind in kinds.items()}, compute_groups=False)
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[dict]:
+    def predict_step(self, batch: PairBatch | RowBatch, batch_idx: int) -> list[dict]:
         """Pairs: each response's reward and which one scores higher. Unpaired rows: each row's reward."""
-        rewards, _ = self.rewards(batch)
-        if "label" in batch:
+        rewards, _ = self.rewards(batch.sequences)
+        if isinstance(batch, RowBatch):
             return [{"index": index, "label": label, "reward": reward} for index, label, reward in
-                    zip(batch["index"].tolist(), batch["label"].tolist(), rewards.tolist())]
+                    zip(batch.index.tolist(), batch.label.tolist(), rewards.tolist())]
         chosen, rejected = rewards.chunk(2)
         return [{"index": index, "chosen_reward": c, "rejected_reward": r, "preferred": "chosen" if c > r else "rejected"}
-                for index, c, r in zip(batch["index"].tolist(), chosen.tolist(), rejected.tolist())]
+                for index, c, r in zip(batch.index.tolist(), chosen.tolist(), rejected.tolist())]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from prefmodule.data.batches import PromptBatch
 from prefmodule.data.contract import BatchFormat
 from prefmodule.errors import ConfigError
 from prefmodule.models.generation import GenerationSettings
@@ -63,17 +64,17 @@ class SamplePairsModule(PreferenceModule):
         raise ConfigError("SamplePairsModule samples pairs with `predict`; train on them with an objective "
                           "(e.g. fit --config configs/dpo.yaml --data.train=<its pairs.jsonl>)")
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> list[dict]:
         """One row per prompt: its pair and its completions' scores, or ``tie`` when all score the same."""
-        done = [self.resumed.get(index) for index in batch["index"].tolist()]
+        done = [self.resumed.get(index) for index in batch.index.tolist()]
         if done and all(done):  # sampled by the run that left ``resume_partial``
             return done
         n = self.generation.num_completions
         completions, texts, _, scores = scored_completions(self, batch, self.generation, self.scores,
-                                                           self.generation.seed + int(batch["index"][0]))
+                                                           self.generation.seed + int(batch.index[0]))
         scores = scores.tolist()
         rows = []
-        for i, (index, prompt, tools) in enumerate(zip(batch["index"].tolist(), batch["prompt"], batch["tools"])):
+        for i, (index, prompt, tools) in enumerate(zip(batch.index.tolist(), batch.prompt, batch.tools)):
             own = scores[i * n:(i + 1) * n]
             row = {"index": index, "scores": own, "tokens": sum(map(len, completions[i * n:(i + 1) * n]))}
             # an empty completion (an end token at once) is no response to train on

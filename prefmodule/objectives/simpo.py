@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from torch import Tensor
 
+from prefmodule.data.batches import PairBatch
 from prefmodule.models.logps import SequenceStats
 from prefmodule.objectives.losses import nll_loss, simpo_loss
 from prefmodule.objectives.base import PreferenceModule
@@ -30,7 +30,7 @@ class SimPOModule(PreferenceModule):
     def extra_metrics(self, stage: str) -> tuple[str, ...]:
         return ("nll_loss",) if self.hparams.sft_weight > 0 else ()
 
-    def pair_outputs(self, batch: dict[str, Tensor], policy: SequenceStats, reference: None) -> PairOutputs:
+    def objective_outputs(self, batch: PairBatch, policy: SequenceStats, reference: None) -> PairOutputs:
         chosen, rejected = policy.split()
         losses, chosen_rewards, rejected_rewards = simpo_loss(
             chosen.avg_logps, rejected.avg_logps, beta=self.hparams.beta, gamma=self.hparams.gamma,

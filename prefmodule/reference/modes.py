@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from prefmodule import cache
+from prefmodule.data.batches import PairBatch, RowBatch, Sequences
 from prefmodule.errors import ConfigError
 from prefmodule.models.attention import enable_packed_attention
 from prefmodule.models.loading import load_causal_lm
@@ -76,21 +77,21 @@ def frozen(model: nn.Module) -> nn.Module:
     return model.requires_grad_(False).eval()
 
 
-def score(module, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def score(module, model: nn.Module, batch: PairBatch | RowBatch) -> Tensor:
     """``[rows, sequences per row]`` log-probs of ``batch`` under ``model``, without gradients."""
-    return as_table(scored_stats(module, model, batch).logps, batch)
+    return as_table(stats_without_grad(module, model, batch.sequences).logps, batch)
 
 
-def scored_stats(module, model: nn.Module, batch: dict[str, Tensor]) -> SequenceStats:
-    """The statistics of ``batch``'s sequences under ``model`` (per token too), without gradients."""
+def stats_without_grad(module, model: nn.Module, sequences: Sequences) -> SequenceStats:
+    """The statistics of ``sequences`` under ``model`` (per token too), without gradients."""
     with torch.no_grad():
-        return module.sequence_stats(model, batch)
+        return module.model_stats(model, sequences)
 
 
-def as_table(logps: Tensor, batch: dict[str, Tensor]) -> Tensor:
+def as_table(logps: Tensor, batch: PairBatch | RowBatch) -> Tensor:
     """``[sequences]`` log-probs as ``[rows, sequences per row]``: the batch holds all first sequences, then all
     second ones."""
-    return logps.view(-1, batch["index"].numel()).T
+    return logps.view(-1, batch.index.numel()).T
 
 
 @contextmanager
@@ -121,12 +122,12 @@ class Reference:
         """The frozen model ``module`` keeps as ``ref_model`` (called with the freshly loaded policy)."""
         return None
 
-    def logps(self, module, batch: dict[str, Tensor]) -> Tensor:
+    def logps(self, module, batch: PairBatch | RowBatch) -> Tensor:
         """``[rows, sequences per row]`` reference log-probs of ``batch``."""
-        return as_table(self.stats(module, batch).logps, batch)
+        return as_table(self.stats(module, batch.sequences).logps, batch)
 
-    def stats(self, module, batch: dict[str, Tensor]) -> SequenceStats:
-        """The reference's statistics of ``batch``'s sequences, per token too (``token_logps``): what scores
+    def stats(self, module, sequences: Sequences) -> SequenceStats:
+        """The reference's statistics of ``sequences``, per token too (``token_logps``): what scores
         completions sampled while training (GRPO's per-token KL). Only the modes that hold a model have them."""
         raise ConfigError("model.reference='precomputed' holds no model to score new completions with: use copy "
                           "or adapter (with lora)")
@@ -144,8 +145,8 @@ class CopyReference(Reference):
     def build(self, module, policy: nn.Module) -> nn.Module:
         return load_reference_model(self.source, module) if self.source else frozen(copy.deepcopy(policy))
 
-    def stats(self, module, batch: dict[str, Tensor]) -> SequenceStats:
-        return scored_stats(module, module.ref_model, batch)
+    def stats(self, module, sequences: Sequences) -> SequenceStats:
+        return stats_without_grad(module, module.ref_model, sequences)
 
 
 class SyncReference(CopyReference):
@@ -167,9 +168,9 @@ class AdapterReference(Reference):
 
     runs_policy = True
 
-    def stats(self, module, batch: dict[str, Tensor]) -> SequenceStats:
+    def stats(self, module, sequences: Sequences) -> SequenceStats:
         with base_model(module.policy) as model:
-            return scored_stats(module, model, batch)
+            return stats_without_grad(module, model, sequences)
 
 
 class PrecomputedReference(Reference):
@@ -188,12 +189,12 @@ class PrecomputedReference(Reference):
         self.cache_dir = cache_dir
         self.tables: dict[str, Tensor] = {}  # split -> [rows, sequences per row], row i for index i
 
-    def logps(self, module, batch: dict[str, Tensor]) -> Tensor:
+    def logps(self, module, batch: PairBatch | RowBatch) -> Tensor:
         split = SPLIT_OF_RUNNING_STAGE[module.trainer.state.stage.value]
         if split not in self.tables:
             raise RuntimeError(f"no precomputed reference log-probs for the {split!r} split: they are computed at the "
                                "start of fit/validate/test/predict from the trainer's datamodule.")
-        index = batch["index"].cpu()
+        index = batch.index.cpu()
         values = self.tables[split][index]
         if values.isnan().any():
             raise RuntimeError(f"{split}: rows {index[values.isnan().any(1)].tolist()} have no precomputed "
@@ -376,7 +377,7 @@ def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
                       collate_fn=loader.collate_fn, num_workers=loader.num_workers, generator=torch.Generator())
 
 
-def logps_table(score: Callable[[dict], Tensor], loader: DataLoader, gather: Callable[[dict], dict],
+def logps_table(score: Callable[[PairBatch | RowBatch], Tensor], loader: DataLoader, gather: Callable[[dict], dict],
                 description: str = "reference log-probs") -> Tensor:
     """``[max index + 1, k]`` float32 on CPU: ``score(batch) -> [rows, k]`` for every batch of this rank's
     ``loader`` (behind a progress bar on rank 0), gathered over ranks with ``gather``; NaN for an index no
@@ -384,7 +385,7 @@ def logps_table(score: Callable[[dict], Tensor], loader: DataLoader, gather: Cal
     indices, logps = [], []
     for batch in progress(loader, description, total=len(loader), unit="batch"):
         logps.append(score(batch))
-        indices.append(batch["index"].to(logps[-1].device))
+        indices.append(batch.index.to(logps[-1].device))
     columns = logps[0].shape[1]
     gathered = gather({"index": torch.cat(indices), "logps": torch.cat(logps)})
     index, values = gathered["index"].reshape(-1).cpu(), gathered["logps"].reshape(-1, columns).float().cpu()

@@ -18,6 +18,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from prefmodule.data.batches import PromptBatch
 from prefmodule.errors import ConfigError, DataError, MissingFileError, add_note, find_user_error, finite, require
 from prefmodule.models.generation import GenerationSettings, aside_from_training, end_tokens, generate
 from prefmodule.models.sharding import is_sharded
@@ -38,24 +39,24 @@ def sample_completions(module: LightningModule, prompt_ids: list[list[int]], set
                         settings.top_p, synced=is_sharded(module.policy) and module.trainer.world_size > 1)
 
 
-def scored_completions(module: LightningModule, batch: dict, settings: GenerationSettings, scores: CompletionScores,
-                       seed: int) -> tuple[list[list[int]], list[str], list[bool], Tensor]:
+def scored_completions(module: LightningModule, batch: PromptBatch, settings: GenerationSettings,
+                       scores: CompletionScores, seed: int) -> tuple[list[list[int]], list[str], list[bool], Tensor]:
     """A batch of prompts completed and scored: each prompt's ``settings.num_completions`` completions (token ids,
     prompt after prompt), their texts, whether each ended, and their ``[prompts * num_completions]`` scores."""
-    completions = sample_completions(module, batch["prompt_ids"], settings, seed)
+    completions = sample_completions(module, batch.prompt_ids, settings, seed)
     texts, ended = completion_texts(module, completions)
-    prompts, columns = completed_rows(batch, settings.num_completions)
-    with naming_rows(batch["index"].tolist(), settings.num_completions):
+    prompts, columns = completed_rows(batch.prompt, batch.columns, settings.num_completions)
+    with naming_rows(batch.index.tolist(), settings.num_completions):
         return completions, texts, ended, scores(prompts, texts, ended, module.device, completion_ids=completions,
                                                  **columns)
 
 
-def completed_rows(batch: dict, repeats: int) -> tuple[list, dict[str, list]]:
-    """The prompts of a batch of prompts and their rows' other columns (keyword lists: a column a row lacks is
-    ``None`` there), each repeated ``repeats`` times: aligned with the completions, prompt after prompt."""
-    rows = [row or {} for row in batch.get("columns") or [None] * len(batch["prompt"]) for _ in range(repeats)]
+def completed_rows(prompts: list, columns: list[dict | None], repeats: int) -> tuple[list, dict[str, list]]:
+    """``prompts`` and their rows' other ``columns`` (keyword lists: a column a row lacks is ``None`` there), each
+    repeated ``repeats`` times: aligned with the completions, prompt after prompt."""
+    rows = [row or {} for row in columns for _ in range(repeats)]
     names = dict.fromkeys(name for row in rows for name in row)
-    prompts = [prompt for prompt in batch["prompt"] for _ in range(repeats)]
+    prompts = [prompt for prompt in prompts for _ in range(repeats)]
     return prompts, {name: [row.get(name) for row in rows] for name in names}
 
 

@@ -13,13 +13,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from prefmodule.data.batches import Batch
 from prefmodule.training.checkpoints import newest_checkpoint
 from prefmodule.errors import ConfigError, NonFiniteError
 
 
 class NonFiniteGuard(Callback):
     """Skips an optimizer step whose loss or gradient norm is not finite, counts it
-    (``train/skipped_steps``) and names its pairs (``batch["index"]``); after ``max_in_a_row`` such steps
+    (``train/skipped_steps``) and names its pairs (the batches' ``index``); after ``max_in_a_row`` such steps
     in a row, stops the fit with a :class:`~prefmodule.errors.NonFiniteError`.
 
     Every rank takes the same decision (it is reduced across them). Under a ``GradScaler`` (``16-mixed`` on
@@ -41,8 +42,8 @@ class NonFiniteGuard(Callback):
         self._pairs: list[Tensor] = []
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
-        if isinstance(batch, dict) and "index" in batch:
-            self._pairs.append(batch["index"].detach().cpu())
+        if isinstance(batch, Batch):
+            self._pairs.append(batch.index.detach().cpu())
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         self._loss_finite = torch.isfinite(loss.detach()).all() & self._loss_finite  # no device sync here

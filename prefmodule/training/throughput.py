@@ -10,6 +10,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
 
+from prefmodule.data.batches import Batch
+
 
 class Throughput(ThroughputMonitor):
     """Lightning's ``ThroughputMonitor`` counting pairs (its samples) and non-padding tokens (its items), with the
@@ -26,7 +28,7 @@ class Throughput(ThroughputMonitor):
     """
 
     def __init__(self):
-        super().__init__(batch_size_fn=lambda batch: batch["index"].numel(), length_fn=tokens)
+        super().__init__(batch_size_fn=lambda batch: batch.index.numel(), length_fn=tokens)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # ThroughputMonitor's protected kwargs of its Throughput objects (Lightning 2.6)
@@ -49,12 +51,10 @@ class Throughput(ThroughputMonitor):
                           on_epoch=False, batch_size=1, rank_zero_only=True)
 
 
-def tokens(batch: dict) -> int:
-    """Non-padding tokens of a batch (packed rows have no padding: their mask is all ones); of a batch of prompts
-    (Online DPO), its prompts' tokens."""
-    if "attention_mask" not in batch:
-        return sum(len(ids) for ids in batch["prompt_ids"])
-    return int(batch["attention_mask"].sum())
+def tokens(batch: Batch) -> int:
+    """Non-padding tokens of a batch (packed rows have no padding); of a batch of prompts (the on-policy
+    objectives), its prompts' tokens."""
+    return batch.tokens()
 
 
 def flops_per_token(module: LightningModule, training: bool) -> int:

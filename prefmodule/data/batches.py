@@ -1,0 +1,87 @@
+"""What the collator hands an objective: one dataclass per kind of batch (Lightning moves their tensors to the
+device as it moves a dict's). Pairs and unpaired rows hold their tokens as :class:`Sequences`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class Sequences:
+    """``count`` prompt + response sequences, padded (``[count, T]``) or packed back to back in one row
+    (``[1, N]``, with ``position_ids`` restarting at 0 per sequence and ``sequence_ids`` naming each token's
+    sequence). ``labels`` hold the response ids and ``-100`` on prompts and padding; a packed row's
+    ``attention_mask`` is all ones."""
+
+    input_ids: Tensor
+    labels: Tensor
+    attention_mask: Tensor
+    count: int
+    position_ids: Tensor | None = None
+    sequence_ids: Tensor | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.sequence_ids is not None
+
+    def tokens(self) -> int:
+        """The tokens that are not padding."""
+        return int(self.attention_mask.sum())
+
+
+@dataclass
+class PairBatch:
+    """``n`` preference pairs: sequences ``0..n-1`` are prompt + chosen, ``n..2n-1`` prompt + rejected.
+    ``score_chosen``/``score_rejected`` (float ``[n]``) when the data rates its pairs, ``margin`` (float ``[n]``,
+    NaN for a pair without one) when it has that column."""
+
+    index: Tensor  # [n]: each pair's row number in its split
+    sequences: Sequences
+    score_chosen: Tensor | None = None
+    score_rejected: Tensor | None = None
+    margin: Tensor | None = None
+
+    def tokens(self) -> int:
+        return self.sequences.tokens()
+
+
+@dataclass
+class SampledPairs(PairBatch):
+    """Pairs of completions sampled while training (Online DPO), scored (``score_chosen``, ``score_rejected``),
+    with ``ended`` (float ``[2n]``): whether each completion ended with an end token."""
+
+    ended: Tensor | None = None
+
+
+@dataclass
+class RowBatch:
+    """``n`` unpaired rows (KTO, a reward model's ``predict``): sequences ``0..n-1`` are prompt + completion and,
+    with ``kl_completions``, ``n..2n-1`` prompt + KL completion; ``label`` (bool ``[n]``, True = desirable)."""
+
+    index: Tensor  # [n]
+    label: Tensor
+    sequences: Sequences
+    kl_completions: bool = False
+
+    def tokens(self) -> int:
+        return self.sequences.tokens()
+
+
+@dataclass
+class PromptBatch:
+    """Prompts to complete (on-policy objectives), as they are (generation pads them itself): their token ids,
+    the prompt as the data holds it (text or messages), its tools, and each row's other columns (a dict)."""
+
+    index: Tensor  # [n]
+    prompt_ids: list[list[int]]
+    prompt: list
+    tools: list
+    columns: list[dict | None]
+
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.prompt_ids)
+
+
+Batch = PairBatch | RowBatch | PromptBatch
