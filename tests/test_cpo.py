@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from prefmodule import CPOModule, PreferenceDataModule
+from prefmodule import CPOModule, PreferenceDataModule, SimPOModule
 from prefmodule.errors import ConfigError
 from prefmodule.objectives.losses import alphapo_rewards, cpo_loss, nll_loss
 
@@ -124,3 +124,41 @@ def test_quickstart_config_builds_cpo(capsys):
         main(["fit", "--config", str(CONFIGS / "cpo.yaml"), "--print_config"])
     model = yaml.safe_load(capsys.readouterr().out)["model"]
     assert model["class_path"] == "prefmodule.CPOModule" and model["init_args"]["cpo_alpha"] == 1.0
+
+
+@pytest.mark.parametrize("config, module_class, options", [
+    ("simpo.yaml", SimPOModule, {"gamma": 0.3, "sft_weight": 0.2}),
+    ("cpo.yaml", CPOModule, {"loss_type": "simpo", "simpo_gamma": 0.3, "cpo_alpha": 0.2}),
+], ids=["simpo", "cpo"])
+def test_simpo_is_cpos_loss_and_both_reload_from_their_checkpoints(config, module_class, options, tmp_path,
+                                                                   small_data):
+    from prefmodule.cli import main
+    from test_cli import fit_args
+
+    train, val = small_data
+    fitted = main(fit_args(config, tmp_path, train, val, *(f"--model.{k}={v}" for k, v in options.items()))).model
+    assert fitted.loss.loss_type == "simpo" and fitted.loss.gamma == 0.3 and fitted.nll_weight == 0.2
+    assert dict(fitted.hparams).items() >= options.items()
+    saved = fitted.trainer.checkpoint_callback
+    ckpt = saved.last_model_path or saved.best_model_path
+    validated = main(["validate", "--config", str(CONFIGS / config), f"--data.val={val}", f"--ckpt_path={ckpt}",
+                      f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]).model
+    reloaded = module_class.load_from_checkpoint(ckpt)
+    for module in (validated, reloaded):
+        assert type(module) is module_class and (module.loss, module.nll_weight) == (fitted.loss, 0.2)
+
+
+def test_simpo_module_scores_as_cpo_simpo(demo_rows):
+    simpo = SimPOModule(model=TINY_MODEL, beta=2.0, gamma=0.4, label_smoothing=0.1, sft_weight=0.3)
+    cpo = CPOModule(model=TINY_MODEL, beta=2.0, loss_type="simpo", simpo_gamma=0.4, label_smoothing=0.1,
+                    cpo_alpha=0.3)
+    for module in (simpo, cpo):
+        module.configure_model()
+    cpo.policy.load_state_dict(simpo.policy.state_dict())
+    batch = a_batch(simpo, demo_rows[:4])
+    with torch.no_grad():
+        ours, theirs = simpo.batch_outputs(batch)[0], cpo.batch_outputs(batch)[0]
+    assert simpo.length_normalized and torch.equal(ours.loss, theirs.loss)
+    assert torch.equal(ours.chosen_rewards, theirs.chosen_rewards) and set(ours.extra) == {"nll_loss"}
+    with pytest.raises(ConfigError, match="sft_weight must be >= 0"):
+        SimPOModule(model=TINY_MODEL, sft_weight=-1.0)

@@ -43,6 +43,7 @@ from prefmodule.objectives.losses.dpo import (
 from prefmodule.objectives.losses.kto import KTO_LOSS_TYPES, kto_kl, kto_loss
 from prefmodule.objectives.losses.odds_ratio import (
     CPO_LOSS_TYPES,
+    CPOLoss,
     alphapo_rewards,
     check_cpo_options,
     cpo_loss,
@@ -67,6 +68,7 @@ from prefmodule.objectives.losses.policy_gradient import (
 
 __all__ = [
     "CPO_LOSS_TYPES",
+    "CPOLoss",
     "DPO_LOSSES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",

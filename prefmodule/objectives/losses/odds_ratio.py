@@ -4,6 +4,7 @@ term they add."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,38 @@ def check_cpo_options(loss_type: str = "sigmoid", label_smoothing: float = 0.0) 
         raise ValueError(f"loss_type={loss_type!r} takes no label_smoothing (got {label_smoothing})")
 
 
+@dataclass(frozen=True)
+class CPOLoss:
+    """:func:`cpo_loss` with its options, checked once when built (``ValueError`` naming what is wrong)."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    gamma: float = 0.5
+    alpha: float = 0.0
+
+    def __post_init__(self):
+        check_cpo_options(self.loss_type, self.label_smoothing)
+
+    @property
+    def length_normalized(self) -> bool:
+        """Whether it takes per-token average log-probs (``ipo``, ``simpo``) rather than summed ones (as TRL)."""
+        return self.loss_type in ("ipo", "simpo")
+
+    def __call__(self, chosen_logps: Tensor, rejected_logps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        chosen_rewards = alphapo_rewards(upcast(chosen_logps), self.alpha)
+        rejected_rewards = alphapo_rewards(upcast(rejected_logps), self.alpha)
+        margin = chosen_rewards - rejected_rewards
+        if self.loss_type == "hinge":
+            losses = torch.relu(1 - self.beta * margin)
+        elif self.loss_type == "ipo":
+            losses = (margin - 1 / (2 * self.beta)) ** 2
+        else:
+            gamma = self.gamma if self.loss_type == "simpo" else 0.0
+            losses = conservative_logistic(self.beta * margin - gamma, self.label_smoothing)
+        return losses, self.beta * chosen_rewards.detach(), self.beta * rejected_rewards.detach()
+
+
 def cpo_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
@@ -115,17 +148,7 @@ def cpo_loss(
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are ``beta * r``, detached.
     """
-    check_cpo_options(loss_type, label_smoothing)
-    chosen_rewards = alphapo_rewards(upcast(chosen_logps), alpha)
-    rejected_rewards = alphapo_rewards(upcast(rejected_logps), alpha)
-    margin = chosen_rewards - rejected_rewards
-    if loss_type == "hinge":
-        losses = torch.relu(1 - beta * margin)
-    elif loss_type == "ipo":
-        losses = (margin - 1 / (2 * beta)) ** 2
-    else:
-        losses = conservative_logistic(beta * margin - (gamma if loss_type == "simpo" else 0.0), label_smoothing)
-    return losses, beta * chosen_rewards.detach(), beta * rejected_rewards.detach()
+    return CPOLoss(beta, loss_type, label_smoothing, gamma, alpha)(chosen_logps, rejected_logps)
 
 
 def simpo_loss(
