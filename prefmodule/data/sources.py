@@ -30,6 +30,7 @@ import xxhash
 
 from prefmodule.errors import ConfigError, DataError, MissingFileError, UserError
 from prefmodule.paths import resolve
+from prefmodule.private.datasets import dataset_fingerprint
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -106,7 +107,7 @@ class HubSource:
         return load_hub_dataset(self)
 
     def fingerprint(self) -> str:
-        return f"hub:{self.name}:{self.subset}:{self.split}:{self.revision}:{self.dataset._fingerprint}"
+        return f"hub:{self.name}:{self.subset}:{self.split}:{self.revision}:{dataset_fingerprint(self.dataset)}"
 
     def rows(self) -> Iterator[tuple[int, object]]:
         return enumerate(iter(self.dataset))

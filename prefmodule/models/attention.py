@@ -20,6 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from prefmodule.models.loading import backbone, unwrapped
+from prefmodule.private.transformers import attn_implementation
 
 VARLEN_SDPA = "prefmodule_varlen_sdpa"
 
@@ -57,7 +58,7 @@ AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)  # padded batches get sd
 
 
 def _implementation(model: nn.Module) -> str:
-    return str(getattr(model.config, "_attn_implementation", None))
+    return str(attn_implementation(model.config))
 
 
 def takes_sequence_bounds(model: nn.Module) -> bool:

@@ -19,6 +19,8 @@ from transformers import (
 from prefmodule.errors import ConfigError
 from prefmodule.models.settings import ModelSettings
 from prefmodule.paths import resolve
+from prefmodule.private.torch import non_persistent_buffers
+from prefmodule.private.transformers import attn_implementation, init_module_weights
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -122,7 +124,7 @@ def stand_in(model: nn.Module) -> PreTrainedModel | None:
         config.layer_types = config.layer_types[:layers]
     try:
         with torch.device("cpu"), torch.random.fork_rng(devices=[]):  # leaves the seeded RNG as it was
-            return AutoModelForCausalLM.from_config(config, attn_implementation=base.config._attn_implementation,
+            return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation(base.config),
                                                     dtype=base.dtype).eval()
     except (ValueError, TypeError, IndexError, AttributeError):
         return None
@@ -166,7 +168,7 @@ def _is_adapter(name: str) -> bool:
 def _persistent_buffers(model: nn.Module):
     for module_name, module in model.named_modules():
         for name, buffer in module.named_buffers(recurse=False):
-            if name not in module._non_persistent_buffers_set:
+            if name not in non_persistent_buffers(module):
                 yield f"{module_name}.{name}".lstrip("."), buffer
 
 
@@ -176,11 +178,11 @@ def prepare_empty(model: nn.Module) -> None:
     own ``_init_weights``, and LoRA adapters initialised by peft."""
     base = unwrapped(model)
     for module in base.modules():
-        buffers = module._non_persistent_buffers_set & {n for n, b in module.named_buffers(recurse=False) if b.is_meta}
+        buffers = non_persistent_buffers(module) & {n for n, b in module.named_buffers(recurse=False) if b.is_meta}
         if buffers:
             for name in buffers:
-                module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
-            base._init_weights(module)
+                module.register_buffer(name, torch.empty_like(module.get_buffer(name), device="cpu"), persistent=False)
+            init_module_weights(base, module)
     init_adapters(model)
 
 

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from prefmodule.private.torch import has_forward_hooks
+
 IGNORE_INDEX = -100
 
 
@@ -223,8 +225,7 @@ def stats_from_hidden(hidden: torch.Tensor, head: nn.Module, labels: torch.Tenso
 def is_plain_linear(head: nn.Module) -> bool:
     """Whether calling ``head`` is exactly ``F.linear`` on its own parameters: no wrapper class (LoRA,
     FSDP2) and no hooks that gather or swap its weights (FSDP2, DeepSpeed ZeRO-3)."""
-    return (type(head) is nn.Linear and not head._forward_pre_hooks and not head._forward_hooks
-            and type(head.weight) is nn.Parameter)
+    return type(head) is nn.Linear and not has_forward_hooks(head) and type(head.weight) is nn.Parameter
 
 
 def _head_stats(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,

@@ -12,6 +12,7 @@ from prefmodule.models.loading import empty_causal_lm, load_causal_lm, stand_in,
 from prefmodule.models.logps import LogitsTransform, head_logits_transform
 from prefmodule.models.settings import ModelSettings
 from prefmodule.models.sharding import is_sharded, reshard, shard
+from prefmodule.private.transformers import no_split_modules
 
 
 def load_policy(settings: ModelSettings, strategy: Strategy | None) -> nn.Module:
@@ -44,7 +45,7 @@ def compile_layers(model: nn.Module) -> int:
     On the 2-core CPU it left the SmolLM2 step time as it was and took a quarter off its peak memory (inductor
     fuses RMSNorm, rotary and SiLU-up, keeping fewer activations), for ~40 s of compilation once (BENCHMARKS.md).
     Returns how many blocks were compiled."""
-    blocks = set(getattr(unwrapped(model), "_no_split_modules", None) or ())
+    blocks = set(no_split_modules(unwrapped(model)))
     layers = [module for module in model.modules() if type(module).__name__ in blocks]
     for layer in layers:
         layer.compile(dynamic=True)

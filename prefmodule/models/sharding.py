@@ -16,9 +16,10 @@ import sys
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
-from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from prefmodule.models.loading import prepare_empty, stream_weights, unwrapped
+from prefmodule.private.torch import awaits_forward
+from prefmodule.private.transformers import from_config, no_split_modules, register_recordable_outputs
 
 
 def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
@@ -32,13 +33,13 @@ def _no_split_names(python_module: str) -> frozenset[str]:
     namespace = vars(sys.modules[python_module]) if python_module in sys.modules else {}
     return frozenset(
         name for value in namespace.values() if isinstance(value, type)
-        for name in getattr(value, "_no_split_modules", None) or ()
+        for name in no_split_modules(value)
     )
 
 
 def decoder_layer_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
     """The classes of ``model``'s repeated blocks: those its ``_no_split_modules`` names."""
-    names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+    names = {name for module in model.modules() for name in no_split_modules(module)}
     classes = tuple({type(module) for module in model.modules() if type(module).__name__ in names})
     if not classes:
         raise ValueError(f"{type(model).__name__} names no decoder-layer class of its own in `_no_split_modules`: "
@@ -86,7 +87,7 @@ def shard(model: nn.Module, strategy: Strategy | None) -> nn.Module:
                  and any(p.numel() for p in child.parameters())]:  # a reward model's score head
         fully_shard(head, mesh=mesh, reshard_after_forward=frozen)
     # transformers looks up what a model may record (router logits, ...) by its class name, which FSDP2 changed.
-    _CAN_RECORD_REGISTRY[decoder] = type(decoder)._can_record_outputs
+    register_recordable_outputs(decoder)
     if empty:
         stream_weights(model, strategy.root_device)
     left = [name for name, p in model.named_parameters() if not isinstance(p, torch.distributed.tensor.DTensor)]
@@ -104,11 +105,10 @@ def finish_forward(model: nn.Module) -> None:
     without one (the reference, validation, the probes) leaves it open, and it could not be resharded or
     moved. An empty lookup in the embeddings, the module it still waits for, closes it.
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule
 
     embeddings = model.get_input_embeddings()
-    # Which modules a unit still waits for is FSDP2's private state: there is no public way to ask.
-    if isinstance(embeddings, FSDPModule) and embeddings in fully_shard.state(embeddings)._modules_to_run_forward:
+    if isinstance(embeddings, FSDPModule) and awaits_forward(embeddings):
         embeddings(torch.zeros(0, dtype=torch.long, device=embeddings.weight.device))
 
 
@@ -161,7 +161,7 @@ def rebuilt(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     peft_config = getattr(model, "peft_config", None)
     base = model.get_base_model() if peft_config else model
     with torch.device("meta"):
-        copy = type(base)._from_config(base.config)
+        copy = from_config(type(base), base.config)
         if peft_config:
             from peft import get_peft_model
 

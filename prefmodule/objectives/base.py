@@ -28,6 +28,7 @@ from prefmodule.objectives.metrics import preference_metrics
 from prefmodule.objectives.outputs import PairOutputs, RowOutputs, logged_logps
 from prefmodule.outputs.hub import HubSettings
 from prefmodule.outputs.samples import SampleSettings
+from prefmodule.private.lightning import attached_trainer
 from prefmodule.training.callbacks import module_callbacks
 from prefmodule.training.guard import step_skipped
 from prefmodule.training.optimization import OptimizerSettings, configure_optimizer
@@ -158,7 +159,7 @@ class PreferenceModule(LightningModule):
         """Load the policy (and a reference), add adapters, shard and probe them for the strategy (once: Lightning
         may call this for every stage), then tell the trainer's datamodule what the objective needs."""
         if self.policy is None:
-            strategy = self._trainer.strategy if self._trainer is not None else None
+            strategy = getattr(attached_trainer(self), "strategy", None)
             policy = self.load_model(strategy)
             self.configure_reference(policy)  # a copy of the starting weights, before adapters are added
             self.policy = trainable(policy, self.model_settings)
@@ -174,7 +175,7 @@ class PreferenceModule(LightningModule):
                                "hidden state (or a scale or soft-cap of that): log-probs come from the full logits "
                                "(logps_chunk_size ignored).")
             self.metrics = self.stage_metrics()
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        datamodule = getattr(attached_trainer(self), "datamodule", None)
         if callable(getattr(datamodule, "connect", None)):
             connection = datamodule.connect(self.batch_format())
             self.chat_template, self.collate = connection.chat_template, connection.collate
@@ -351,7 +352,8 @@ class PreferenceModule(LightningModule):
             super().lr_scheduler_step(scheduler, metric)
 
     def configure_callbacks(self):
-        return module_callbacks(self._trainer, self.samples, self.export.hf, self.push_to_hub, self.predictions_path)
+        return module_callbacks(attached_trainer(self), self.samples, self.export.hf, self.push_to_hub,
+                                self.predictions_path)
 
     def export_hf(self, path: str, merge_adapters: bool | None = None) -> None:
         """Save the policy and tokenizer with ``save_pretrained`` as the base model had them (config with its

@@ -18,6 +18,7 @@ from prefmodule.models.logps import SequenceStats
 from prefmodule.objectives.losses import KTO_LOSS_TYPES, kto_kl, kto_loss
 from prefmodule.objectives.outputs import PairOutputs, RowOutputs
 from prefmodule.objectives.reference import ReferenceModule
+from prefmodule.private.lightning import attached_trainer
 
 
 @dataclass
@@ -97,7 +98,7 @@ class KTOModule(ReferenceModule):
             desirable = batch.label
             completions, kl_rows = stats.split()
             ref_logps = reference[:, 0]
-            gather = self.all_gather if self._trainer is not None else lambda value: value  # all ranks' means
+            gather = self.all_gather if attached_trainer(self) is not None else lambda value: value  # all ranks' means
             kl = kto_kl(kl_rows.logps, reference[:, 1], gather)
         else:
             desirable, completions, ref_logps = batch.label, stats, reference[:, 0]

@@ -18,6 +18,7 @@ from prefmodule.models.generation import GenerationSettings
 from prefmodule.models.logps import IGNORE_INDEX, SequenceStats
 from prefmodule.objectives.dpo import DPOModule
 from prefmodule.objectives.outputs import PairOutputs
+from prefmodule.private.lightning import attached_trainer
 from prefmodule.sampling.pairs import CompletionScores, scored_completions
 
 SAMPLING_METRICS = ("objective/kl", "objective/entropy", "objective/scores", "objective/scores_margin",
@@ -82,7 +83,7 @@ class OnlineDPOModule(DPOModule):
 
     def sampled_pairs(self, batch: PromptBatch) -> SampledPairs:
         """A batch of prompts as a batch of pairs: two completions of each, sampled and scored, the better first."""
-        step = self.trainer.global_step if self._trainer is not None else 0
+        step = self.trainer.global_step if attached_trainer(self) is not None else 0
         seed = self.generation.seed + int(batch.index[0]) + 1_000_003 * step
         completions, _, ended, scores = scored_completions(self, batch, self.generation, self.scores, seed)
         scores = scores.view(-1, 2)

@@ -23,6 +23,7 @@ from prefmodule.objectives.losses.policy_gradient import GroupAdvantages, Policy
 from prefmodule.objectives.metrics import Mean, Std
 from prefmodule.reference.modes import stats_without_grad
 from prefmodule.objectives.reference import ReferenceModule
+from prefmodule.private.lightning import attached_trainer
 from prefmodule.sampling.pairs import CompletionScores, completed_rows, completion_texts, sample_completions
 from prefmodule.sampling.scorers import naming_rows
 
@@ -192,7 +193,7 @@ class PolicyGradientModule(ReferenceModule):
         optimizer step), scored, laid out as the data's batches, with the sampling policy's and the reference's
         per-token log-probs when the loss needs them."""
         n = self.num_generations
-        step = self.trainer.global_step if self._trainer is not None else 0
+        step = self.trainer.global_step if attached_trainer(self) is not None else 0
         seed = self.generation.seed + int(batch.index[0]) + 1_000_003 * step
         completions = sample_completions(self, batch.prompt_ids, self.generation, seed)
         texts, ended = completion_texts(self, completions)
@@ -232,7 +233,7 @@ class PolicyGradientModule(ReferenceModule):
     def gathered(self, values: Tensor) -> tuple[Tensor, slice]:
         """``values`` (``[rows, ...]``) of every rank, rank after rank (ranks may hold different numbers of
         rows), and the slice of them that is this rank's."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is None or trainer.world_size == 1:
             return values, slice(None)
         counts = self.all_gather(torch.tensor(values.shape[0], device=values.device)).tolist()
@@ -246,7 +247,7 @@ class PolicyGradientModule(ReferenceModule):
         """Completion tokens of the generation batch per process (DAPO's normaliser, as TRL: all ranks' count over
         the number of ranks)."""
         tokens = mask.sum().float()
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is None or trainer.world_size == 1:
             return tokens
         return self.all_gather(tokens).sum() / trainer.world_size

@@ -15,10 +15,8 @@ A resumed fit logs into a new ``version_N`` folder: Lightning's loggers start th
 (``CSVLogger`` would delete the earlier ``metrics.csv``); its steps continue from the checkpoint's.
 
 Checked on Lightning 2.6: the callbacks override ``ModelCheckpoint``'s protected ``_save_checkpoint``,
-``_find_last_checkpoints`` and ``_save_topk_checkpoint``, call its ``_should_skip_saving_checkpoint``,
-``_monitor_candidates``, ``_save_topk_checkpoint`` and ``_save_last_checkpoint``, and set the
-``_last_global_step_saved`` and ``_last_checkpoint_saved`` it keeps (it has no public hook for where a file is
-written or when a save happens outside its triggers).
+``_find_last_checkpoints`` and ``_save_topk_checkpoint`` (it has no public hook for where a file is written or
+which checkpoint is the last); the rest of its private steps they use are in :mod:`prefmodule.private.lightning`.
 """
 
 from __future__ import annotations
@@ -42,6 +40,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from prefmodule.errors import ConfigError, MissingFileError, UserError, writing
+from prefmodule.private.lightning import record_saved, save_now, save_topk_checkpoint
 
 PARTIAL = ".partial"  # a checkpoint being written; renamed to its final name once complete
 SHARDED_META = "meta.pt"  # Lightning's file of the trainer state in a sharded (folder) checkpoint
@@ -78,9 +77,7 @@ class AtomicCheckpoint(ModelCheckpoint):
         with writing(filepath, "a checkpoint"), replacing(filepath, trainer.is_global_zero) as partial:
             trainer.save_checkpoint(partial, self.save_weights_only)  # every rank; ends with a barrier
         trainer.strategy.barrier("prefmodule.checkpoint_renamed")
-        # What ModelCheckpoint._save_checkpoint records after writing (Lightning 2.6).
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
+        record_saved(self, trainer, filepath)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
@@ -128,25 +125,18 @@ class RunCheckpoint(AtomicCheckpoint):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step:
-            self._save_now(trainer)  # the last step: saved here, mid-epoch, so a resume goes on within the epoch
+            save_now(self, trainer)  # the last step: saved here, mid-epoch, so a resume goes on within the epoch
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        self._save_now(trainer)
+        save_now(self, trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._save_now(trainer)
+        save_now(self, trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):  # raised between two steps: the state is whole
-            self._save_now(trainer)
-
-    def _save_now(self, trainer: Trainer) -> None:
-        # ModelCheckpoint's own save sequence, its protected steps (Lightning 2.6).
-        if not self._should_skip_saving_checkpoint(trainer):
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
+            save_now(self, trainer)
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:  # protected hook (Lightning 2.6)
         newest = newest_checkpoint(trainer.default_root_dir)
@@ -166,7 +156,7 @@ class BestCheckpoint(AtomicCheckpoint):
 
     def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict) -> None:
         if self.monitor in monitor_candidates:
-            super()._save_topk_checkpoint(trainer, monitor_candidates)
+            save_topk_checkpoint(self, trainer, monitor_candidates)
 
 
 def default_checkpoints(trainer: Trainer | None) -> list[ModelCheckpoint]:

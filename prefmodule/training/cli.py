@@ -1,12 +1,12 @@
 """Lightning's CLI as prefmodule runs it: any objective as ``model``, the one ``PreferenceDataModule`` as ``data``.
 
 Checked on Lightning 2.6: :class:`PrefCLI` overrides ``LightningCLI``'s protected ``_prepare_subcommand_parser``,
-``_parse_ckpt_path`` and ``_instantiate_trainer``, and reads its ``_subcommand_method_arguments`` (it has no public
-hook for a subcommand's defaults, the checkpoint path or the trainer's loggers).
+``_parse_ckpt_path`` and ``_instantiate_trainer``, and calls Lightning's own via :mod:`prefmodule.private.lightning`.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from prefmodule.errors import ConfigError, find_user_error
 from prefmodule.outputs.loggers import with_csv
+from prefmodule.private.lightning import instantiate_trainer, parse_ckpt_path, prepare_subcommand_parser
 from prefmodule.training.checkpoints import checkpoint_class, import_class, resolve_checkpoint
 
 
@@ -29,8 +30,8 @@ class PrefCLI(LightningCLI):
     """
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if "weights_only" in self._subcommand_method_arguments[subcommand]:
+        parser = prepare_subcommand_parser(self, klass, subcommand, **kwargs)
+        if "weights_only" in inspect.signature(getattr(klass, subcommand)).parameters:
             parser.set_defaults(weights_only=True)
         return parser
 
@@ -41,7 +42,7 @@ class PrefCLI(LightningCLI):
             root = config.trainer.get("default_root_dir") or os.getcwd()
             config.ckpt_path = resolve_checkpoint(config.get("ckpt_path"), root)
             check_checkpoint_class(config.ckpt_path, config.get("model"))
-        super()._parse_ckpt_path()  # lays the checkpoint's hyperparameters over the configuration
+        parse_ckpt_path(self)  # lays the checkpoint's hyperparameters over the configuration
 
     def instantiate_classes(self) -> None:
         try:
@@ -58,7 +59,7 @@ class PrefCLI(LightningCLI):
         if logger is not False:
             loggers = [] if logger in (None, True) else list(logger) if isinstance(logger, (list, tuple)) else [logger]
             config["logger"] = with_csv(loggers, config.get("default_root_dir") or os.getcwd())
-        return super()._instantiate_trainer(config, callbacks)
+        return instantiate_trainer(self, config, callbacks)
 
 
 def check_checkpoint_class(ckpt_path: str | None, model) -> None:

@@ -1,8 +1,5 @@
 """A fit resumed mid-epoch goes on where it stopped: the training loader's position (its epoch and the batches
 already trained, in every checkpoint through Lightning's stateful-loader support) counted and handed back.
-
-Checked on Lightning 2.6: the restore reads the ``FitLoop``'s private loader state (see
-:func:`restore_data_position`).
 """
 
 from __future__ import annotations
@@ -10,6 +7,7 @@ from __future__ import annotations
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from prefmodule.data.samplers import ResumableLoader
+from prefmodule.private.lightning import apply_pending_loader_states
 
 
 class DataPosition(Callback):
@@ -32,8 +30,4 @@ def restore_data_position(trainer: Trainer) -> None:
     ``configure_optimizers`` asks ``trainer.estimated_stepping_batches`` (with ``max_epochs`` set) has it set
     up before the checkpoint is restored, and the resumed epoch then starts again from its first batch.
     """
-    loop = trainer.fit_loop
-    # Private FitLoop state (Lightning 2.6): the loader states a checkpoint brought, not yet applied.
-    if loop._combined_loader_states_to_load and loop._combined_loader is not None and loop._data_fetcher is not None:
-        loop._load_combined_loader_states()
-        iter(loop._data_fetcher)  # a new iterator, from the restored position (as ``FitLoop.setup_data`` does)
+    apply_pending_loader_states(trainer)

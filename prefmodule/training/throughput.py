@@ -1,7 +1,6 @@
 """Throughput and model FLOPs utilisation: Lightning's ``ThroughputMonitor``, counting pairs and tokens.
 
-Checked on Lightning 2.6: :class:`Throughput` reads ``ThroughputMonitor``'s protected ``kwargs`` and
-``_throughputs`` and overrides its ``_update`` (it has no public hook for a per-batch FLOP count).
+Checked on Lightning 2.6: :class:`Throughput` sets ``ThroughputMonitor``'s protected ``kwargs``.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage
 
 from prefmodule.data.batches import Batch
+from prefmodule.private.lightning import stage_throughput
 
 
 class Throughput(ThroughputMonitor):
@@ -35,17 +35,27 @@ class Throughput(ThroughputMonitor):
         self.kwargs["window_size"] = trainer.log_every_n_steps * trainer.accumulate_grad_batches + 1
         super().setup(trainer, pl_module, stage)
 
-    def _update(self, trainer: Trainer, pl_module: LightningModule, batch, iter_num: int) -> None:
-        # ThroughputMonitor reads the batch's FLOPs from the module.
-        pl_module.flops_per_batch = flops_per_token(pl_module, trainer.training) * tokens(batch)
-        super()._update(trainer, pl_module, batch, iter_num)
+    # ThroughputMonitor reads each batch's FLOPs from the module when the batch ends.
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+        count_flops(trainer, pl_module, batch)
+
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        count_flops(trainer, pl_module, batch)
+
+    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        count_flops(trainer, pl_module, batch)
+
+    def on_predict_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        count_flops(trainer, pl_module, batch)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not trainer.is_global_zero:  # ThroughputMonitor counts on rank 0 only
             return
-        # its protected per-stage Throughput (Lightning 2.6)
-        rate = self._throughputs[RunningStage.TRAINING].compute().get("device/items_per_sec")
+        rate = stage_throughput(self, RunningStage.TRAINING).compute().get("device/items_per_sec")
         if rate is not None:
             pl_module.log("train/tokens_per_sec", rate * trainer.world_size, prog_bar=True, on_step=True,
                           on_epoch=False, batch_size=1, rank_zero_only=True)
@@ -55,6 +65,11 @@ def tokens(batch: Batch) -> int:
     """Non-padding tokens of a batch (packed rows have no padding); of a batch of prompts (the on-policy
     objectives), its prompts' tokens."""
     return batch.tokens()
+
+
+def count_flops(trainer: Trainer, pl_module: LightningModule, batch) -> None:
+    """Give the module the FLOPs of ``batch`` (its ``flops_per_batch``), where ``ThroughputMonitor`` reads them."""
+    pl_module.flops_per_batch = flops_per_token(pl_module, trainer.training) * tokens(batch)
 
 
 def flops_per_token(module: LightningModule, training: bool) -> int:
