@@ -13,15 +13,10 @@ from prefmodule.data.batches import PairBatch
 from prefmodule.errors import ConfigError
 from prefmodule.models.logps import SequenceStats
 from prefmodule.objectives.losses import (
-    beta_dpo_beta, beta_dpo_filter, beta_dpo_running_stats, check_dpo_options, dpo_loss, ld_logps, nll_loss, wpo_weights,
+    DPOLoss, beta_dpo_beta, beta_dpo_filter, beta_dpo_running_stats, ld_logps, nll_loss, wpo_weights,
 )
 from prefmodule.objectives.outputs import PairOutputs
 from prefmodule.objectives.reference import ReferenceModule
-
-# The options ``dpo_loss`` takes as they are.
-LOSS_OPTIONS = ("loss_type", "loss_weights", "label_smoothing", "discopop_tau", "f_divergence_type",
-                "f_alpha_divergence_coef", "dpop_lambda")
-
 
 @dataclass
 class BetaDPOSettings:
@@ -82,7 +77,8 @@ class DPOModule(ReferenceModule):
     ):
         super().__init__(model=model, **kwargs)
         try:
-            check_dpo_options(loss_type, loss_weights, label_smoothing, f_divergence_type, dpop_lambda)
+            self.loss = DPOLoss(loss_type, loss_weights, label_smoothing, discopop_tau, f_divergence_type,
+                                f_alpha_divergence_coef, dpop_lambda)
         except ValueError as error:
             raise ConfigError(str(error)) from None
         if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
@@ -121,10 +117,9 @@ class DPOModule(ReferenceModule):
         if self.beta_dpo is not None and self.training:
             beta, selected = self.beta_dpo_batch((chosen_logratios - rejected_logratios).detach())
             extra["beta"] = beta
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
+        losses, chosen_rewards, rejected_rewards = self.loss(
             chosen.logps, rejected.logps, reference[:, 0], reference[:, 1], beta=beta,
-            chosen_lengths=chosen.lengths, rejected_lengths=rejected.lengths,
-            **{name: self.hparams[name] for name in LOSS_OPTIONS})
+            chosen_lengths=chosen.lengths, rejected_lengths=rejected.lengths)
         if self.hparams.use_weighting:
             losses = losses * wpo_weights(chosen.logps, rejected.logps, chosen.log_sum_sq_probs,
                                           rejected.log_sum_sq_probs, chosen.lengths, rejected.lengths)

@@ -4,7 +4,7 @@ reshapings some of them take (WPO, LD-DPO, beta-DPO, f-divergences)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -400,30 +400,56 @@ def dpo_loss(
     chosen tokens with a weight (RPO). TRL's ``use_weighting`` (WPO) multiplies these losses by
     ``wpo_weights``; its ``ld_alpha`` (LD-DPO) changes the log-probs passed in (``ld_logps``).
     """
-    loss_types, weights = check_dpo_options(loss_type, loss_weights, label_smoothing, f_divergence_type, dpop_lambda)
-    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    shapes = {tuple(t.shape) for t in logps}
-    if len(shapes) != 1:
-        raise ValueError(f"policy/reference chosen/rejected log-probs must all have the same shape [B], got {shapes}")
+    options = DPOLoss(loss_type, loss_weights, label_smoothing, discopop_tau, f_divergence_type,
+                      f_alpha_divergence_coef, dpop_lambda)
+    return options(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta,
+                   chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
 
-    pairs = PairLogps(
-        policy_chosen=upcast(policy_chosen_logps),
-        policy_rejected=upcast(policy_rejected_logps),
-        ref_chosen=upcast(ref_chosen_logps),
-        ref_rejected=upcast(ref_rejected_logps),
-        chosen_lengths=None if chosen_lengths is None else torch.as_tensor(chosen_lengths),
-        rejected_lengths=None if rejected_lengths is None else torch.as_tensor(rejected_lengths),
-        f_divergence=f_divergence_type,
-        f_alpha=f_alpha_divergence_coef,
-        dpop_lambda=dpop_lambda,
-    )
-    losses = sum(
-        weight * DPO_LOSSES[name](pairs, beta=beta, label_smoothing=label_smoothing, discopop_tau=discopop_tau)
-        for name, weight in zip(loss_types, weights)
-    )
-    chosen_rewards = beta * pairs.chosen_logratios.detach()
-    rejected_rewards = beta * pairs.rejected_logratios.detach()
-    return losses, chosen_rewards, rejected_rewards
+
+@dataclass(frozen=True)
+class DPOLoss:
+    """:func:`dpo_loss` with its options (the same names), checked once when built (``ValueError`` naming what is
+    wrong); called with the log-probs, ``beta`` and the response lengths."""
+
+    loss_type: str | Sequence[str] = "sigmoid"
+    loss_weights: Sequence[float] | None = None
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    dpop_lambda: float = 0.0
+    terms: tuple[tuple[str, float], ...] = field(init=False)  # (loss type, weight)
+
+    def __post_init__(self):
+        loss_types, weights = check_dpo_options(self.loss_type, self.loss_weights, self.label_smoothing,
+                                                self.f_divergence_type, self.dpop_lambda)
+        object.__setattr__(self, "terms", tuple(zip(loss_types, weights)))
+
+    def __call__(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                 ref_rejected_logps: Tensor, *, beta: float | Tensor = 0.1, chosen_lengths: Tensor | None = None,
+                 rejected_lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        shapes = {tuple(t.shape) for t in logps}
+        if len(shapes) != 1:
+            raise ValueError(f"policy/reference chosen/rejected log-probs must all have the same shape [B], got "
+                             f"{shapes}")
+        pairs = PairLogps(
+            policy_chosen=upcast(policy_chosen_logps),
+            policy_rejected=upcast(policy_rejected_logps),
+            ref_chosen=upcast(ref_chosen_logps),
+            ref_rejected=upcast(ref_rejected_logps),
+            chosen_lengths=None if chosen_lengths is None else torch.as_tensor(chosen_lengths),
+            rejected_lengths=None if rejected_lengths is None else torch.as_tensor(rejected_lengths),
+            f_divergence=self.f_divergence_type,
+            f_alpha=self.f_alpha_divergence_coef,
+            dpop_lambda=self.dpop_lambda,
+        )
+        losses = sum(
+            weight * DPO_LOSSES[name](pairs, beta=beta, label_smoothing=self.label_smoothing,
+                                      discopop_tau=self.discopop_tau)
+            for name, weight in self.terms
+        )
+        return losses, beta * pairs.chosen_logratios.detach(), beta * pairs.rejected_logratios.detach()
 
 
 def wpo_weights(
