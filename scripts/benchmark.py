@@ -346,6 +346,7 @@ def run_prefmodule(objective: str, settings: Settings, model_dir: str, pairs: li
 
     from prefmodule import DPOModule, ORPOModule, SimPOModule
     from prefmodule.data.collate import PreferenceCollator
+    from prefmodule.training.fit_end import ExportModel
 
     class Pairs(L.LightningDataModule):
         """The pairs in their order, through a datamodule (where a precomputed reference reads them)."""
@@ -380,7 +381,7 @@ def run_prefmodule(objective: str, settings: Settings, model_dir: str, pairs: li
         if objective == "dpo":
             knobs["reference"] = settings.reference
             knobs["ref_cache_dir"] = cache_dir if settings.reference == "precomputed" else None  # computed, not reused
-        module = module_class(model=model_dir, lr=settings.lr, warmup=0, export_hf=False,
+        module = module_class(model=model_dir, lr=settings.lr, warmup=0,
                               gradient_checkpointing=settings.gradient_checkpointing,
                               **({"compile_layers": True} if settings.compile_layers else {}),  # the base's option
                               **accepted_knobs(module_class, knobs))
@@ -388,7 +389,7 @@ def run_prefmodule(objective: str, settings: Settings, model_dir: str, pairs: li
             accelerator=settings.device, devices=1, precision="bf16-mixed" if settings.dtype == "bf16" else "32-true",
             max_steps=settings.warmup_steps + settings.steps, gradient_clip_val=settings.max_grad_norm or None,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[clock],
+            callbacks=[clock, ExportModel(enabled=False)],
         )
         trainer.fit(module, datamodule=Pairs(module.tokenizer.pad_token_id))
     return {**measurements(steps, baseline, time.perf_counter() - start, settings), "packed": clock.packed}
@@ -514,6 +515,8 @@ def run_prefmodule_grpo(settings: Settings, model_dir: str, prompts_path: str, p
     from torch.utils.data import DataLoader
 
     from prefmodule import GRPOModule, PreferenceDataModule
+    from prefmodule.training.callbacks import SampleWriter
+    from prefmodule.training.fit_end import ExportModel
 
     record = {"prompt_ids": [], "completion_lengths": [], "logged_tokens": []}
 
@@ -549,7 +552,7 @@ def run_prefmodule_grpo(settings: Settings, model_dir: str, prompts_path: str, p
         module = Recorded(
             model=model_dir, reward=settings.reward, num_generations=settings.num_generations,
             max_new_tokens=settings.max_completion_length, temperature=settings.temperature, loss_type="dapo",
-            beta=0.0, lr=settings.lr, warmup=0, export_hf=False, samples=None,
+            beta=0.0, lr=settings.lr, warmup=0,
             gradient_checkpointing=settings.gradient_checkpointing,
             **accepted_knobs(GRPOModule, {"logps_chunk_size": settings.logps_chunk_size}),
         )
@@ -560,9 +563,10 @@ def run_prefmodule_grpo(settings: Settings, model_dir: str, prompts_path: str, p
             accelerator=settings.device, devices=1, precision="bf16-mixed" if settings.dtype == "bf16" else "32-true",
             max_steps=settings.warmup_steps + settings.steps, gradient_clip_val=settings.max_grad_norm or None,
             accumulate_grad_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, callbacks=[StepClock()],
+            enable_model_summary=False, num_sanity_val_steps=0,
+            callbacks=[StepClock(), ExportModel(enabled=False), SampleWriter(num_prompts=0)],
         )
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=module.connect(data))
     return grpo_measurements(steps, baseline, time.perf_counter() - start, settings, record)
 
 

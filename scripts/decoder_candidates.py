@@ -33,7 +33,7 @@ def run(candidate: str, steps: int, warmup: int) -> dict:
     from real_assets import sharegpt_pairs, smollm2_folder
 
     torch.manual_seed(0)
-    module = DPOModule(model=smollm2_folder(), samples=None, export_hf=False)
+    module = DPOModule(model=smollm2_folder())
     module.configure_model()
     data = PreferenceDataModule(train=sharegpt_pairs(64), batch_size=4, max_length=1024, tokenizer=module.tokenizer)
     data.connect(module.batch_format())

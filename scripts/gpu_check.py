@@ -95,8 +95,8 @@ def fsdp2_command(folder: Path, dry_run: bool) -> list[str]:
         "--trainer.accelerator=cuda", "--trainer.precision=bf16-mixed"]
     return [sys.executable, "-m", "prefmodule", "fit", "--config", "configs/dpo.yaml", "--config",
             "configs/strategies/fsdp2.yaml", "--trainer.strategy.data_parallel_size=1", "--trainer.devices=1", *device,
-            f"--model.model={model}", f"--trainer.default_root_dir={folder / 'fsdp2_run'}", "--model.export_hf=false",
-            "--model.samples=null", f"--trainer.max_steps={2 if dry_run else 12}", "--trainer.limit_val_batches=0",
+            f"--model.model={model}", f"--trainer.default_root_dir={folder / 'fsdp2_run'}", "--export.enabled=false",
+            "--samples.num_prompts=0", f"--trainer.max_steps={2 if dry_run else 12}", "--trainer.limit_val_batches=0",
             "--data.batch_size=8", "--trainer.enable_progress_bar=false", "--trainer.callbacks+=gpu_check.StepClock"]
 
 

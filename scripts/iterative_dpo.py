@@ -49,7 +49,7 @@ def train(policy: str, pairs: str, out: Path, extra: list[str]) -> str:
     from prefmodule.cli import main
 
     cli = main(["fit", "--config", str(CONFIGS / "dpo.yaml"), f"--model.model={policy}", f"--data.train={pairs}",
-                f"--trainer.default_root_dir={out}", "--model.samples=null", *QUIET, *DPO_ROUND, *extra])
+                f"--trainer.default_root_dir={out}", "--samples.num_prompts=0", *QUIET, *DPO_ROUND, *extra])
     return str(Path(cli.trainer.log_dir) / "hf_model")
 
 

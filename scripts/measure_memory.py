@@ -94,6 +94,7 @@ def run_one(name: str, workdir: Path, batch_size: int, steps: int, chunk_size: i
 
     import prefmodule
     from prefmodule.data.collate import PreferenceCollator
+    from prefmodule.training.fit_end import ExportModel
 
     pairs = json.loads((workdir / "pairs.json").read_text())
 
@@ -118,11 +119,11 @@ def run_one(name: str, workdir: Path, batch_size: int, steps: int, chunk_size: i
         kwargs = {"ref_cache_dir": tempfile.mkdtemp(dir=workdir), **kwargs}
     if chunk_size is not None:
         kwargs = {"logps_chunk_size": chunk_size, **kwargs}
-    module = getattr(prefmodule, class_name)(model=str(workdir / "model"), lr=1e-5, export_hf=False, **kwargs)
+    module = getattr(prefmodule, class_name)(model=str(workdir / "model"), lr=1e-5, **kwargs)
     times = StepTimes()
     L.seed_everything(0)
     trainer = L.Trainer(max_steps=steps + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[times])
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[times, ExportModel(enabled=False)])
     trainer.fit(module, datamodule=Pairs())
     return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "step_s": statistics.median(b - a for a, b in zip(times.ends, times.ends[1:]))}
@@ -194,18 +195,19 @@ def load_one(mode: str, workdir: Path) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     import prefmodule
+    from prefmodule.training.fit_end import ExportModel
 
     start = rss_mib()
     if mode == "whole":  # as before: every rank loads the whole model, then shards it
         prefmodule.PreferenceModule._streams = lambda self, strategy: False
-    module = prefmodule.ORPOModule(model=str(workdir / "model"), export_hf=False)
+    module = prefmodule.ORPOModule(model=str(workdir / "model"))
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
                                                                                     tensor_parallel_size=1),
                         max_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+                        enable_model_summary=False, callbacks=[ExportModel(enabled=False)])
     data = prefmodule.PreferenceDataModule(train="asset://demo/train.jsonl", batch_size=1,
                                            cache_dir=str(workdir / "cache"))
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=module.connect(data))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # Gathered one weight at a time, after the peak was read: every rank takes part.
     checksum = sum(p.full_tensor().double().sum().item() for p in module.policy.parameters())

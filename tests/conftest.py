@@ -51,16 +51,12 @@ def small_data(tmp_path, demo_rows):
 
 @pytest.fixture(autouse=True)
 def samples_off_unless_marked(request, monkeypatch):
-    """Generating samples takes about a second per fit on 2 CPU cores: a test runs with ``samples=None`` as the
-    modules' default unless marked ``samples`` (tests about samples, the report, loggers' tables, the defaults)."""
+    """Generating samples takes about a second per fit on 2 CPU cores: a test runs with no samples by default
+    (``SampleWriter``'s ``num_prompts`` 0, the CLI's ``samples`` group included) unless marked ``samples`` (tests
+    about samples, the report, loggers' tables, the defaults)."""
     if request.node.get_closest_marker("samples") is not None:
         return
-    import inspect
+    from prefmodule.training.callbacks import SampleWriter
 
-    from prefmodule.objectives.base import PreferenceModule
-
-    init = PreferenceModule.__init__
-    names = [p.name for p in inspect.signature(init).parameters.values() if p.default is not inspect.Parameter.empty]
-    defaults = list(init.__defaults__)
-    defaults[names.index("samples")] = None
-    monkeypatch.setattr(init, "__defaults__", tuple(defaults))
+    init = SampleWriter.__init__
+    monkeypatch.setattr(init, "__defaults__", (0, *init.__defaults__[1:]))

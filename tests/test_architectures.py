@@ -87,7 +87,7 @@ def test_packed_padded_chunked_and_full_logits_agree(name, saved, demo_rows):
 def fit(module, data, root, **trainer_args):
     trainer = L.Trainer(default_root_dir=root, max_steps=2, enable_progress_bar=False, enable_model_summary=False,
                         log_every_n_steps=1, limit_val_batches=0, accelerator="cpu", **trainer_args)
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=module.connect(data))
     return trainer
 
 
@@ -95,7 +95,7 @@ def fit(module, data, root, **trainer_args):
 def test_dpo_and_orpo_train_and_the_export_reloads_the_same(name, saved, demo_rows, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", demo_rows[:8])
     data = lambda: PreferenceDataModule(train=train, batch_size=4, cache_dir=str(tmp_path / "cache"))  # noqa: E731
-    orpo = ORPOModule(model=saved(name), lr=1e-2, export_hf=False)
+    orpo = ORPOModule(model=saved(name), lr=1e-2)
     orpo_trainer = fit(orpo, data(), tmp_path / "orpo", logger=False, enable_checkpointing=False)
     assert orpo_trainer.global_step == 2 and torch.isfinite(orpo_trainer.callback_metrics["train/loss"])
 

@@ -106,13 +106,13 @@ def test_fit_packs_by_default_when_the_model_allows(attention, padding_free, pac
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append(batch.sequences.packed)
 
-    module = ORPOModule(model=TINY_MODEL, attn_implementation=attention, export_hf=False)
+    module = ORPOModule(model=TINY_MODEL, attn_implementation=attention)
     data = PreferenceDataModule(train="asset://demo/train.jsonl", padding_free=padding_free, batch_size=4,
                                 cache_dir=str(tmp_path / "cache"))
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[BatchKinds()], default_root_dir=tmp_path)
     with caplog.at_level("INFO"):
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=module.connect(data))
     assert module.packed_attention is (attention == "sdpa")
     assert seen == [packed, packed]
     said = [record.getMessage() for record in caplog.records if "batches padded, not packed" in record.getMessage()]
@@ -130,7 +130,9 @@ def test_padding_free_that_the_model_cannot_take_is_a_settings_error(tmp_path, c
               "--data.train=asset://demo/train.jsonl", "--data.padding_free=true", "--trainer.max_steps=1",
               f"--trainer.default_root_dir={tmp_path}", f"--data.cache_dir={tmp_path / 'cache'}"])
     assert exit.value.code == 2
-    said = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    err = capsys.readouterr().err  # after the data's lines (read before the models load), before any step
+    assert "Traceback" not in err and not list(tmp_path.rglob("*.ckpt"))
+    said = [line for line in err.splitlines() if line.startswith("prefmodule: error")]
     assert said == [
         "prefmodule: error: data.padding_free=true: ORPOModule cannot attend to packed rows per sequence (its "
         "attention (eager) takes no sequence bounds; sdpa and flash_attention_2 do (model.attn_implementation)); "

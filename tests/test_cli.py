@@ -95,7 +95,7 @@ def test_validate_test_and_predict_from_checkpoint(tmp_path, small_data):
     assert "test/rewards/margins" in tested.trainer.callback_metrics
 
     out = tmp_path / "scores.jsonl"
-    main(["predict", *common, f"--model.predictions_path={out}"])
+    main(["predict", *common, f"--predictions.path={out}"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(16))
     for r in rows:
@@ -178,3 +178,63 @@ def test_an_error_inside_fit_on_every_rank_prints_once(tmp_path, small_data):
     (line,) = [line for line in done.stderr.splitlines() if "prefmodule: error:" in line]
     assert line.startswith("prefmodule: error: training stopped: the loss or gradient norm was non-finite")
     assert "Traceback" not in done.stderr
+
+
+def test_what_a_run_leaves_is_set_in_groups_beside_model_and_data(tmp_path, small_data):
+    train, val = small_data
+    cli = main(fit_args("orpo.yaml", tmp_path, train, val, "--samples.num_prompts=2", "--samples.max_new_tokens=3",
+                        "--export.enabled=false"))
+    log_dir = Path(cli.trainer.log_dir)
+    samples = [json.loads(line) for line in (log_dir / "samples.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in samples] == [0, 0, 3, 3]
+    assert not (log_dir / "hf_model").exists() and list((log_dir / "checkpoints").glob("*.ckpt"))
+    writers = [type(c).__name__ for c in cli.trainer.callbacks if type(c).__name__ in
+               ("SampleWriter", "ExportModel", "PushToHub", "PredictionWriter")]
+    assert writers == ["SampleWriter", "ExportModel", "PushToHub", "PredictionWriter"]  # the groups', each once
+    assert not set(cli.model.hparams) & {"samples", "export_hf", "predictions_path"}  # the objective's alone
+
+
+@pytest.mark.parametrize("given, where, new", [
+    (["--model.init_args.samples=null"], "--model.init_args.samples on the command line", "samples"),
+    (["--model.export_hf=false"], "--model.export_hf on the command line", "export.enabled"),
+    (["--model.init_args.predictions_path=out.jsonl"], "--model.init_args.predictions_path on the command line",
+     "predictions.path"),
+    ("config", "model.init_args.export_merged in {config}", "export.merge_adapters"),
+])
+def test_an_option_that_moved_to_a_group_exits_2_naming_its_place(given, where, new, tmp_path, capsys):
+    config = tmp_path / "old.yaml"
+    config.write_text(yaml.safe_dump({"model": {"class_path": "prefmodule.ORPOModule", "init_args": {
+        "model": "asset://tiny-llama", "export_merged": False}}}))
+    args = ["--config", str(config)] if given == "config" else given
+    code, error = fails_with(capsys, "fit", "--config", str(CONFIGS / "orpo.yaml"), *args,
+                             f"--trainer.default_root_dir={tmp_path}")
+    old = where.split(" ")[0].rsplit(".", 1)[-1]
+    assert (code, error) == (2, f"prefmodule: error: {where.format(config=config)}: `{old}` is no longer a model "
+                                f"option; set `{new}` (a group beside model and data: --{new}=... or "
+                                f"`{new.split('.')[0]}:` at the top of a config)")
+
+
+def test_python_connects_the_data_before_lightning_reads_it(tmp_path, small_data):
+    """``module.connect(data)`` before ``fit``: ``prepare_data`` and ``setup`` build the datasets as the objective
+    needs them (KTO: unpaired rows) before any weights load; without it, one error says what to call."""
+    from prefmodule import KTOModule, PreferenceDataModule
+
+    class Seen(L.Callback):
+        def setup(self, trainer, pl_module, stage):
+            self.datasets = {split: type(d).__name__ for split, d in trainer.datamodule.datasets.items()}
+            self.policy = pl_module.policy
+
+    module, seen = KTOModule(model="asset://tiny-llama"), Seen()
+    data = PreferenceDataModule(train=small_data[0], val=small_data[1], batch_size=4)
+    L.Trainer(default_root_dir=tmp_path, max_steps=1, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[seen]).fit(module, datamodule=module.connect(data))
+    assert seen.datasets == {"train": "UnpairedDataset", "val": "UnpairedDataset"} and seen.policy is None
+    trainer = lambda: L.Trainer(default_root_dir=tmp_path, max_steps=1, logger=False)  # noqa: E731
+    with pytest.raises(ConfigError, match=r"PreferenceDataModule needs a tokenizer: connect it to the objective being "
+                                          r"trained before Lightning runs it \(`trainer.fit\(module, "
+                                          r"datamodule=module.connect\(data\)\)`"):
+        trainer().fit(KTOModule(model="asset://tiny-llama"), datamodule=PreferenceDataModule(train=small_data[0]))
+    with pytest.raises(ConfigError, match=r"PreferenceDataModule is not connected to this KTOModule: call "
+                                          r"trainer.fit\(module, datamodule=module.connect\(data\)\)"):
+        trainer().fit(KTOModule(model="asset://tiny-llama"),
+                      datamodule=PreferenceDataModule(train=small_data[0], tokenizer="asset://tiny-llama"))

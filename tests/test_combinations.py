@@ -39,7 +39,7 @@ OBJECTIVES = {
 LAYOUTS = {"packed": "--data.padding_free=true", "padded": "--data.padding_free=false"}
 ONE_STEP = ["--trainer.max_steps=1", "--trainer.val_check_interval=1", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1", "--data.batch_size=4",
-            "--model.init_args.samples.num_prompts=2", "--model.init_args.samples.max_new_tokens=4"]
+            "--samples.num_prompts=2", "--samples.max_new_tokens=4"]
 
 
 class Layouts(L.Callback):
@@ -50,7 +50,7 @@ class Layouts(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if isinstance(batch, PromptBatch):  # prompts, whose sampled pairs the module lays out with the data's collator
-            self.packed.append(module.collate.padding_free)
+            self.packed.append(module.collator().padding_free)
         else:
             self.packed.append(batch.sequences.packed)
 
@@ -99,7 +99,7 @@ def test_objective_model_layout_with_samples(objective, model, layout, models, d
         assert metrics["train/aux_loss"] > 1.0 and metrics["val/aux_loss"] > 1.0
     else:
         assert "train/aux_loss" not in metrics
-    if trainer.lightning_module.samples is not None:  # every objective that generates (a reward model does not)
+    if trainer.lightning_module.writes_text:  # every objective that generates (a reward model does not)
         samples = read_jsonl(f"{log_dir}/samples.jsonl")
         assert [row["step"] for row in samples] == [0, 0, 1, 1]  # before the first step and at the validation
         assert all(row["prompt"] and row["completion"] is not None for row in samples)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_compiled_layers_give_the_eager_log_probs_and_gradients(demo_rows):
-    eager, compiled = (ORPOModule(model=TINY_MODEL, compile_layers=flag, samples=None) for flag in (False, True))
+    eager, compiled = (ORPOModule(model=TINY_MODEL, compile_layers=flag) for flag in (False, True))
     for module in (eager, compiled):
         module.configure_model()
     layers = compiled.policy.model.layers

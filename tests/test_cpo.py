@@ -95,7 +95,7 @@ def test_bad_settings_fail_at_construction():
 
 @pytest.mark.parametrize("loss_type, alpha", [("sigmoid", 0.0), ("simpo", 0.5)], ids=["cpo", "alphapo"])
 def test_module_loss_and_training(loss_type, alpha, tmp_path, small_data, demo_rows):
-    module = CPOModule(model=TINY_MODEL, loss_type=loss_type, alpha=alpha, cpo_alpha=0.7, lr=1e-2, export_hf=False)
+    module = CPOModule(model=TINY_MODEL, loss_type=loss_type, alpha=alpha, cpo_alpha=0.7, lr=1e-2)
     module.configure_model()
     batch = a_batch(module, demo_rows[:4])
     with torch.no_grad():
@@ -110,7 +110,7 @@ def test_module_loss_and_training(loss_type, alpha, tmp_path, small_data, demo_r
     train, val = small_data
     trainer = L.Trainer(default_root_dir=tmp_path, max_steps=2, val_check_interval=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, datamodule=PreferenceDataModule(train=train, val=val, batch_size=4))
+    trainer.fit(module, datamodule=module.connect(PreferenceDataModule(train=train, val=val, batch_size=4)))
     metrics = trainer.callback_metrics
     assert math.isfinite(metrics["val/loss"].item()) and metrics["val/nll_loss"] > 0
     with torch.no_grad():

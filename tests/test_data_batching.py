@@ -136,7 +136,8 @@ def test_fit_with_grouping_and_packing_sees_every_pair_once_per_epoch(tmp_path, 
 
     trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()])
-    trainer.fit(ORPOModule(model=TINY_MODEL, export_hf=False), datamodule=data)
+    module = ORPOModule(model=TINY_MODEL)
+    trainer.fit(module, datamodule=module.connect(data))
     orders = [[i for epoch, batch in seen if epoch == e for i in batch] for e in (0, 1)]
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(24))
     assert orders[0] != orders[1]  # Lightning's set_epoch reached the sampler

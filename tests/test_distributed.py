@@ -43,7 +43,7 @@ def launch(*args: str, torchrun: bool = False, samples: bool = False) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([*command, *args, "--trainer.devices=2", *QUIET,
-                           *([] if samples else ["--model.samples=null"])], env=env, capture_output=True, text=True,
+                           *([] if samples else ["--samples.num_prompts=0"])], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
@@ -217,7 +217,7 @@ def test_tied_moe_on_two_processes_stays_tied_resumes_exports_and_agrees_with_on
     sharded = strategy[0] == "--config"
     first, second = tmp_path / "first", tmp_path / "second"
     launch("fit", *common, f"--trainer.default_root_dir={first}", "--trainer.max_steps=2",
-           "--model.samples.num_prompts=2", "--model.samples.max_new_tokens=4", samples=True)  # sharded generation
+           "--samples.num_prompts=2", "--samples.max_new_tokens=4", samples=True)  # sharded generation
     samples = [json.loads(line) for line in open(first / "lightning_logs" / "version_0" / "samples.jsonl")]
     assert [row["step"] for row in samples] == [0, 0, 2, 2]
     saved = newest_checkpoint(first)
@@ -263,11 +263,11 @@ def test_ddp_all_reduces_the_gradients_of_the_chunked_and_full_logits_heads(chun
     rank with its own 2 pairs' gradients."""
     train = write_jsonl(tmp_path / "train.jsonl", demo_rows[:4])
     common = ["fit", "--config", str(CONFIGS / "dpo.yaml"), f"--data.train={train}", "--trainer.max_steps=1",
-              "--trainer.limit_val_batches=0", f"--model.logps_chunk_size={chunk_size}", "--model.export_hf=false",
+              "--trainer.limit_val_batches=0", f"--model.logps_chunk_size={chunk_size}", "--export.enabled=false",
               "--trainer.callbacks+=test_distributed.GradientReport", "--trainer.enable_checkpointing=false"]
     launch(*common, "--trainer.strategy=ddp", f"--trainer.default_root_dir={tmp_path / 'two'}")
     main([*common, f"--trainer.default_root_dir={tmp_path / 'one'}", "--trainer.devices=1", *QUIET,
-          "--model.samples=null"])
+          "--samples.num_prompts=0"])
     one = torch.load(tmp_path / "one" / "grads_rank0.pt")
     ranks = [torch.load(tmp_path / "two" / f"grads_rank{rank}.pt") for rank in (0, 1)]
     head = "lm_head.weight"
@@ -301,8 +301,8 @@ def test_resume_from_epoch_end_equals_an_uninterrupted_run(tmp_path, demo_rows):
         trainer = L.Trainer(default_root_dir=root, max_epochs=2, logger=False, enable_progress_bar=False,
                             callbacks=[recorder, *([InterruptAfterEpoch()] if interrupt else [])],
                             enable_model_summary=False, limit_val_batches=0)
-        module = ORPOModule(model=TINY_MODEL, lr=1e-3, warmup=1, lr_schedule="cosine", export_hf=False)
-        trainer.fit(module, datamodule=PreferenceDataModule(train=train, batch_size=8), ckpt_path=ckpt_path)
+        module = ORPOModule(model=TINY_MODEL, lr=1e-3, warmup=1, lr_schedule="cosine")
+        trainer.fit(module, datamodule=module.connect(PreferenceDataModule(train=train, batch_size=8)), ckpt_path=ckpt_path)
         return trainer, module, recorder.seen
 
     _, whole, whole_seen = fit(tmp_path / "whole")
@@ -322,11 +322,11 @@ def test_resume_from_epoch_end_equals_an_uninterrupted_run(tmp_path, demo_rows):
 ])
 def test_precision_flags_train_and_keep_logps_float32(module_class, precision, weights_dtype, tmp_path, small_data):
     train, val = small_data
-    module = module_class(model=TINY_MODEL, lr=1e-3, export_hf=False)
+    module = module_class(model=TINY_MODEL, lr=1e-3)
     data = PreferenceDataModule(train=train, val=val, batch_size=4)
     trainer = L.Trainer(default_root_dir=tmp_path, max_steps=2, precision=precision, logger=False, accelerator="cpu",
                         enable_progress_bar=False, enable_model_summary=False, val_check_interval=2)
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=module.connect(data))
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
     assert next(module.policy.parameters()).dtype == weights_dtype
     batch = next(iter(data.val_dataloader()))

@@ -285,12 +285,12 @@ class StepLosses(L.Callback):
 def test_the_options_train(options, tmp_path, small_data, demo_rows):
     train, _ = small_data
     L.seed_everything(0)
-    module = DPOModule(model=TINY_MODEL, lr=1e-2, ref_cache_dir=str(tmp_path / "cache"), export_hf=False, **options)
+    module = DPOModule(model=TINY_MODEL, lr=1e-2, ref_cache_dir=str(tmp_path / "cache"), **options)
     losses = StepLosses()
     trainer = L.Trainer(default_root_dir=tmp_path, max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[losses])
-    trainer.fit(module, datamodule=PreferenceDataModule(train=train, batch_size=4))
+    trainer.fit(module, datamodule=module.connect(PreferenceDataModule(train=train, batch_size=4)))
     assert len(losses.losses) == 3 and all(math.isfinite(x) for x in losses.losses)
     assert losses.losses[0] != losses.losses[-1]
     if "beta_dpo" in options:

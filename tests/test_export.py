@@ -40,7 +40,7 @@ def test_fit_exports_the_chat_template_generation_config_and_use_cache(tiny_with
                                 chat_template=TEMPLATE, cache_dir=str(tmp_path / "cache"))
     trainer = L.Trainer(default_root_dir=tmp_path, max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=module.connect(data))
     exported = tmp_path / "hf_model"
     assert AutoTokenizer.from_pretrained(exported).chat_template == TEMPLATE
     assert AutoTokenizer.from_pretrained(tiny_with_generation_settings).chat_template != TEMPLATE
@@ -79,14 +79,14 @@ def test_lora_export_merges_on_a_copy_sharing_the_base_weights_and_leaves_the_po
                                    module.model_stats(module.policy, batch.sequences).logps, rtol=1e-5, atol=1e-5)
 
 
-def test_adapter_alone_is_saved_with_export_merged_false(tmp_path, demo_rows):
-    module = ORPOModule(model=TINY_MODEL, lora={"r": 4, "lora_alpha": 8}, export_merged=False)
+def test_adapter_alone_is_saved_without_merging(tmp_path, demo_rows):
+    module = ORPOModule(model=TINY_MODEL, lora={"r": 4, "lora_alpha": 8})
     module.configure_model()
     with torch.no_grad():
         for name, p in module.policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)
-    module.export_hf(str(tmp_path / "adapter"))
+    module.export_hf(str(tmp_path / "adapter"), merge_adapters=False)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
     reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()

@@ -29,7 +29,7 @@ from conftest import TINY_MODEL, read_jsonl, write_jsonl
 CONFIGS = Path(__file__).parent.parent / "configs"
 TESTS = Path(__file__).parent
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu",
-         "--model.samples=null", "--trainer.num_sanity_val_steps=0"]
+         "--samples.num_prompts=0", "--trainer.num_sanity_val_steps=0"]
 POLITENESS = "prefmodule.sampling.rules:politeness"
 # Logged every training step and every validation, TRL's names (``kl`` too with beta > 0).
 METRICS = {"loss", "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
@@ -90,8 +90,8 @@ def module_and_batch(prompts, module_class=GRPOModule, padding_free=None, **sett
                           **settings)
     data = PreferenceDataModule(train=prompts, batch_size=4, padding_free=padding_free)
     trainer = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu", max_steps=1)
-    module.trainer, data.trainer, trainer.datamodule = trainer, trainer, data
-    module.configure_model()  # connects the datamodule
+    module.trainer, data.trainer, trainer.datamodule = trainer, trainer, module.connect(data)
+    module.configure_model()
     data.setup("fit")
     return module, next(iter(data.train_dataloader()))
 
@@ -120,7 +120,7 @@ def own_token_logps(model, sequences) -> tuple[torch.Tensor, torch.Tensor]:
 ])
 def test_the_loss_is_grpo_loss_on_the_modules_own_per_token_logps(settings, prompts):
     module, batch = module_and_batch(prompts, num_generations=3, **settings)
-    assert module.collate.padding_free  # packed sequences, compared with each sequence alone
+    assert module.collator().padding_free  # packed sequences, compared with each sequence alone
     module.eval()  # the step samples anew (training keeps nothing for num_iterations 1 either)
     outputs, _ = module.batch_outputs(batch)
     rollout = module.sample_rollout(batch)  # the same seed: the same completions
@@ -323,11 +323,11 @@ def test_the_non_finite_guard_skips_a_grpo_step(prompts, tmp_path):
     from test_guard import WeightsAfterEachStep
 
     module = PoisonedGRPO(model=TINY_MODEL, reward=POLITENESS, num_generations=2, max_new_tokens=6, lr=1e-3,
-                          warmup=0, export_hf=False)
+                          warmup=0)
     record = WeightsAfterEachStep()
     trainer = L.Trainer(default_root_dir=tmp_path, max_steps=3, enable_progress_bar=False, limit_val_batches=0,
                         enable_model_summary=False, callbacks=[record], logger=CSVLogger(tmp_path), accelerator="cpu")
-    trainer.fit(module, datamodule=PreferenceDataModule(train=prompts, batch_size=4))
+    trainer.fit(module, datamodule=module.connect(PreferenceDataModule(train=prompts, batch_size=4)))
     assert all(torch.equal(after, before) for after, before in zip(record.weights[1], record.weights[0]))
     assert not all(torch.equal(after, before) for after, before in zip(record.weights[2], record.weights[1]))
     guard = next(cb for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard))

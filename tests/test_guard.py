@@ -45,11 +45,11 @@ class WeightsAfterEachStep(L.Callback):
 
 def test_a_non_finite_step_leaves_weights_optimizer_and_schedule_untouched(tmp_path, small_data, caplog):
     train, _ = small_data
-    module = PoisonedORPO(model=TINY_MODEL, lr=1e-3, warmup=0, export_hf=False, poisoned=[3])
+    module = PoisonedORPO(model=TINY_MODEL, lr=1e-3, warmup=0, poisoned=[3])
     record = WeightsAfterEachStep()
     trainer = L.Trainer(default_root_dir=tmp_path, max_steps=5, enable_progress_bar=False, limit_val_batches=0,
                         enable_model_summary=False, log_every_n_steps=1, callbacks=[record], logger=CSVLogger(tmp_path))
-    trainer.fit(module, datamodule=PreferenceDataModule(train=train, batch_size=4))
+    trainer.fit(module, datamodule=module.connect(PreferenceDataModule(train=train, batch_size=4)))
 
     assert all(torch.equal(after, before) for after, before in zip(record.weights[2], record.weights[1]))
     assert not all(torch.equal(after, before) for after, before in zip(record.weights[3], record.weights[2]))

@@ -165,12 +165,12 @@ def test_validate_equals_trl_evaluate(loss_type, reference_dir, demo_rows, tmp_p
     rows = unpaired_rows(demo_rows[:7], [True, False, True, True, False, True, True])
     config = dict(beta=0.3, loss_type=loss_type, desirable_weight=0.8, undesirable_weight=1.9)
     theirs = trl_evaluate(reference_dir, rows, tmp_path, **config)
-    module = KTOModule(model=TINY_MODEL, ref_model=reference_dir, export_hf=False, **config)
+    module = KTOModule(model=TINY_MODEL, ref_model=reference_dir, **config)
     trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
     val = write_jsonl(tmp_path / "val.jsonl", rows)  # one batch holds the file: TRL's evaluate() has one too
     data = PreferenceDataModule(val=val, batch_size=8, cache_dir=str(tmp_path / "cache"))
-    ours = trainer.validate(module, datamodule=data, verbose=False)[0]
+    ours = trainer.validate(module, datamodule=module.connect(data), verbose=False)[0]
     batch = collate(module.tokenizer, rows, kl=loss_type == "kto")  # the batch contract, built by hand
     by_hand = trainer.validate(module, dataloaders=DataLoader([batch], batch_size=None), verbose=False)[0]
     # padded by hand, packed by the datamodule: equal within float32 rounding of the two attention layouts
@@ -198,7 +198,7 @@ def fit(module, data, root, steps=2):
     trainer = L.Trainer(default_root_dir=root, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, val_check_interval=steps,
                         callbacks=[Record()])
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=module.connect(data))
     return losses, trainer.callback_metrics
 
 
@@ -212,8 +212,7 @@ def test_precomputed_reference_trains_as_the_copy(rows, tmp_path):
     runs = {}
     for mode in ("copy", "precomputed"):
         L.seed_everything(0)
-        module = KTOModule(model=TINY_MODEL, reference=mode, lr=1e-2, ref_cache_dir=str(tmp_path / "cache"),
-                           export_hf=False)
+        module = KTOModule(model=TINY_MODEL, reference=mode, lr=1e-2, ref_cache_dir=str(tmp_path / "cache"))
         runs[mode] = module, *fit(module, Rows(module.tokenizer, train, val), tmp_path / mode)
     (copy, copy_losses, copy_metrics), (pre, losses, metrics) = runs["copy"], runs["precomputed"]
     assert losses == pytest.approx(copy_losses, rel=1e-5) and copy_losses[0] != copy_losses[1]  # it trained
@@ -294,7 +293,7 @@ def test_predict_scores_pairs_and_rows(rows, demo_rows):
 
 def test_unbalanced_weights_warn_when_training_starts(rows, tmp_path):
     train, val = rows
-    module = KTOModule(model=TINY_MODEL, desirable_weight=3.0, lr=1e-3, export_hf=False)
+    module = KTOModule(model=TINY_MODEL, desirable_weight=3.0, lr=1e-3)
     with pytest.warns(UserWarning, match=r"desirable_weight in \[1, 1.33\]"):
         fit(module, Rows(module.tokenizer, train, val), tmp_path, steps=1)
 

@@ -15,6 +15,7 @@ import pytest
 
 from prefmodule import DPOModule, PreferenceDataModule
 from prefmodule.cli import main
+from prefmodule.training.callbacks import SampleWriter
 
 from conftest import TINY_MODEL
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.samples  # the modules' default samples stay on here
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 QUICK = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.batch_size=8",
-         "--model.samples.num_prompts=2", "--model.samples.max_new_tokens=4"]
+         "--samples.num_prompts=2", "--samples.max_new_tokens=4"]
 
 
 @pytest.fixture(autouse=True)
@@ -187,10 +188,11 @@ def test_python_trainer_with_mlflow_alone_writes_into_its_run(tmp_path, small_da
 
     logger = MLFlowLogger(experiment_name="prefmodule", save_dir=str(tmp_path / "mlruns"))
     trainer = L.Trainer(default_root_dir=tmp_path, max_steps=1, logger=logger, enable_progress_bar=False,
-                        enable_model_summary=False, val_check_interval=1)
+                        enable_model_summary=False, val_check_interval=1, callbacks=[SampleWriter(num_prompts=0)])
     with caplog.at_level(logging.INFO):
-        trainer.fit(DPOModule(model=TINY_MODEL, samples=None),
-                    datamodule=PreferenceDataModule(train=small_data[0], val=small_data[1], batch_size=8))
+        module = DPOModule(model=TINY_MODEL)
+        trainer.fit(module, datamodule=module.connect(PreferenceDataModule(train=small_data[0], val=small_data[1],
+                                                                           batch_size=8)))
     run = tmp_path / "mlruns" / logger.experiment_id / logger.run_id
     assert (run / "hf_model" / "model.safetensors").is_file() and list((run / "checkpoints").glob("*.ckpt"))
     assert (run / "metrics" / "val" / "loss").is_file()
@@ -216,10 +218,12 @@ class BatchTokens(L.Callback):
 def test_throughput_counts_pairs_tokens_and_model_flops(tmp_path, small_data):
     from lightning.pytorch.loggers import CSVLogger
 
-    module, seen = DPOModule(model=TINY_MODEL, samples=None, export_hf=False), BatchTokens()
+    module, seen = DPOModule(model=TINY_MODEL), BatchTokens()
     trainer = L.Trainer(default_root_dir=tmp_path, max_steps=3, log_every_n_steps=1, logger=CSVLogger(tmp_path),
-                        callbacks=[seen], enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, datamodule=PreferenceDataModule(train=small_data[0], val=small_data[1], batch_size=8))
+                        callbacks=[seen, SampleWriter(num_prompts=0)], enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=module.connect(PreferenceDataModule(train=small_data[0], val=small_data[1],
+                                                                       batch_size=8)))
     rows = {}
     for row in csv.DictReader(open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv")):
         rows.setdefault(int(row["step"]), {}).update({k: float(v) for k, v in row.items() if v and k.startswith("train/")})
@@ -236,7 +240,7 @@ def test_throughput_counts_pairs_tokens_and_model_flops(tmp_path, small_data):
 def test_flops_per_token_with_lora_and_an_adapter_reference():
     from prefmodule.training.throughput import flops_per_token
 
-    module = DPOModule(model=TINY_MODEL, lora={"r": 4}, reference="adapter", samples=None)
+    module = DPOModule(model=TINY_MODEL, lora={"r": 4}, reference="adapter")
     module.configure_model()
     total = sum(p.numel() for p in module.policy.parameters())
     adapters = sum(p.numel() for p in module.policy.parameters() if p.requires_grad)

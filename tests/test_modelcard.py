@@ -13,8 +13,10 @@ from prefmodule import DPOModule, PreferenceDataModule
 from prefmodule.errors import ConfigError
 from prefmodule.outputs.hub import HubSettings
 from prefmodule.outputs.modelcard import write_model_card
+from prefmodule.training.fit_end import PushToHub
 
 from conftest import TINY_MODEL
+from test_cli import CONFIGS, fails_with
 
 
 def test_fit_writes_the_card_and_pushes_model_and_card(tmp_path, small_data, monkeypatch, caplog):
@@ -29,13 +31,12 @@ def test_fit_writes_the_card_and_pushes_model_and_card(tmp_path, small_data, mon
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    module = DPOModule(model=TINY_MODEL, loss_type="ipo", beta=0.2, lr=1e-3, samples=None,
-                       push_to_hub={"repo_id": "me/tiny-ipo", "private": False})
+    module = DPOModule(model=TINY_MODEL, loss_type="ipo", beta=0.2, lr=1e-3)
     trainer = L.Trainer(default_root_dir=tmp_path, max_steps=1, val_check_interval=1, enable_progress_bar=False,
-                        enable_model_summary=False)
+                        enable_model_summary=False, callbacks=[PushToHub("me/tiny-ipo", private=False)])
     data = PreferenceDataModule(train=small_data[0], val=small_data[1], batch_size=8)
     with caplog.at_level(logging.INFO):
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=module.connect(data))
     hf_dir = tmp_path / "lightning_logs" / "version_0" / "hf_model"
 
     (create, upload) = calls
@@ -63,10 +64,16 @@ def test_fit_writes_the_card_and_pushes_model_and_card(tmp_path, small_data, mon
     assert card.data.datasets == ["HuggingFaceH4/ultrafeedback_binarized"]
 
 
-def test_hub_settings_need_a_repository_id():
-    assert HubSettings("me/model").private  # private unless said otherwise
+def test_hub_settings_need_a_repository_id_and_an_export(tmp_path, small_data, capsys):
+    assert PushToHub("me/model").settings == HubSettings("me/model", private=True)  # private unless said otherwise
+    assert PushToHub().settings is None  # no repository: no upload
     with pytest.raises(ConfigError, match="push_to_hub.repo_id: 'not a repo' is not a Hub repository id"):
-        DPOModule(model=TINY_MODEL, push_to_hub={"repo_id": "not a repo"})
+        PushToHub("not a repo")
+    code, error = fails_with(capsys, "fit", "--config", str(CONFIGS / "dpo.yaml"), f"--data.train={small_data[0]}",
+                             "--push_to_hub.repo_id=me/model", "--export.enabled=false",
+                             f"--trainer.default_root_dir={tmp_path}")
+    assert (code, error) == (2, "prefmodule: error: push_to_hub.repo_id='me/model' uploads the export, and "
+                                "export.enabled=false leaves none: drop one of the two")
 
 
 def test_each_objective_cites_its_own_paper():

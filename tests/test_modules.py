@@ -31,11 +31,11 @@ def test_plain_trainer_fit(module_class, tmp_path, small_data):
     train, val = small_data
     module = module_class(model=TINY_MODEL, lr=1e-3)
     data = PreferenceDataModule(train=train, val=val, batch_size=4)
-    trainer(tmp_path).fit(module, datamodule=data)
+    trainer(tmp_path).fit(module, datamodule=module.connect(data))
     assert data.get_tokenizer() is module.tokenizer  # the datamodule was given the model's tokenizer (connect)
     assert (tmp_path / "lightning_logs" / "version_0" / "hf_model" / "config.json").is_file()
-    results = trainer(tmp_path).validate(module, datamodule=data)[0]
-    scored = [row for batch in trainer(tmp_path).predict(module, datamodule=data) for row in batch]
+    results = trainer(tmp_path).validate(module, datamodule=module.connect(data))[0]
+    scored = [row for batch in trainer(tmp_path).predict(module, datamodule=module.connect(data)) for row in batch]
     assert len(scored) == 16 and results["val/rewards/accuracies"] == pytest.approx(
         sum(row["preferred"] == "chosen" for row in scored) / 16, abs=1e-6)
     assert results["val/loss"] > 0 and results["val/logps/chosen"] < 0
@@ -45,7 +45,7 @@ def test_dpo_reference_is_frozen_outside_optimizer_and_checkpoint(tmp_path, smal
     train, val = small_data
     module = DPOModule(model=TINY_MODEL, lr=1e-2)
     fit = trainer(tmp_path, max_steps=3)
-    fit.fit(module, datamodule=PreferenceDataModule(train=train, val=val, batch_size=4))
+    fit.fit(module, datamodule=module.connect(PreferenceDataModule(train=train, val=val, batch_size=4)))
     start = AutoModelForCausalLM.from_pretrained(module.tokenizer.name_or_path)
     for (name, ref_param), start_param in zip(module.ref_model.named_parameters(), start.parameters()):
         assert not ref_param.requires_grad, name
@@ -65,11 +65,12 @@ def test_checkpoint_resume_continues_step_and_optimizer(tmp_path, small_data):
     train, val = small_data
     data = PreferenceDataModule(train=train, val=val, batch_size=4)
     first = trainer(tmp_path, max_steps=2)
-    first.fit(ORPOModule(model=TINY_MODEL, lr=1e-3), datamodule=data)
+    module = ORPOModule(model=TINY_MODEL, lr=1e-3)
+    first.fit(module, datamodule=module.connect(data))
     ckpt = first.checkpoint_callback.best_model_path
     resumed_module = ORPOModule(model=TINY_MODEL, lr=1e-3)
     resumed = trainer(tmp_path, max_steps=4)
-    resumed.fit(resumed_module, datamodule=PreferenceDataModule(train=train, val=val, batch_size=4), ckpt_path=ckpt)
+    resumed.fit(resumed_module, datamodule=resumed_module.connect(PreferenceDataModule(train=train, val=val, batch_size=4)), ckpt_path=ckpt)
     assert resumed.global_step == 4
     saved = torch.load(ckpt, weights_only=False)
     assert saved["optimizer_states"][0]["state"]  # Adam moments were saved and restored
@@ -89,19 +90,21 @@ def test_mid_epoch_resume_trains_the_rest_of_the_epoch_as_if_never_stopped(tmp_p
     data = lambda: PreferenceDataModule(train=train, val=val, batch_size=4)  # noqa: E731
     straight_log, first_log, resumed_log = BatchLog(), BatchLog(), BatchLog()
     straight = ORPOModule(model=TINY_MODEL, lr=1e-3)
-    trainer(tmp_path / "a", max_steps=11, val_check_interval=3, callbacks=[straight_log]).fit(straight, datamodule=data())
+    trainer(tmp_path / "a", max_steps=11, val_check_interval=3, callbacks=[straight_log]).fit(
+        straight, datamodule=straight.connect(data()))
     class StopAt3(L.Callback):  # an interruption: the run is planned for 11 steps (its LR schedule too)
         def on_train_batch_end(self, trainer, *args):
             trainer.should_stop = trainer.global_step == 3
 
     first = trainer(tmp_path / "b", max_steps=11, val_check_interval=3, callbacks=[first_log, StopAt3()])
-    first.fit(ORPOModule(model=TINY_MODEL, lr=1e-3), datamodule=data())
+    interrupted = ORPOModule(model=TINY_MODEL, lr=1e-3)
+    first.fit(interrupted, datamodule=interrupted.connect(data()))
     ckpt = first.checkpoint_callback.best_model_path
     assert "step=3" in ckpt and torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"][
         "combined_loader"] == [{"epoch": 0, "batches": 3}]
     resumed = ORPOModule(model=TINY_MODEL, lr=1e-3)
     trainer(tmp_path / "b", max_steps=11, val_check_interval=3, callbacks=[resumed_log]).fit(
-        resumed, datamodule=data(), ckpt_path=ckpt)
+        resumed, datamodule=resumed.connect(data()), ckpt_path=ckpt)
     assert first_log.indices + resumed_log.indices == straight_log.indices
     assert len({i for batch in straight_log.indices[:8] for i in batch}) == 32  # epoch 1: every pair once
     for name, weight in straight.policy.named_parameters():
@@ -130,7 +133,7 @@ def test_hf_export_loads_and_gives_same_logps(tmp_path, demo_rows):
 def test_lora_trains_only_adapters_and_export_merges(tmp_path, small_data):
     train, val = small_data
     module = ORPOModule(model=TINY_MODEL, lr=1e-2, lora={"r": 4, "lora_alpha": 8})
-    trainer(tmp_path).fit(module, datamodule=PreferenceDataModule(train=train, val=val, batch_size=4))
+    trainer(tmp_path).fit(module, datamodule=module.connect(PreferenceDataModule(train=train, val=val, batch_size=4)))
     trainable = [n for n, p in module.policy.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "lightning_logs" / "version_0" / "hf_model")

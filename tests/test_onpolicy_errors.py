@@ -117,7 +117,7 @@ def sample_args(root, data, *extra):
 
 def online_args(root, data, *extra):
     return ["fit", "--config", str(CONFIGS / "online_dpo.yaml"), f"--data.train={data}", f"--data.val={data}",
-            "--data.batch_size=2", "--trainer.max_steps=1", "--model.max_new_tokens=4", "--model.samples=null",
+            "--data.batch_size=2", "--trainer.max_steps=1", "--model.max_new_tokens=4", "--samples.num_prompts=0",
             f"--trainer.default_root_dir={root}", *QUIET, *extra]
 
 
@@ -196,7 +196,7 @@ def dpo_checkpoint(tmp_path_factory, demo_rows):
     root = tmp_path_factory.mktemp("dpo")
     pairs = write_jsonl(root / "pairs.jsonl", demo_rows[:8])
     main(["fit", "--config", str(CONFIGS / "dpo.yaml"), f"--data.train={pairs}", "--trainer.max_steps=1",
-          "--data.batch_size=4", "--model.samples=null", "--model.export_hf=false", f"--trainer.default_root_dir={root}",
+          "--data.batch_size=4", "--samples.num_prompts=0", "--export.enabled=false", f"--trainer.default_root_dir={root}",
           f"--data.cache_dir={root / 'cache'}", *QUIET])
     return str(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
 
@@ -289,8 +289,8 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_weights_loa
     assert Path(data).read_bytes() == before
     train, val = small_data
     code, error = fails_with(capsys, "predict", "--config", str(CONFIGS / "dpo.yaml"), f"--data.predict={val}",
-                             f"--model.predictions_path={val}", f"--trainer.default_root_dir={tmp_path}", *QUIET)
-    assert (code, error) == (2, f"prefmodule: error: model.predictions_path={val!r} is a data file this run reads: "
+                             f"--predictions.path={val}", f"--trainer.default_root_dir={tmp_path}", *QUIET)
+    assert (code, error) == (2, f"prefmodule: error: predictions.path={val!r} is a data file this run reads: "
                                 "writing it would overwrite that data; give another path")
 
 

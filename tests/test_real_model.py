@@ -61,8 +61,8 @@ def test_fit_trains_the_end_token_keeps_it_and_the_export_still_knows_paris(obje
                 "--model.warmup=0", f"--data.train={CONVERSATIONS}", f"--data.val={CONVERSATIONS}",
                 "--data.batch_size=2", "--data.max_length=256", "--trainer.max_steps=3", "--trainer.val_check_interval=3",
                 "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-                f"--trainer.default_root_dir={tmp_path}", "--model.samples.num_prompts=2",
-                "--model.samples.max_new_tokens=32"])
+                f"--trainer.default_root_dir={tmp_path}", "--samples.num_prompts=2",
+                "--samples.max_new_tokens=32"])
     trainer, module = cli.trainer, cli.model
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["val/loss"])
 

@@ -86,7 +86,7 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path, small_data):
         module = DPOModule(model=TINY_MODEL, reference=reference, lr=1e-2, ref_cache_dir=str(tmp_path / "cache"))
         losses = StepLosses()
         fit = trainer(tmp_path / reference, max_steps=3, callbacks=[losses])
-        fit.fit(module, datamodule=PreferenceDataModule(train=train, val=val, batch_size=4))
+        fit.fit(module, datamodule=module.connect(PreferenceDataModule(train=train, val=val, batch_size=4)))
         runs[reference] = module, losses.losses, fit.callback_metrics["val/loss"].item()
     (_, live_losses, live_val), (pre, pre_losses, pre_val) = runs["copy"], runs["precomputed"]
     assert pre.ref_model is None  # released before training
@@ -97,7 +97,7 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path, small_data):
 
     # After training, new pairs' reference comes from the starting weights, not the trained policy.
     test = PreferenceDataModule(test=write_jsonl(tmp_path / "test.jsonl", read_jsonl(val)[:6]), batch_size=4)
-    trainer(tmp_path).test(pre, datamodule=test)
+    trainer(tmp_path).test(pre, datamodule=pre.connect(test))
     start = DPOModule(model=TINY_MODEL)
     start.configure_model()
     batch = next(iter(test.test_dataloader()))
@@ -113,8 +113,8 @@ def test_cache_is_reused_unless_reference_data_or_tokenisation_change(tmp_path, 
     def val_logps(val=val, max_length=None, ref_model=None, beta=0.1):
         module = DPOModule(model=TINY_MODEL, ref_model=ref_model, reference="precomputed", beta=beta,
                            ref_cache_dir=str(cache))
-        trainer(tmp_path).validate(module, datamodule=PreferenceDataModule(val=val, max_length=max_length,
-                                                                            batch_size=4))
+        trainer(tmp_path).validate(module, datamodule=module.connect(PreferenceDataModule(val=val, max_length=max_length,
+                                                                            batch_size=4)))
         return module.reference.tables["val"]
 
     first = val_logps()
@@ -151,7 +151,7 @@ def test_sync_reference_mixes_in_the_policy_like_trl(tmp_path, small_data):
 
     module = DPOModule(model=TINY_MODEL, reference="sync", sync_steps=2, sync_alpha=0.3, lr=1e-2)
     fit = trainer(tmp_path, max_steps=3, callbacks=[Snapshot()], enable_checkpointing=True)
-    fit.fit(module, datamodule=PreferenceDataModule(train=train, val=val, batch_size=4))
+    fit.fit(module, datamodule=module.connect(PreferenceDataModule(train=train, val=val, batch_size=4)))
 
     start = AutoModelForCausalLM.from_pretrained(resolve(TINY_MODEL))
     for step in (1, 2):  # no update before step 2

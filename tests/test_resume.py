@@ -182,7 +182,7 @@ def test_last_skips_torn_and_code_carrying_checkpoints_and_says_what_it_restored
         with pytest.raises(SystemExit) as exit_:
             main(fit_args(tmp_path, train, f"--ckpt_path={tmp_path / 'lightning_logs' / explicit}"))
         assert exit_.value.code == 2 and reason in capsys.readouterr().err
-    resumed = main(fit_args(tmp_path, train, "--ckpt_path=last", "--model.export_hf=false"))
+    resumed = main(fit_args(tmp_path, train, "--ckpt_path=last", "--export.enabled=false"))
     assert not marker.exists()
     assert caplog.text.count("skipping checkpoint") == 2
     assert (f"prefmodule: resuming {checkpoints / 'epoch=1-step=9.ckpt'}: global step 9, epoch 1, 1 batches of epoch "
@@ -234,9 +234,8 @@ def test_checkpoints_hold_plain_data_only(tmp_path, small_data):
 
     trainer = L.Trainer(default_root_dir=tmp_path, max_steps=1, limit_val_batches=0, enable_progress_bar=False,
                         enable_model_summary=False, logger=False)
-    module = ORPOModule(model="asset://tiny-llama", lora=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
-                        export_hf=False)
-    trainer.fit(module, datamodule=PreferenceDataModule(train=small_data[0], batch_size=4))
+    module = ORPOModule(model="asset://tiny-llama", lora=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    trainer.fit(module, datamodule=module.connect(PreferenceDataModule(train=small_data[0], batch_size=4)))
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     lora = checkpoint["hyper_parameters"]["lora"]
     assert lora["r"] == 2 and sorted(lora["target_modules"]) == ["q_proj", "v_proj"]

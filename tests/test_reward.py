@@ -80,12 +80,12 @@ def test_validate_equals_trl_reward_trainer_evaluate(kind, reward_checkpoint, de
         rows = read_jsonl(resolve("asset://demo/conversational.jsonl"))[:7]
     config = dict(center_rewards_coefficient=0.01)
     theirs = trl_evaluate(reward_checkpoint, rows, tmp_path, **config)
-    module = RewardModule(model=reward_checkpoint, export_hf=False, **config)
+    module = RewardModule(model=reward_checkpoint, **config)
     trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
     data = PreferenceDataModule(val=write_jsonl(tmp_path / "val.jsonl", rows), batch_size=8, max_length=256,
                                 cache_dir=str(tmp_path / "cache"))  # one batch holds the file, as in TRL
-    ours = trainer.validate(module, datamodule=data, verbose=False)[0]
+    ours = trainer.validate(module, datamodule=module.connect(data), verbose=False)[0]
     for name in ("loss", "accuracy", "margin", "min_reward", "mean_reward", "max_reward"):
         assert ours[f"val/{name}"] == pytest.approx(theirs[f"eval_{name}"], rel=1e-3, abs=1e-5), name
     assert 0 < theirs["eval_accuracy"] < 1 and theirs["eval_max_reward"] > theirs["eval_min_reward"]
@@ -139,11 +139,11 @@ def test_reward_yaml_fits_the_export_reloads_with_the_same_scores_and_predict_wr
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
     checkpoint = str(Path(trainer.log_dir) / "checkpoints" / "last.ckpt")
-    main(["predict", *common, f"--ckpt_path={checkpoint}", f"--model.predictions_path={tmp_path / 'pairs.jsonl'}"])
+    main(["predict", *common, f"--ckpt_path={checkpoint}", f"--predictions.path={tmp_path / 'pairs.jsonl'}"])
     pairs = read_jsonl(tmp_path / "pairs.jsonl")
     assert len(pairs) == 200 and set(pairs[0]) == {"index", "chosen_reward", "rejected_reward", "preferred"}
     main(["predict", *common, f"--ckpt_path={checkpoint}", f"--data.predict={unpaired}",
-          f"--model.predictions_path={tmp_path / 'scored.jsonl'}"])  # not rows.jsonl, the data it reads
+          f"--predictions.path={tmp_path / 'scored.jsonl'}"])  # not rows.jsonl, the data it reads
     scored = read_jsonl(tmp_path / "scored.jsonl")
     assert [row["index"] for row in scored] == [0, 1, 2] and all(math.isfinite(row["reward"]) for row in scored)
 
@@ -155,7 +155,7 @@ def test_lora_trains_the_adapters_and_the_new_score_head_and_exports_merged(tmp_
                         enable_model_summary=False, logger=False)
     before = {n: p.detach().clone() for n, p in AutoModelForSequenceClassification.from_pretrained(
         resolve(TINY_MODEL), num_labels=1).named_parameters() if "score" not in n}
-    trainer.fit(module, datamodule=PreferenceDataModule(train=train, val=val, batch_size=4))
+    trainer.fit(module, datamodule=module.connect(PreferenceDataModule(train=train, val=val, batch_size=4)))
     assert isinstance(module.policy, PeftModel)
     trained = {n for n, p in module.policy.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n or "score" in n for n in trained) and any("score" in n for n in trained)

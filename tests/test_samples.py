@@ -50,8 +50,8 @@ def test_samples_before_and_at_each_validation_are_the_policy_greedy_completions
     train, val = small_data
     cli = main(["fit", "--config", str(CONFIGS / "orpo.yaml"), f"--trainer.default_root_dir={tmp_path}",
                 f"--data.train={train}", f"--data.val={val}", "--trainer.max_steps=2", "--trainer.val_check_interval=1",
-                "--trainer.enable_progress_bar=false", "--data.batch_size=8", "--model.samples.num_prompts=3",
-                "--model.samples.max_new_tokens=6", "--trainer.log_every_n_steps=1"])
+                "--trainer.enable_progress_bar=false", "--data.batch_size=8", "--samples.num_prompts=3",
+                "--samples.max_new_tokens=6", "--trainer.log_every_n_steps=1"])
     run_dir = Path(cli.trainer.log_dir)
     rows = rows_of(run_dir / "samples.jsonl")
     assert [row["step"] for row in rows] == [0] * 3 + [1] * 3 + [2] * 3
@@ -91,18 +91,20 @@ def test_samples_leave_a_seeded_run_unchanged(tmp_path, small_data):
                                  num_key_value_heads=2, vocab_size=1024, attention_dropout=0.3)).save_pretrained(
         tmp_path / "dropout-llama")
     weights, rng = {}, {}
-    for samples in (SampleSettings(num_prompts=2, max_new_tokens=4, temperature=1.0), None):
+    for samples in (SampleWriter(num_prompts=2, max_new_tokens=4, temperature=1.0), SampleWriter(num_prompts=0)):
+        on = samples.settings.num_prompts > 0
         L.seed_everything(0)
-        module = DPOModule(model=str(tmp_path / "dropout-llama"), tokenizer=TINY_MODEL, lr=1e-2, samples=samples,
-                           reference="precomputed", ref_cache_dir=str(tmp_path / "ref"), export_hf=False)
+        module = DPOModule(model=str(tmp_path / "dropout-llama"), tokenizer=TINY_MODEL, lr=1e-2,
+                           reference="precomputed", ref_cache_dir=str(tmp_path / "ref"))
         modes = Modes()
-        root = tmp_path / str(samples is not None)
+        root = tmp_path / str(on)
         L.Trainer(default_root_dir=root, max_steps=4, val_check_interval=2, enable_progress_bar=False,
-                  enable_model_summary=False, callbacks=[modes], logger=False, enable_checkpointing=False).fit(
-            module, datamodule=PreferenceDataModule(train=small_data[0], val=small_data[1], batch_size=8))
+                  enable_model_summary=False, callbacks=[modes, samples], logger=False, enable_checkpointing=False).fit(
+            module, datamodule=module.connect(PreferenceDataModule(train=small_data[0], val=small_data[1],
+                                                                   batch_size=8)))
         assert modes.seen == [(True, True)] * 4  # train mode; use_cache as the model has it (generate turns it on)
-        weights[samples is not None] = {name: p.detach().clone() for name, p in module.policy.named_parameters()}
-        rng[samples is not None] = torch.random.get_rng_state()
+        weights[on] = {name: p.detach().clone() for name, p in module.policy.named_parameters()}
+        rng[on] = torch.random.get_rng_state()
     for name, weight in weights[False].items():
         torch.testing.assert_close(weights[True][name], weight, rtol=0, atol=0)
     assert torch.equal(rng[True], rng[False])
@@ -111,13 +113,17 @@ def test_samples_leave_a_seeded_run_unchanged(tmp_path, small_data):
     assert not (tmp_path / "False" / "samples.jsonl").exists()
 
 
-def test_sample_settings_are_checked_and_null_turns_samples_off():
+@pytest.mark.samples  # the defaults as a user has them
+def test_sample_settings_are_checked_and_the_trainers_writer_is_kept():
     with pytest.raises(ConfigError, match="samples.temperature must be >= 0"):
-        SampleSettings(temperature=-1)
-    with pytest.raises(ConfigError, match="samples.num_prompts must be >= 1"):
-        ORPOModule(model=TINY_MODEL, samples={"num_prompts": 0})
-    assert not [c for c in ORPOModule(model=TINY_MODEL, samples=None).configure_callbacks() if isinstance(c, SampleWriter)]
-    assert ORPOModule(model=TINY_MODEL, samples={"max_new_tokens": 8}).samples == SampleSettings(max_new_tokens=8)
+        SampleWriter(temperature=-1)
+    with pytest.raises(ConfigError, match=r"samples.num_prompts must be >= 0 \(0 turns the samples off\), got -1"):
+        SampleWriter(num_prompts=-1)
+    assert SampleWriter().settings == SampleSettings(num_prompts=4, max_new_tokens=64, temperature=0.0)
+    module = ORPOModule(model=TINY_MODEL)
+    assert [type(c) for c in module.configure_callbacks() if isinstance(c, SampleWriter)] == [SampleWriter]
+    module.trainer = L.Trainer(callbacks=[SampleWriter(max_new_tokens=8)], logger=False)
+    assert not [c for c in module.configure_callbacks() if isinstance(c, SampleWriter)]  # the trainer's stays
 
 
 @pytest.mark.slow  # ~40 s each (the CI runs of tests/test_distributed.py turn samples off)
@@ -132,12 +138,12 @@ def test_two_processes_generate_what_one_would(strategy, tmp_path, small_data):
         if strategy == "fsdp2" else ["--trainer.strategy=ddp"]
     launch("fit", "--config", str(CONFIGS / "dpo.yaml"), *setup, f"--data.train={train}", f"--data.val={val}",
            "--model.lr=1e-2", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2",
-           "--trainer.val_check_interval=2", "--model.samples.num_prompts=2", "--model.samples.max_new_tokens=6",
+           "--trainer.val_check_interval=2", "--samples.num_prompts=2", "--samples.max_new_tokens=6",
            samples=True)
     run_dir = tmp_path / "lightning_logs" / "version_0"
     rows = rows_of(run_dir / "samples.jsonl")
     assert [row["step"] for row in rows] == [0, 0, 2, 2]
-    tokenizer = DPOModule(model=TINY_MODEL, samples=None).tokenizer
+    tokenizer = DPOModule(model=TINY_MODEL).tokenizer
     start = AutoModelForCausalLM.from_pretrained(resolve(TINY_MODEL)).eval()
     final = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model").eval()  # gathered after the last validation
     for model, step in ((start, 0), (final, 2)):

@@ -55,7 +55,7 @@ def test_sample_pairs_yaml_keeps_best_vs_worst_and_the_file_trains_dpo(tmp_path,
     again, same = sample(tmp_path / "again", path)  # seeded: the same pairs
     assert same == pairs
     cli = main(["fit", "--config", str(CONFIGS / "dpo.yaml"), f"--data.train={summary['path']}",
-                f"--data.val={summary['path']}", "--trainer.max_steps=1", "--model.samples=null", "--model.export_hf=false",
+                f"--data.val={summary['path']}", "--trainer.max_steps=1", "--samples.num_prompts=0", "--export.enabled=false",
                 f"--trainer.default_root_dir={tmp_path / 'dpo'}", *QUIET])
     assert cli.trainer.global_step == 1 and "val/rewards/accuracies" in cli.trainer.callback_metrics  # as it is
 
@@ -124,7 +124,7 @@ def test_online_dpo_yaml_fits_and_logs_trls_metrics(tmp_path, prompts):
     path, _, _ = prompts
     cli = main(["fit", "--config", str(CONFIGS / "online_dpo.yaml"), f"--data.train={path}", f"--data.val={path}",
                 "--data.batch_size=4", "--trainer.max_steps=3", "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1",
-                "--model.max_new_tokens=12", "--model.samples=null", f"--trainer.default_root_dir={tmp_path}", *QUIET])
+                "--model.max_new_tokens=12", "--samples.num_prompts=0", f"--trainer.default_root_dir={tmp_path}", *QUIET])
     rows = list(csv.DictReader(open(Path(cli.trainer.log_dir) / "metrics.csv")))
     train = [r for r in rows if r.get("train/objective/kl")]
     assert [int(r["step"]) for r in train] == [0, 1, 2]
@@ -169,8 +169,8 @@ def test_online_dpo_lays_out_its_sampled_pairs_as_the_data_says(padding_free, pr
 
     module.trainer = L.Trainer(logger=False, enable_progress_bar=False, accelerator="cpu")
     data.trainer = module.trainer
-    module.trainer.datamodule = data
-    module.configure_model()  # connects the datamodule: its collator comes back
+    module.trainer.datamodule = module.connect(data)  # its collator comes back, packing asked once models are placed
+    module.configure_model()
     pairs = module.sampled_pairs(next(iter(data.predict_dataloader())))
     assert pairs.sequences.packed is padding_free
     assert pairs.sequences.input_ids.shape[0] == (1 if padding_free else 8)  # 4 prompts, 2 completions each
@@ -214,7 +214,7 @@ def test_online_dpo_and_sampled_pairs_on_two_processes(strategy, tmp_path, promp
 def test_prompts_alone_cannot_train_a_paired_objective(tmp_path, prompts, capsys):
     path, _, _ = prompts
     with pytest.raises(SystemExit) as exit:
-        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), f"--data.train={path}", "--model.samples=null",
+        main(["fit", "--config", str(CONFIGS / "dpo.yaml"), f"--data.train={path}", "--samples.num_prompts=0",
               f"--trainer.default_root_dir={tmp_path}", f"--data.cache_dir={tmp_path / 'cache'}", *QUIET])
     assert exit.value.code == 2
     error = capsys.readouterr().err

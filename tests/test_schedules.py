@@ -28,8 +28,7 @@ def cosine(progress: float) -> float:
     ("warmup_stable_decay", {"num_decay_steps": 2, "decay_type": "linear"}, [1.0] * 6 + [1.0, 0.5]),
 ])
 def test_schedule_values(schedule, kwargs, after_warmup):
-    module = ORPOModule(model=TINY_MODEL, lr=1.0, warmup=0.2, lr_schedule=schedule, lr_schedule_kwargs=kwargs,
-                        samples=None)
+    module = ORPOModule(model=TINY_MODEL, lr=1.0, warmup=0.2, lr_schedule=schedule, lr_schedule_kwargs=kwargs)
     module.policy = torch.nn.Linear(2, 2)  # only its parameters matter here
     module.trainer = L.Trainer(max_steps=10, max_epochs=-1, logger=False)
     config = module.configure_optimizers()

@@ -48,10 +48,11 @@ class PreferenceDataModule(LightningDataModule):
 
     What a batch holds follows the objective being trained, which says what it needs through :meth:`connect` (a
     :class:`~prefmodule.data.contract.BatchFormat`: its tokenizer, pairs or unpaired rows, KL completions, packed
-    batches); every prefmodule module connects its trainer's datamodule once its models are set up. Pairs (DPO,
-    ORPO, SimPO, ...), or for KTO unpaired rows (a paired file gives two rows per pair), with a KL completion per
-    row. See :class:`~prefmodule.data.collate.PreferenceCollator`. Without a connection (data alone, or another
-    module) the datamodule's own settings say it: ``tokenizer`` is then needed.
+    batches) before Lightning's ``prepare_data`` and ``setup`` run: the CLI connects them, and from Python
+    ``module.connect(data)`` does. Pairs (DPO, ORPO, SimPO, ...), or for KTO unpaired rows (a paired file gives
+    two rows per pair), with a KL completion per row. See :class:`~prefmodule.data.collate.PreferenceCollator`.
+    Without a connection (data alone, or another module) the datamodule's own settings say it: ``tokenizer`` is
+    then needed. Whether batches are packed settles when the loaders are built, once the models are placed.
 
     Each batch holds ``index``, every item's row number among all rows of its split's sources (bad and dropped
     rows included), so results map back to the data; an unpaired row made of a pair's rejected response has
@@ -134,19 +135,14 @@ class PreferenceDataModule(LightningDataModule):
     # ----- the objective's needs ----------------------------------------------------------------------------
     def connect(self, batch_format: BatchFormat) -> Connection:
         """Take what the objective being trained needs (its tokenizer, pairs or unpaired rows, KL completions,
-        packed batches); this datamodule's own settings of the same take precedence. Answers with the chat
-        template conversations are rendered with when ``chat_template`` is set (``None``: the tokenizer's own),
-        which the export saves with the tokenizer, and the collator of its batches. Datasets built for another
-        format are built again."""
+        packed batches), before ``prepare_data`` and ``setup``; this datamodule's own settings of the same take
+        precedence. Answers with the chat template conversations are rendered with when ``chat_template`` is set
+        (``None``: the tokenizer's own), which the export saves with the tokenizer, and how to build the collator
+        of its batches. Datasets built for another format are built again."""
         if batch_format != self.batch_format:
             self.datasets.clear()
-        if self.hparams.padding_free and batch_format.unpacked_reason:
-            raise ConfigError(f"data.padding_free=true: {batch_format.objective} cannot attend to packed rows per "
-                              f"sequence ({batch_format.unpacked_reason}); packed rows would need Hugging Face's "
-                              "block-diagonal mask, quadratic in tokens. Leave data.padding_free unset (padded "
-                              "batches) or use model.attn_implementation: sdpa.")
         self.batch_format = batch_format
-        return Connection(self.chat_template(), self.collator())
+        return Connection(self.chat_template(), self.collator)
 
     def collator(self) -> PreferenceCollator:
         """How items become batches: padded, or packed (:meth:`packs`), with the tokenizer's pad id."""
@@ -159,8 +155,9 @@ class PreferenceDataModule(LightningDataModule):
         if self.tokenizer is not None:
             return self.tokenizer
         if self.batch_format is None:
-            raise ConfigError("PreferenceDataModule needs a tokenizer: pass `tokenizer=`, or connect it to the "
-                              "objective being trained (a prefmodule module connects its trainer's datamodule).")
+            raise ConfigError("PreferenceDataModule needs a tokenizer: connect it to the objective being trained "
+                              "before Lightning runs it (`trainer.fit(module, datamodule=module.connect(data))`; the "
+                              "CLI connects them), or pass `tokenizer=` to use the data alone.")
         return self.batch_format.tokenizer
 
     def unpaired(self) -> bool:
@@ -171,35 +168,47 @@ class PreferenceDataModule(LightningDataModule):
         return self._setting("kl_completions", "kl_completions")
 
     def packs(self) -> bool:
-        """Whether batches are packed: ``padding_free``, or when unset, what the connected objective's models allow."""
-        return self._setting("padding_free", "packed")
+        """Whether batches are packed: ``padding_free``, or when unset, what the connected objective's models allow
+        (asked now: they are placed once the loaders are built)."""
+        own = self.hparams.padding_free
+        return own if own is not None else bool(self._packing())
+
+    def _packing(self):
+        """Whether the connected objective's models attend to packed rows per sequence (with ``reason`` when not);
+        ``None`` without a connection, or for an objective that asks for padded batches."""
+        packing = self.batch_format.packing if self.batch_format is not None else None
+        return packing() if packing is not None else None
 
     def _setting(self, name: str, need: str) -> bool:
         own = self.hparams[name]
         return own if own is not None else bool(self.batch_format is not None and getattr(self.batch_format, need))
 
-    def _ready(self) -> bool:
-        """Whether the items' format is settled: connected, or nothing will connect (no trainer attached)."""
-        return self.batch_format is not None or (self.trainer is None and self.tokenizer is not None)
-
     # ----- Lightning hooks ---------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Read, validate, tokenise and cache the data of the current stage, once per node, before ``setup``;
-        before a connection, the first dataloader does it."""
-        if self._ready() and self.trainer is not None and self.trainer.state.fn is not None:
+        """Read, validate, tokenise and cache the data of the current stage, once per node, before ``setup``."""
+        if self.trainer is not None and self.trainer.state.fn is not None:
             self._prepare(SPLITS_OF_STAGE[self.trainer.state.fn.value])
 
     def setup(self, stage: str) -> None:
-        if self._ready():
-            for split in SPLITS_OF_STAGE[stage]:
-                self.datasets[split] = self._dataset(split, optional=stage == "fit" and split == "val")
+        for split in SPLITS_OF_STAGE[stage]:
+            self.datasets[split] = self._dataset(split, optional=stage == "fit" and split == "val")
+
+    def _check_packing(self) -> None:
+        """``padding_free: true`` that the objective's models cannot honour is a settings error."""
+        packing = self._packing()
+        if self.hparams.padding_free and packing is not None and not packing:
+            raise ConfigError(f"data.padding_free=true: {self.batch_format.objective} cannot attend to packed rows "
+                              f"per sequence ({packing.reason}); packed rows would need Hugging Face's "
+                              "block-diagonal mask, quadratic in tokens. Leave data.padding_free unset (padded "
+                              "batches) or use model.attn_implementation: sdpa.")
 
     def _say_why_padded(self, train) -> None:
         """One line when batches are padded because the objective's models cannot take packed rows: why, and (for
         pairs and rows) the share of padding it costs on the training data, at least."""
-        reason = self.batch_format.unpacked_reason if self.batch_format is not None else None
-        if reason is None or self.packs() or self.hparams.padding_free is False:
+        packing = self._packing()
+        if packing is None or packing or self.hparams.padding_free is False:
             return
+        reason = packing.reason
         cost = "time and memory that packing would save"
         if isinstance(train, (PairDataset, UnpairedDataset)):
             lengths = np.asarray(train.lengths(), dtype=np.float64)  # a pair's longer sequence; a row's own
@@ -223,14 +232,8 @@ class PreferenceDataModule(LightningDataModule):
         return self._loader("predict")
 
     def _split(self, split: str, optional: bool = False) -> PairDataset | UnpairedDataset | list:
-        """The split's dataset, built on first use: tokenised once per node (the other ranks wait, then read the
-        cache) when the connection came after Lightning's ``prepare_data``."""
+        """The split's dataset: as ``setup`` built it, or built now (the datamodule used without a trainer)."""
         if split not in self.datasets:
-            trainer = self.trainer
-            if trainer is not None and trainer.world_size > 1:
-                if trainer.local_rank == 0:
-                    self._prepare([split])
-                trainer.strategy.barrier("prefmodule.data_prepared")
             self.datasets[split] = self._dataset(split, optional=optional)
         return self.datasets[split]
 
@@ -479,6 +482,7 @@ class PreferenceDataModule(LightningDataModule):
                                        repeats=repeats, window=window, **ranks)
         if mixture is not None and split == "train":
             self._report_mixture(mixture)
+        self._check_packing()
         if split == "train":
             self._say_why_padded(dataset)
         return ResumableLoader(

@@ -5,7 +5,6 @@ rendered with, LoRA adapters merged into a CPU copy of the weights or saved alon
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from lightning.pytorch import LightningModule
@@ -13,16 +12,6 @@ from torch import nn
 
 from prefmodule.errors import NonFiniteError, writing
 from prefmodule.models.sharding import cpu_copy, gather_unsharded, is_sharded
-
-
-@dataclass(frozen=True)
-class ExportSettings:
-    """What ``fit`` leaves in ``<log dir>/hf_model``: with ``hf`` the policy and tokenizer and a model card;
-    ``merged``: LoRA adapters merged into the base weights (``False``: the adapters alone, for
-    ``peft.AutoPeftModelForCausalLM``). The module's ``export_hf`` and ``export_merged`` options."""
-
-    hf: bool = True
-    merged: bool = True
 
 
 def export_policy(module: LightningModule, path: str, merge: bool, chat_template: str | None) -> None:

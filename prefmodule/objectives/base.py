@@ -1,12 +1,14 @@
 """The shared base of every objective: the policy's forward, the router loss, the steps and their metrics; the
-settings of each concern in their own dataclass (model, optimizer, export, samples, hub), each checked when built."""
+settings of the model and of the optimizer in their own dataclass, each checked when built. What a run leaves
+behind (samples, the export and its card, the Hub upload, predictions) are callbacks of their own
+(:mod:`prefmodule.training.callbacks`), settings of the run rather than of the objective."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Literal
 
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
@@ -14,10 +16,11 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from prefmodule.data.batches import PairBatch, RowBatch, Sequences
+from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.contract import BatchFormat
 from prefmodule.errors import ConfigError, finite, require
 from prefmodule.models.attention import PackedAttention, takes_sequence_bounds
-from prefmodule.models.export import ExportSettings, export_policy
+from prefmodule.models.export import export_policy
 from prefmodule.models.loading import load_tokenizer
 from prefmodule.models.logps import LogitsTransform, SequenceStats
 from prefmodule.models.moe import router_aux_loss_coef
@@ -26,8 +29,6 @@ from prefmodule.models.settings import ModelSettings
 from prefmodule.models.setup import compile_layers, load_policy, place, trainable
 from prefmodule.objectives.metrics import preference_metrics
 from prefmodule.objectives.outputs import PairOutputs, RowOutputs, logged_logps
-from prefmodule.outputs.hub import HubSettings
-from prefmodule.outputs.samples import SampleSettings
 from prefmodule.private.lightning import attached_trainer
 from prefmodule.training.callbacks import module_callbacks
 from prefmodule.training.guard import step_skipped
@@ -36,8 +37,7 @@ from prefmodule.training.optimization import OptimizerSettings, configure_optimi
 STAGES = ("train", "val", "test")
 PROGRESS_BAR_METRICS = ("loss", "rewards/accuracies", "reward")
 # Run-time choices stay out of hparams: LightningCLI lays a checkpoint's hparams over the command line.
-RUN_TIME = ("optimizer", "predictions_path", "export_hf", "export_merged", "logps_chunk_size", "attn_implementation",
-            "samples", "push_to_hub", "compile_layers")
+RUN_TIME = ("optimizer", "logps_chunk_size", "attn_implementation", "compile_layers")
 
 
 class PreferenceModule(LightningModule):
@@ -69,19 +69,12 @@ class PreferenceModule(LightningModule):
             default: the model's own choice. Same values either way; packed batches need ``sdpa`` or flash attention.
         router_aux_loss_coef: weight of a mixture-of-experts policy's load-balancing loss in the objective
             (default: the model config's ``router_aux_loss_coef``; 0 leaves it out). Ignored for dense models.
-        predictions_path: where ``predict`` writes one JSON line per pair (default ``<log dir>/predictions.jsonl``).
-        export_hf: save the policy and tokenizer in Hugging Face format at ``<log dir>/hf_model`` after ``fit``,
-            with a model card (``README.md``).
-        export_merged: with ``lora``, the export merges the adapters into the base weights; ``False`` saves the
-            adapters alone (``adapter_model.safetensors``, loaded with ``peft.AutoPeftModelForCausalLM``).
-        samples: completions of held-out prompts at the start of ``fit`` and at each validation
-            (``{num_prompts, max_new_tokens, temperature}``, see :class:`~prefmodule.outputs.samples.SampleSettings`);
-            ``None`` turns them off.
-        push_to_hub: upload the exported model to this Hub repository after ``fit`` (``{repo_id, private}``, see
-            :class:`~prefmodule.outputs.hub.HubSettings`).
 
-    The options keep their flat names (``model.lr``, ``model.export_hf``, ...) and are grouped right away into
-    ``self.model_settings``, ``self.optimizer_settings``, ``self.export``, ``self.samples`` and ``self.push_to_hub``.
+    The options keep their flat names (``model.lr``, ``model.lora``, ...) and are grouped right away into
+    ``self.model_settings`` and ``self.optimizer_settings``.
+
+    Before Lightning's data hooks run, :meth:`connect` tells the datamodule what the objective needs (the CLI
+    does it before every subcommand; from Python: ``trainer.fit(module, datamodule=module.connect(data))``).
     """
 
     length_normalized = False  # log ``logps/*`` as per-token averages (ORPO, SimPO) or sums (DPO)
@@ -92,6 +85,7 @@ class PreferenceModule(LightningModule):
     scores_new_text = True  # the objective can score completions its data does not hold (samples' rewards)
     trained_on = "preference pairs"  # what the model card says the model was aligned on
     beta_may_be_zero = False  # ``beta`` weighs a KL term that 0 leaves out (GRPO, RLOO) rather than a temperature
+    writes_text = True  # the policy completes prompts (the samples); a reward model scores them
     run_time = RUN_TIME
 
     def __init__(
@@ -112,11 +106,6 @@ class PreferenceModule(LightningModule):
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         router_aux_loss_coef: float | None = None,
-        predictions_path: str | None = None,
-        export_hf: bool = True,
-        export_merged: bool = True,
-        samples: SampleSettings | dict | None = SampleSettings(),
-        push_to_hub: HubSettings | dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=list(self.run_time))  # the objective's own arguments too
@@ -131,10 +120,6 @@ class PreferenceModule(LightningModule):
         self.model_settings = ModelSettings(model, tokenizer, dtype, trust_remote_code, attn_implementation, lora,
                                             gradient_checkpointing, logps_chunk_size, router_aux_loss_coef,
                                             self.model_task, compile_layers)
-        self.export = ExportSettings(export_hf, export_merged)
-        self.samples = SampleSettings(**samples) if isinstance(samples, dict) else samples
-        self.push_to_hub = HubSettings(**push_to_hub) if isinstance(push_to_hub, dict) else push_to_hub
-        self.predictions_path = predictions_path
         self.optimizer_factory = optimizer
         if lora is not None and not isinstance(lora, dict):
             self.hparams.lora = self.model_settings.lora_arguments  # plain data: checkpoints load weights_only
@@ -142,8 +127,8 @@ class PreferenceModule(LightningModule):
         self.policy: nn.Module | None = None
         self.head_transform: LogitsTransform | None = None  # set by ``configure_model`` when the head allows chunks
         self.metrics: nn.ModuleDict | None = None  # a MetricCollection per stage, once the policy is known
-        self.chat_template: str | None = None  # the data's, saved with the export (``connect``)
-        self.collate: Callable[[list[dict]], dict] | None = None  # the data's collator (``connect``)
+        self.chat_template: str | None = None  # the data's, saved with the export (:meth:`connect`)
+        self.collator: Callable[[], PreferenceCollator] | None = None  # builds the data's collator (:meth:`connect`)
         self.packing = PackedAttention(False, "the models are not loaded yet")  # set by ``configure_model``
 
     @property
@@ -157,7 +142,7 @@ class PreferenceModule(LightningModule):
     # ----- models ---------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Load the policy (and a reference), add adapters, shard and probe them for the strategy (once: Lightning
-        may call this for every stage), then tell the trainer's datamodule what the objective needs."""
+        may call this for every stage)."""
         if self.policy is None:
             strategy = getattr(attached_trainer(self), "strategy", None)
             policy = self.load_model(strategy)
@@ -175,10 +160,6 @@ class PreferenceModule(LightningModule):
                                "hidden state (or a scale or soft-cap of that): log-probs come from the full logits "
                                "(logps_chunk_size ignored).")
             self.metrics = self.stage_metrics()
-        datamodule = getattr(attached_trainer(self), "datamodule", None)
-        if callable(getattr(datamodule, "connect", None)):
-            connection = datamodule.connect(self.batch_format())
-            self.chat_template, self.collate = connection.chat_template, connection.collate
 
     def load_model(self, strategy: Strategy | None) -> nn.Module:
         """The starting policy, built for ``strategy`` (:func:`~prefmodule.models.setup.load_policy`)."""
@@ -192,12 +173,39 @@ class PreferenceModule(LightningModule):
         """The reference models this module holds (placed for the strategy like the policy)."""
         return []
 
+    def connect(self, datamodule: LightningDataModule) -> LightningDataModule:
+        """Tell ``datamodule`` what this objective needs (:meth:`batch_format`, through its ``connect``), before
+        Lightning's data hooks read and tokenise the data, and keep its answer (the chat template the export saves,
+        the collator for batches the objective builds itself). Returns ``datamodule``. The CLI calls it before
+        every subcommand; from Python: ``trainer.fit(module, datamodule=module.connect(data))``. A datamodule of
+        one's own, without ``connect``, is returned as it is."""
+        if not callable(getattr(datamodule, "connect", None)):
+            return datamodule
+        connection = datamodule.connect(self.batch_format())
+        self.chat_template, self.collator = connection.chat_template, connection.collator
+        return datamodule
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if callable(getattr(datamodule, "connect", None)) and getattr(datamodule, "batch_format", None) != \
+                self.batch_format():
+            raise ConfigError(f"{type(datamodule).__name__} is not connected to this {type(self).__name__}: call "
+                              f"trainer.{getattr(stage, 'value', stage)}(module, datamodule=module.connect(data)) (the "
+                              "CLI connects them)")
+
     def batch_format(self) -> BatchFormat:
-        """What this objective needs from its data (see :meth:`PreferenceDataModule.connect`)."""
-        packed = self.packed_attention
-        return BatchFormat(self.tokenizer, unpaired=self.unpaired, packed=packed,
-                           unpacked_reason=None if packed else self.packing.reason,
+        """What this objective needs from its data (see :meth:`PreferenceDataModule.connect`); whether batches
+        can be packed is asked at collate time (:meth:`packed_rows`), once the models are placed."""
+        return BatchFormat(self.tokenizer, unpaired=self.unpaired, packing=self.packed_rows,
                            predicts_either=self.predicts_either, objective=type(self).__name__)
+
+    def packed_rows(self) -> PackedAttention:
+        """Whether every model this module runs attends to packed rows per sequence, with no quadratic mask, and
+        why not (before :meth:`configure_model`: not yet)."""
+        if self.packed_attention:
+            return PackedAttention(True)
+        return self.packing if not self.packing else PackedAttention(False, "a reference model takes no sequence "
+                                                                            "bounds")
 
     @property
     def packed_attention(self) -> bool:
@@ -352,17 +360,14 @@ class PreferenceModule(LightningModule):
             super().lr_scheduler_step(scheduler, metric)
 
     def configure_callbacks(self):
-        return module_callbacks(attached_trainer(self), self.samples, self.export.hf, self.push_to_hub,
-                                self.predictions_path)
+        return module_callbacks(attached_trainer(self))
 
-    def export_hf(self, path: str, merge_adapters: bool | None = None) -> None:
+    def export_hf(self, path: str, merge_adapters: bool = True) -> None:
         """Save the policy and tokenizer with ``save_pretrained`` as the base model had them (config with its
         ``use_cache``, generation config, tied weights), with the chat template the data was rendered with
-        (``data.chat_template``, from the datamodule's ``connect``) saved in the tokenizer.
+        (``data.chat_template``, from :meth:`connect`) saved in the tokenizer.
 
-        LoRA adapters are merged into a CPU copy of the weights (``merge_adapters``, default ``export_merged``),
-        or saved alone. Global rank 0 writes. Sharded (FSDP) weights are gathered to it first: then every
-        rank must call this.
+        LoRA adapters are merged into a CPU copy of the weights (``merge_adapters``), or saved alone. Global rank
+        0 writes. Sharded (FSDP) weights are gathered to it first: then every rank must call this.
         """
-        merge = self.export.merged if merge_adapters is None else merge_adapters
-        export_policy(self, path, merge, self.chat_template)
+        export_policy(self, path, merge_adapters, self.chat_template)

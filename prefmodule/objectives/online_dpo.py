@@ -93,7 +93,8 @@ class OnlineDPOModule(DPOModule):
                   "score_chosen": float(scores[i, int(not first)]), "score_rejected": float(scores[i, int(first)])}
                  for i, (index, prompt_ids, first) in enumerate(zip(batch.index.tolist(), batch.prompt_ids,
                                                                     first_chosen))]
-        collate = self.collate or PreferenceCollator(self.tokenizer.pad_token_id, padding_free=self.packed_attention)
+        collate = self.collator() if self.collator else PreferenceCollator(self.tokenizer.pad_token_id,
+                                                                           padding_free=self.packed_attention)
         pairs = collate(items)  # laid out as the data's own batches (padded or packed)
         sampled = SampledPairs(**vars(pairs), ended=torch.tensor(ended, dtype=torch.float32))
         return move_data_to_device(sampled, self.device)

@@ -200,7 +200,8 @@ class PolicyGradientModule(ReferenceModule):
         prompts, columns = completed_rows(batch.prompt, batch.columns, n)
         with naming_rows(batch.index.tolist(), n):
             rewards = self.scores.per_reward(prompts, texts, self.device, completion_ids=completions, **columns)
-        collate = self.collate or PreferenceCollator(self.tokenizer.pad_token_id, padding_free=self.packed_attention)
+        collate = self.collator() if self.collator else PreferenceCollator(self.tokenizer.pad_token_id,
+                                                                           padding_free=self.packed_attention)
         sequences = move_data_to_device(collate.layout(
             [(batch.prompt_ids[i // n], completion) for i, completion in enumerate(completions)]), self.device)
         lengths = torch.tensor([len(completion) for completion in completions], device=self.device)

@@ -65,6 +65,7 @@ class RewardModule(PreferenceModule):
 
     model_task = "reward"
     token_logps = False  # no LM head: nothing to chunk
+    writes_text = False  # no samples: a reward model scores text, it does not write it
     predicts_either = True
 
     def __init__(self, model: str, center_rewards_coefficient: float | None = None, **kwargs):
@@ -73,7 +74,6 @@ class RewardModule(PreferenceModule):
                                                        and center_rewards_coefficient >= 0),
                 "model.center_rewards_coefficient", center_rewards_coefficient, "must be >= 0 (0.01 is usual; null "
                 "or 0 leaves reward centering out)")
-        self.samples = None  # a reward model does not generate text
 
     def load_model(self, strategy: Strategy | None) -> nn.Module:
         return load_reward_model(self.model_settings, self.tokenizer.pad_token_id)

@@ -55,7 +55,6 @@ class SamplePairsModule(PreferenceModule):
         self.scores = CompletionScores(reward, missing_eos_penalty)
         self.pairs_path = pairs_path
         self.resumed = read_partial(resume_partial, num_completions) if resume_partial else {}
-        self.samples = None  # predict only: no samples during fit
 
     def batch_format(self) -> BatchFormat:
         return dataclasses.replace(super().batch_format(), prompts=True)

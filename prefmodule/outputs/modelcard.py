@@ -54,20 +54,20 @@ DPO_LOSSES = {
 }
 
 
-def batch_layout(module: LightningModule) -> str:
-    """How the module's batches were laid out: ``packed``, or ``padded`` with the reason when packing was wanted
-    but the models could not take it."""
-    collate = getattr(module, "collate", None)
-    if getattr(collate, "padding_free", False):
+def batch_layout(module: LightningModule, trainer: Trainer) -> str:
+    """How the run's batches were laid out: ``packed``, or ``padded`` with the reason when the module's models
+    could not take packed rows."""
+    packs = getattr(trainer.datamodule, "packs", None)
+    if callable(packs) and packs():
         return "packed"
-    packing = getattr(module, "packing", None)
+    packing = module.packed_rows() if callable(getattr(module, "packed_rows", None)) else None
     reason = None if packing is None or packing else packing.reason
     return f"padded ({reason})" if reason else "padded"
 
 
-def write_model_card(folder: str, module: LightningModule, trainer: Trainer) -> str:
+def write_model_card(folder: str, module: LightningModule, trainer: Trainer, repo_id: str | None = None) -> str:
     """Write ``<folder>/README.md``: Hub metadata, the objective and its paper, data, hyperparameters, final
-    metrics and how to load the model. Returns its path."""
+    metrics and how to load the model (from ``repo_id`` when it is uploaded there). Returns its path."""
     hparams = dict(module.hparams)
     family, (objective, paper, arxiv) = _objective(module)
     data = dict(getattr(trainer.datamodule, "hparams", {}) or {})
@@ -89,12 +89,12 @@ def write_model_card(folder: str, module: LightningModule, trainer: Trainer) -> 
            if name not in ("train", "val", "test", "predict") and name[0] != "_" and value is not None},
         "precision": trainer.precision, "accumulate_grad_batches": trainer.accumulate_grad_batches,
         "processes": trainer.world_size, "optimizer steps": trainer.global_step,
-        "batches": batch_layout(module),
+        "batches": batch_layout(module, trainer),
     }
     metrics = {name: value.item() for name, value in sorted(trainer.callback_metrics.items())
                if name.startswith("val/") and value.numel() == 1}
-    where = module.push_to_hub.repo_id if module.push_to_hub is not None else os.path.abspath(folder)
-    title = where if module.push_to_hub is not None else f"{os.path.basename(module.model_name.rstrip('/'))}, {objective}"
+    where = repo_id or os.path.abspath(folder)
+    title = repo_id or f"{os.path.basename(module.model_name.rstrip('/'))}, {objective}"
     body = "\n".join([
         f"# {title}",
         "",

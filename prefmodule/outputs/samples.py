@@ -22,7 +22,8 @@ class SampleSettings:
     """Completions of held-out prompts, generated at the start of ``fit`` and at each validation.
 
     Args:
-        num_prompts: prompts taken from the validation data, spread evenly over it (the same ones every time).
+        num_prompts: prompts taken from the validation data, spread evenly over it (the same ones every time);
+            0: none.
         max_new_tokens: most tokens of a completion.
         temperature: 0 decodes greedily; above 0 samples at that temperature (seeded).
     """
@@ -32,8 +33,8 @@ class SampleSettings:
     temperature: float = 0.0
 
     def __post_init__(self):
-        if self.num_prompts < 1:
-            raise ConfigError(f"samples.num_prompts must be >= 1, got {self.num_prompts} (samples: null turns them off)")
+        if self.num_prompts < 0:
+            raise ConfigError(f"samples.num_prompts must be >= 0 (0 turns the samples off), got {self.num_prompts}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"samples.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

@@ -296,7 +296,7 @@ class RewardModelScorer:
             reward_module = import_class(REWARD_MODULE)
             checkpoint = torch.load(location, map_location="cpu", weights_only=True)
             settings = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
-            module = reward_module(**settings, export_hf=False)
+            module = reward_module(**settings)
             module.configure_model()
             module.load_state_dict(checkpoint["state_dict"])
             self.model, self.tokenizer = module.policy, module.tokenizer

@@ -1,5 +1,5 @@
 """The callbacks every preference module brings (:func:`module_callbacks`), and two of them: generated samples
-during ``fit`` and the writer of ``predict`` results."""
+during ``fit`` (the CLI's ``samples`` group) and the writer of ``predict`` results (``predictions``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from prefmodule.errors import ConfigError, writing
-from prefmodule.outputs.hub import HubSettings
 from prefmodule.outputs.loggers import log_dir, log_samples_table
 from prefmodule.outputs.samples import SampleSettings, generate_samples, held_out_pairs
 from prefmodule.training.checkpoints import default_checkpoints, replacing
@@ -26,13 +25,18 @@ from prefmodule.training.resume import DataPosition
 from prefmodule.training.throughput import Throughput
 
 
-def module_callbacks(trainer: Trainer | None, samples: SampleSettings | None, export: bool, hub: HubSettings | None,
-                     predictions_path: str | None) -> list[Callback]:
+def module_callbacks(trainer: Trainer | None) -> list[Callback]:
     """A module's callbacks (its ``configure_callbacks``): samples (first: before the clocks start), throughput,
-    the data position, what ``fit`` leaves (export, card, upload, report, summary), the ``predict`` writer, the
-    learning rate with a logger, and the checkpoints and the non-finite guard unless the trainer has its own."""
-    callbacks = [SampleWriter(samples)] if samples is not None else []
-    callbacks += [Throughput(), DataPosition(), *fit_end_callbacks(export, hub), PredictionWriter(predictions_path)]
+    the data position, what ``fit`` leaves (export and card, report, summary), the ``predict`` writer, the
+    learning rate with a logger, and the checkpoints and the non-finite guard unless the trainer has its own.
+
+    The samples, the export and the ``predict`` writer are settings of a run (the CLI's ``samples``, ``export``
+    and ``predictions`` groups, or ``Trainer(callbacks=[...])``): the module brings each with its defaults only
+    where the trainer has none (a callback a module returns replaces the trainer's of its type)."""
+    given = trainer.callbacks if trainer is not None else []
+    callbacks = [] if any(isinstance(c, SampleWriter) for c in given) else [SampleWriter()]
+    callbacks += [Throughput(), DataPosition(), *fit_end_callbacks(trainer)]
+    callbacks += [] if any(isinstance(c, PredictionWriter) for c in given) else [PredictionWriter()]
     if trainer is not None and trainer.loggers:  # Lightning's LearningRateMonitor refuses to run without a logger
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     return callbacks + default_checkpoints(trainer) + default_guard(trainer)
@@ -40,16 +44,22 @@ def module_callbacks(trainer: Trainer | None, samples: SampleSettings | None, ex
 
 class SampleWriter(Callback):
     """At the start of ``fit`` and at each validation in it, the policy completes a few held-out prompts of
-    the validation data (see :class:`~prefmodule.outputs.samples.SampleSettings`): rows appended to
-    ``<log dir>/samples.jsonl`` (``step``, ``index``, ``prompt``, ``message``, ``completion``, ``reward``,
-    ``chosen``, ``rejected``), shown as a table by the loggers that take one, and the first one printed (a chat
-    prompt by its last user message).
+    the validation data: rows appended to ``<log dir>/samples.jsonl`` (``step``, ``index``, ``prompt``, ``message``,
+    ``completion``, ``reward``, ``chosen``, ``rejected``), shown as a table by the loggers that take one, and the
+    first one printed (a chat prompt by its last user message). Objectives that write no text (reward models)
+    have none.
 
     Generation runs before Lightning's validation starts its clock, so throughput is unaffected.
+
+    Args:
+        num_prompts: prompts taken from the validation data, spread evenly over it (the same ones every time);
+            0 turns the samples off.
+        max_new_tokens: most tokens of a completion.
+        temperature: 0 decodes greedily; above 0 samples at that temperature (seeded).
     """
 
-    def __init__(self, settings: SampleSettings):
-        self.settings = settings
+    def __init__(self, num_prompts: int = 4, max_new_tokens: int = 64, temperature: float = 0.0):
+        self.settings = SampleSettings(num_prompts, max_new_tokens, temperature)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.write(trainer, pl_module)
@@ -59,6 +69,8 @@ class SampleWriter(Callback):
             self.write(trainer, pl_module)
 
     def write(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.settings.num_prompts or not pl_module.writes_text:
+            return
         if isinstance(trainer.strategy, FSDPStrategy):
             rank_zero_warn("prefmodule: no samples under FSDP1 (its root unit gathers weights only inside a step); "
                            "FSDP2 (configs/strategies/fsdp2.yaml) generates them.")
@@ -91,10 +103,14 @@ class PredictionWriter(BasePredictionWriter):
     ``path`` (default ``<log dir>/predictions.jsonl``), and says in one line what was written (:meth:`write`).
 
     The path is checked before anything is computed (:func:`check_output_path`): when the writer is built, and
-    with the default path and the run's data files when ``predict`` sets up; the file is replaced whole."""
+    with the default path and the run's data files when ``predict`` sets up; the file is replaced whole.
+
+    Args:
+        path: where the rows go (default ``<log dir>/predictions.jsonl``).
+    """
 
     file_name = "predictions.jsonl"  # in the log dir, unless ``path`` is given
-    option = "model.predictions_path"  # the option that sets ``path``, for messages
+    option = "predictions.path"  # the option that sets ``path``, for messages
 
     def __init__(self, path: str | None = None):
         super().__init__(write_interval="epoch")
