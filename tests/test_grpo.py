@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 from prefmodule import GRPOModule, PreferenceDataModule, RLOOModule
 from prefmodule.cli import main
 from prefmodule.models.logps import stats_from_hidden, stats_from_logits
-from prefmodule.objectives.losses.policy_gradient import grpo_advantages, grpo_loss, rloo_advantages, rloo_loss
+from prefmodule.objectives.losses.policy_gradient import (
+    GRPOAdvantages, GRPOLoss, RLOOAdvantages, RLOOLoss, grpo_advantages, grpo_loss, rloo_advantages, rloo_loss,
+)
 from prefmodule.paths import resolve
 
 from conftest import TINY_MODEL, read_jsonl, write_jsonl
@@ -147,6 +149,28 @@ def test_rloo_loss_and_advantages_on_the_modules_own_log_probs(prompts):
     expected = rloo_loss(logps, None, advantages, mask)
     torch.testing.assert_close(outputs.loss, expected.loss, rtol=1e-5, atol=1e-6)
     assert outputs.values["kl"].abs().max() < 1e-5
+
+
+def not_built_again(self, *args, **kwargs):
+    raise AssertionError(f"{type(self).__name__} built during a step")
+
+
+@pytest.mark.parametrize("module_class, settings, advantages, loss", [
+    (GRPOModule, dict(loss_type="grpo", beta=0.1, epsilon_high=0.28, scale_rewards="none"),
+     GRPOAdvantages(3, (1.0,), "none", "sum_then_normalize"), GRPOLoss("grpo", 0.1, 0.2, 0.28, "token", 10)),
+    (RLOOModule, dict(beta=0.05, normalize_advantages=True),
+     RLOOAdvantages(3, (1.0,), 0.05, True), RLOOLoss(0.2, None)),
+])
+def test_the_module_builds_its_settings_once_and_its_steps_use_them(module_class, settings, advantages, loss,
+                                                                    prompts, monkeypatch):
+    module, batch = module_and_batch(prompts, module_class, num_generations=3, **settings)
+    assert module.advantages == advantages and module.loss == loss
+    for settings_class in (GRPOAdvantages, GRPOLoss, RLOOAdvantages, RLOOLoss):
+        monkeypatch.setattr(settings_class, "__init__", not_built_again)
+    module.eval()
+    with torch.no_grad():
+        outputs, _ = module.batch_outputs(batch)
+    assert torch.isfinite(outputs.loss)
 
 
 def test_a_rows_columns_reach_the_reward_function_and_none_gives_advantage_zero(prompts, tmp_path):

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prefmodule import KTOModule, PreferenceDataModule
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.tokenize import tokenize_pair
-from prefmodule.objectives.losses import kto_kl, kto_loss
+from prefmodule.errors import ConfigError
+from prefmodule.objectives.losses import KTOLoss, kto_kl, kto_loss
 from prefmodule.objectives.kto import kto_weight_advice
 from prefmodule.paths import resolve
 from prefmodule.reference.modes import SoftUpdate
@@ -264,6 +265,28 @@ def test_apo_zero_unpaired_needs_no_kl_rows_padded_or_packed(rows):
         padded, in_one_row = module.batch_outputs(batch)[0], module.batch_outputs(packed(batch))[0]
     torch.testing.assert_close(in_one_row.loss, padded.loss, rtol=1e-5, atol=1e-6)
     assert padded.desirable_rewards.numel() == 2 and padded.extra["kl"] == 0
+
+
+def test_kto_options_are_checked_once_when_the_module_builds_its_loss(rows, monkeypatch):
+    bad_loss_type = r"^loss_type must be one of \('kto', 'apo_zero_unpaired'\), got 'kto_pair'$"
+    with pytest.raises(ValueError, match=bad_loss_type):
+        KTOLoss(loss_type="kto_pair")
+    with pytest.raises(ValueError, match=r"^desirable_weight and undesirable_weight must be > 0, got 1.0, 0.0$"):
+        KTOLoss(undesirable_weight=0.0)
+    with pytest.raises(ConfigError, match=bad_loss_type):
+        KTOModule(model=TINY_MODEL, loss_type="kto_pair")
+    module = KTOModule(model=TINY_MODEL, beta=0.3, undesirable_weight=2.0)
+    assert module.loss == KTOLoss(0.3, "kto", 1.0, 2.0)
+    module.configure_model()
+
+    def not_built_again(self, *args, **kwargs):
+        raise AssertionError("KTOLoss built during a step")
+
+    monkeypatch.setattr(KTOLoss, "__init__", not_built_again)
+    train, _ = rows
+    with torch.no_grad():
+        outputs = module.batch_outputs(collate(module.tokenizer, train[:4]))[0]
+    assert torch.isfinite(outputs.loss) and outputs.extra["kl"] >= 0
 
 
 def test_predict_scores_pairs_and_rows(rows, demo_rows):

@@ -18,6 +18,9 @@ from prefmodule.objectives.losses import (
     GRPO_LOSS_TYPES,
     IMPORTANCE_SAMPLING_LEVELS,
     SCALE_REWARDS,
+    GRPOAdvantages,
+    GRPOLoss,
+    RLOOAdvantages,
     check_grpo_options,
     grpo_advantages,
     grpo_loss,
@@ -295,6 +298,27 @@ def test_check_grpo_options_defaults_pass():
 def test_check_grpo_options_names_the_option(kwargs, option):
     with pytest.raises(ConfigError, match=f"^{option}="):
         check_grpo_options(**kwargs)
+
+
+@pytest.mark.parametrize("build, says", [
+    (lambda: GRPOLoss(loss_type="ppo"), r"^loss_type must be one of \('grpo', 'bnpo', 'dr_grpo', 'dapo'\), got 'ppo'"),
+    (lambda: GRPOLoss(importance_sampling_level="batch"), r"^importance_sampling_level must be one of .*'batch'"),
+    (lambda: GRPOAdvantages(2, scale_rewards="std"), r"^scale_rewards must be one of .*, got 'std'"),
+    (lambda: GRPOAdvantages(2, aggregation="mean"), r"^aggregation must be one of .*, got 'mean'"),
+    (lambda: GRPOAdvantages(0), r"^num_generations must be an integer >= 1, got 0"),
+    (lambda: RLOOAdvantages(2.0), r"^num_generations must be an integer >= 1, got 2.0"),
+])  # fmt: skip
+def test_policy_gradient_settings_are_checked_when_built(build, says):
+    with pytest.raises(ValueError, match=says):
+        build()
+
+
+def test_the_loss_functions_check_their_options_as_they_build_the_settings():
+    logps, mask = torch.zeros(1, 2), torch.ones(1, 2)
+    with pytest.raises(ValueError, match="^loss_type must be one of"):
+        grpo_loss(logps, None, None, torch.zeros(1), mask, loss_type="ppo")
+    with pytest.raises(ValueError, match="^scale_rewards must be one of"):
+        grpo_advantages(col(1, 2), 2, scale_rewards="std")
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from prefmodule.objectives.losses.policy_gradient import (
-    GroupAdvantages, PolicyGradientLoss, check_grpo_options, grpo_advantages, grpo_loss,
+    GRPOAdvantages, GRPOLoss, GroupAdvantages, PolicyGradientLoss, check_grpo_options,
 )
 from prefmodule.objectives.policy_gradient import PolicyGradientModule
 
@@ -77,19 +77,17 @@ class GRPOModule(PolicyGradientModule):
                            epsilon_high, beta, num_generations)
         super().__init__(model, reward, reward_weights, num_generations, max_new_tokens, temperature, top_p, beta,
                          epsilon, epsilon_high, num_iterations, mask_truncated_completions, generation_seed, **kwargs)
+        self.advantages = GRPOAdvantages(num_generations, tuple(self.scores.weights), scale_rewards,
+                                         multi_objective_aggregation)
+        self.loss = GRPOLoss(loss_type, beta, epsilon, epsilon_high, importance_sampling_level, max_new_tokens)
 
     @property
     def logs_kl(self) -> bool:
         return self.hparams.beta > 0
 
     def group_advantages(self, rewards: Tensor, kl: Tensor | None) -> GroupAdvantages:
-        return grpo_advantages(rewards, self.num_generations, self.scores.weights, self.hparams.scale_rewards,
-                               self.hparams.multi_objective_aggregation)
+        return self.advantages(rewards)
 
     def policy_loss(self, logps: Tensor, old_logps: Tensor | None, ref_logps: Tensor | None, advantages: Tensor,
                     mask: Tensor, num_items: Tensor) -> PolicyGradientLoss:
-        hp = self.hparams
-        return grpo_loss(logps, old_logps, ref_logps, advantages, mask, loss_type=hp.loss_type, beta=hp.beta,
-                         epsilon=hp.epsilon, epsilon_high=hp.epsilon_high,
-                         importance_sampling_level=hp.importance_sampling_level,
-                         max_completion_length=self.generation.max_new_tokens, num_items_in_batch=num_items)
+        return self.loss(logps, old_logps, ref_logps, advantages, mask, num_items)

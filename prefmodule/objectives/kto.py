@@ -15,7 +15,7 @@ from prefmodule.data.batches import PairBatch, RowBatch
 from prefmodule.data.contract import BatchFormat
 from prefmodule.errors import ConfigError
 from prefmodule.models.logps import SequenceStats
-from prefmodule.objectives.losses import KTO_LOSS_TYPES, kto_kl, kto_loss
+from prefmodule.objectives.losses import KTOLoss, kto_kl
 from prefmodule.objectives.outputs import PairOutputs, RowOutputs
 from prefmodule.objectives.reference import ReferenceModule
 from prefmodule.private.lightning import attached_trainer
@@ -70,16 +70,15 @@ class KTOModule(ReferenceModule):
         **kwargs,
     ):
         super().__init__(model=model, **kwargs)
-        if loss_type not in KTO_LOSS_TYPES:
-            raise ConfigError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
-        if desirable_weight <= 0 or undesirable_weight <= 0:
-            raise ConfigError(f"desirable_weight and undesirable_weight must be > 0, got {desirable_weight}, "
-                              f"{undesirable_weight}")
+        try:
+            self.loss = KTOLoss(beta, loss_type, desirable_weight, undesirable_weight)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     @property
     def kl_completions(self) -> bool:
         """Whether batches carry a KL completion per row (``kto``'s reference point needs them)."""
-        return self.hparams.loss_type == "kto"
+        return self.loss.loss_type == "kto"
 
     def batch_format(self) -> BatchFormat:
         return dataclasses.replace(super().batch_format(), kl_completions=self.kl_completions)
@@ -102,9 +101,7 @@ class KTOModule(ReferenceModule):
             kl = kto_kl(kl_rows.logps, reference[:, 1], gather)
         else:
             desirable, completions, ref_logps = batch.label, stats, reference[:, 0]
-        hp = self.hparams
-        losses, rewards = kto_loss(completions.logps, ref_logps, desirable, kl, beta=hp.beta, loss_type=hp.loss_type,
-                                   desirable_weight=hp.desirable_weight, undesirable_weight=hp.undesirable_weight)
+        losses, rewards = self.loss(completions.logps, ref_logps, desirable, kl)
         return RowScores(losses, rewards, completions, desirable, kl)
 
     def objective_outputs(self, batch: RowBatch | PairBatch, policy: SequenceStats,
@@ -137,8 +134,8 @@ class KTOModule(ReferenceModule):
             raise ConfigError("loss_type='kto' estimates its reference point from the other rows of a batch: "
                               "use batch_size > 1 (or loss_type='apo_zero_unpaired').")
         labels = training_labels(getattr(loader, "dataset", None))
-        advice = labels and kto_weight_advice(sum(labels), len(labels) - sum(labels), self.hparams.desirable_weight,
-                                              self.hparams.undesirable_weight)
+        advice = labels and kto_weight_advice(sum(labels), len(labels) - sum(labels), self.loss.desirable_weight,
+                                              self.loss.undesirable_weight)
         if advice:
             rank_zero_warn(advice)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from prefmodule.objectives.losses.policy_gradient import (
-    GroupAdvantages, PolicyGradientLoss, check_grpo_options, rloo_advantages, rloo_loss,
+    GroupAdvantages, PolicyGradientLoss, RLOOAdvantages, RLOOLoss, check_grpo_options,
 )
 from prefmodule.objectives.policy_gradient import PolicyGradientModule
 
@@ -41,16 +41,16 @@ class RLOOModule(PolicyGradientModule):
         check_grpo_options(epsilon=epsilon, epsilon_high=epsilon_high, beta=beta, num_generations=num_generations)
         super().__init__(model, reward, reward_weights, num_generations, max_new_tokens, temperature, top_p, beta,
                          epsilon, epsilon_high, num_iterations, mask_truncated_completions, generation_seed, **kwargs)
+        self.advantages = RLOOAdvantages(num_generations, tuple(self.scores.weights), beta, normalize_advantages)
+        self.loss = RLOOLoss(epsilon, epsilon_high)
 
     @property
     def kl_in_reward(self) -> bool:
         return self.hparams.beta > 0
 
     def group_advantages(self, rewards: Tensor, kl: Tensor | None) -> GroupAdvantages:
-        return rloo_advantages(rewards, self.num_generations, self.scores.weights, kl, self.hparams.beta,
-                               self.hparams.normalize_advantages)
+        return self.advantages(rewards, kl)
 
     def policy_loss(self, logps: Tensor, old_logps: Tensor | None, ref_logps: Tensor | None, advantages: Tensor,
                     mask: Tensor, num_items: Tensor) -> PolicyGradientLoss:
-        return rloo_loss(logps, old_logps, advantages, mask, epsilon=self.hparams.epsilon,
-                         epsilon_high=self.hparams.epsilon_high)
+        return self.loss(logps, old_logps, advantages, mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,14 +52,35 @@ def kto_loss(
     Returns:
         ``(losses, rewards)``, each ``[n]``; ``rewards = beta * r``, detached.
     """
-    if loss_type not in KTO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
-    logratios = upcast(logps) - upcast(ref_logps)
-    desirable = desirable.to(torch.bool)
-    if loss_type == "kto":
-        margin = torch.where(desirable, logratios - kl, kl - logratios)
-        losses = 1 - torch.sigmoid(beta * margin)
-    else:
-        losses = torch.where(desirable, 1 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios))
-    weights = torch.where(desirable, desirable_weight, undesirable_weight).to(losses)
-    return weights * losses, beta * logratios.detach()
+    return KTOLoss(beta, loss_type, desirable_weight, undesirable_weight)(logps, ref_logps, desirable, kl)
+
+
+@dataclass(frozen=True)
+class KTOLoss:
+    """:func:`kto_loss` with its options, checked once when built (``ValueError`` naming what is wrong); called
+    with the log-probs, the labels and the reference point."""
+
+    beta: float = 0.1
+    loss_type: str = "kto"
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.loss_type not in KTO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {self.loss_type!r}")
+        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ValueError(f"desirable_weight and undesirable_weight must be > 0, got {self.desirable_weight}, "
+                             f"{self.undesirable_weight}")
+
+    def __call__(self, logps: Tensor, ref_logps: Tensor, desirable: Tensor,
+                 kl: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+        beta = self.beta
+        logratios = upcast(logps) - upcast(ref_logps)
+        desirable = desirable.to(torch.bool)
+        if self.loss_type == "kto":
+            margin = torch.where(desirable, logratios - kl, kl - logratios)
+            losses = 1 - torch.sigmoid(beta * margin)
+        else:
+            losses = torch.where(desirable, 1 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios))
+        weights = torch.where(desirable, self.desirable_weight, self.undesirable_weight).to(losses)
+        return weights * losses, beta * logratios.detach()

@@ -67,7 +67,7 @@ def _weighted_rewards(rewards_per_func: Tensor, num_generations: int,
         r = r.unsqueeze(1)
     if r.dim() != 2:
         raise ValueError(f"rewards_per_func must be [N, F], got shape {tuple(rewards_per_func.shape)}")
-    if not isinstance(num_generations, int) or num_generations < 1 or r.size(0) % num_generations:
+    if r.size(0) % num_generations:
         raise ValueError(f"{r.size(0)} completions do not split into groups of num_generations={num_generations}")
     if reward_weights is None:
         weights = torch.ones(r.size(1), dtype=r.dtype, device=r.device)
@@ -100,32 +100,54 @@ def grpo_advantages(rewards_per_func: Tensor, num_generations: int, reward_weigh
     scorable rewards) is not flagged, as in TRL. A NaN advantage (unscorable row, single scorable completion in
     its group) becomes 0. No gradient flows through the result.
     """
-    if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
-    if aggregation not in REWARD_AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {REWARD_AGGREGATIONS}, got {aggregation!r}")
-    g = num_generations
-    r, weights, rewards = _weighted_rewards(rewards_per_func, g, reward_weights)
-    if aggregation == "sum_then_normalize":
-        mean = torch.nanmean(rewards.view(-1, g), dim=1).repeat_interleave(g)
-        if scale_rewards in ("group", "none"):
-            std = nanstd(rewards.view(-1, g), dim=1).repeat_interleave(g) if g > 1 else torch.zeros_like(rewards)
+    return GRPOAdvantages(num_generations, reward_weights, scale_rewards, aggregation)(rewards_per_func)
+
+
+def _check_num_generations(num_generations: int) -> None:
+    if not isinstance(num_generations, int) or isinstance(num_generations, bool) or num_generations < 1:
+        raise ValueError(f"num_generations must be an integer >= 1, got {num_generations!r}")
+
+
+@dataclass(frozen=True)
+class GRPOAdvantages:
+    """:func:`grpo_advantages` with its options, checked once when built (``ValueError`` naming what is wrong);
+    called with the rewards."""
+
+    num_generations: int
+    reward_weights: Tensor | Sequence[float] | None = None
+    scale_rewards: str = "group"
+    aggregation: str = "sum_then_normalize"
+
+    def __post_init__(self):
+        _check_num_generations(self.num_generations)
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
+        if self.aggregation not in REWARD_AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {REWARD_AGGREGATIONS}, got {self.aggregation!r}")
+
+    def __call__(self, rewards_per_func: Tensor) -> GroupAdvantages:
+        g, scale = self.num_generations, self.scale_rewards
+        r, weights, rewards = _weighted_rewards(rewards_per_func, g, self.reward_weights)
+        if self.aggregation == "sum_then_normalize":
+            mean = torch.nanmean(rewards.view(-1, g), dim=1).repeat_interleave(g)
+            if scale in ("group", "none"):
+                std = nanstd(rewards.view(-1, g), dim=1).repeat_interleave(g) if g > 1 else torch.zeros_like(rewards)
+            else:
+                std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+            advantages = rewards - mean
+            if scale != "none":
+                advantages = advantages / (std + _STD_EPS)
         else:
-            std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
-        advantages = rewards - mean
-        if scale_rewards != "none":
-            advantages = advantages / (std + _STD_EPS)
-    else:
-        unscorable = torch.isnan(rewards)
-        grouped = r.view(-1, g, r.size(1))
-        mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
-        std_k = nanstd(grouped, dim=1, keepdim=True) if g > 1 else torch.zeros_like(mean_k)
-        normalized = ((grouped - mean_k) / (std_k + _STD_EPS)).view(-1, r.size(1))
-        summed = (normalized * weights.unsqueeze(0)).nansum(dim=1).masked_fill(unscorable, float("nan"))
-        std = nanstd(summed).expand_as(summed) if summed.numel() > 1 else torch.zeros_like(summed)
-        advantages = (summed - torch.nanmean(summed)) / (std + _STD_EPS)
-    std_is_zero = torch.isclose(std, torch.zeros_like(std))
-    return GroupAdvantages(torch.nan_to_num(advantages, nan=0.0), rewards, std_is_zero)
+            unscorable = torch.isnan(rewards)
+            grouped = r.view(-1, g, r.size(1))
+            mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+            std_k = nanstd(grouped, dim=1, keepdim=True) if g > 1 else torch.zeros_like(mean_k)
+            normalized = ((grouped - mean_k) / (std_k + _STD_EPS)).view(-1, r.size(1))
+            summed = (normalized * weights.unsqueeze(0)).nansum(dim=1).masked_fill(unscorable, float("nan"))
+            std = nanstd(summed).expand_as(summed) if summed.numel() > 1 else torch.zeros_like(summed)
+            advantages = (summed - torch.nanmean(summed)) / (std + _STD_EPS)
+        std_is_zero = torch.isclose(std, torch.zeros_like(std))
+        return GroupAdvantages(torch.nan_to_num(advantages, nan=0.0), rewards, std_is_zero)
 
 
 def rloo_advantages(rewards_per_func: Tensor, num_generations: int, reward_weights: Tensor | None = None,
@@ -144,25 +166,42 @@ def rloo_advantages(rewards_per_func: Tensor, num_generations: int, reward_weigh
     (without the KL term, as TRL logs ``reward``); ``std_is_zero`` flags rows whose group std of ``r'`` is ~0.
     TRL's ``reward_clip_range`` is not supported here. No gradient flows through the result.
     """
-    g = num_generations
-    _, _, rewards = _weighted_rewards(rewards_per_func, g, reward_weights)
-    penalised = rewards
-    if beta != 0.0:
-        if kl is None:
-            raise ValueError("rloo_advantages with beta != 0 needs kl (the summed log pi_old - log pi_ref)")
-        penalised = rewards - beta * upcast(kl.detach()).to(rewards.device).view(-1)
-    grouped = penalised.view(-1, g)
-    std = nanstd(grouped, dim=1) if g > 1 else torch.zeros_like(grouped[:, 0])
-    if g > 1:
-        scorable = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
-        baselines = (torch.nansum(grouped, dim=1, keepdim=True) - grouped) / (scorable - 1)
-        advantages = penalised - baselines.view(-1)
-    else:
-        advantages = torch.zeros_like(penalised)
-    if normalize:
-        advantages = (advantages - torch.nanmean(advantages)) / (nanstd(advantages) + _STD_EPS)
-    std_is_zero = torch.isclose(std, torch.zeros_like(std)).repeat_interleave(g)
-    return GroupAdvantages(torch.nan_to_num(advantages, nan=0.0), rewards, std_is_zero)
+    return RLOOAdvantages(num_generations, reward_weights, beta, normalize)(rewards_per_func, kl)
+
+
+@dataclass(frozen=True)
+class RLOOAdvantages:
+    """:func:`rloo_advantages` with its options, checked once when built (``ValueError`` naming what is wrong);
+    called with the rewards and, when ``beta != 0``, the KL."""
+
+    num_generations: int
+    reward_weights: Tensor | Sequence[float] | None = None
+    beta: float = 0.0
+    normalize: bool = False
+
+    def __post_init__(self):
+        _check_num_generations(self.num_generations)
+
+    def __call__(self, rewards_per_func: Tensor, kl: Tensor | None = None) -> GroupAdvantages:
+        g = self.num_generations
+        _, _, rewards = _weighted_rewards(rewards_per_func, g, self.reward_weights)
+        penalised = rewards
+        if self.beta != 0.0:
+            if kl is None:
+                raise ValueError("rloo_advantages with beta != 0 needs kl (the summed log pi_old - log pi_ref)")
+            penalised = rewards - self.beta * upcast(kl.detach()).to(rewards.device).view(-1)
+        grouped = penalised.view(-1, g)
+        std = nanstd(grouped, dim=1) if g > 1 else torch.zeros_like(grouped[:, 0])
+        if g > 1:
+            scorable = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
+            baselines = (torch.nansum(grouped, dim=1, keepdim=True) - grouped) / (scorable - 1)
+            advantages = penalised - baselines.view(-1)
+        else:
+            advantages = torch.zeros_like(penalised)
+        if self.normalize:
+            advantages = (advantages - torch.nanmean(advantages)) / (nanstd(advantages) + _STD_EPS)
+        std_is_zero = torch.isclose(std, torch.zeros_like(std)).repeat_interleave(g)
+        return GroupAdvantages(torch.nan_to_num(advantages, nan=0.0), rewards, std_is_zero)
 
 
 @dataclass
@@ -255,47 +294,69 @@ def grpo_loss(logps: Tensor, old_logps: Tensor | None, ref_logps: Tensor | None,
     loss types are per micro-batch; TRL also divides them by the gradient-accumulation steps, which Lightning
     does itself, so they are not divided here. Masked positions must hold finite values.
     """
-    if loss_type not in GRPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
-                         f"got {importance_sampling_level!r}")
-    logps = upcast(logps)
-    old_logps = logps.detach() if old_logps is None else upcast(old_logps)
-    mask = mask.to(logps.dtype)
-    advantages = upcast(advantages).to(logps.device)
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(1)
+    return GRPOLoss(loss_type, beta, epsilon, epsilon_high, importance_sampling_level, max_completion_length)(
+        logps, old_logps, ref_logps, advantages, mask, num_items_in_batch)
 
-    log_ratio = logps - old_logps
-    if importance_sampling_level == "token":
-        log_importance_weights = log_ratio
-    else:
-        log_importance_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    coef_1 = torch.exp(log_importance_weights)
 
-    per_token_kl = None
-    if beta != 0.0:
-        if ref_logps is None:
-            raise ValueError("grpo_loss with beta != 0 needs ref_logps")
-        ref_logps = upcast(ref_logps)
-        per_token_kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+@dataclass(frozen=True)
+class GRPOLoss:
+    """:func:`grpo_loss` with its options, checked once when built (``ValueError`` naming what is wrong); called
+    with the log-probs, advantages, mask and ``num_items_in_batch``."""
 
-    per_token_loss, is_low_clipped, is_high_clipped = _clipped_surrogate(coef_1, advantages, epsilon, epsilon_high)
-    if per_token_kl is not None:
-        per_token_loss = per_token_loss + beta * per_token_kl
+    loss_type: str = "dapo"
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    importance_sampling_level: str = "token"
+    max_completion_length: int | None = None
 
-    if loss_type == "grpo":
-        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    elif loss_type == "bnpo":
-        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
-    elif loss_type == "dr_grpo":
-        length = mask.size(1) if max_completion_length is None else max_completion_length
-        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * length)
-    else:
-        normalizer = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
-        loss = (per_token_loss * mask).sum() / normalizer.to(logps).clamp(min=1.0)
-    return PolicyGradientLoss(loss, per_token_kl, is_low_clipped, is_high_clipped, coef_1.detach())
+    def __post_init__(self):
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {self.loss_type!r}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                             f"got {self.importance_sampling_level!r}")
+
+    def __call__(self, logps: Tensor, old_logps: Tensor | None, ref_logps: Tensor | None, advantages: Tensor,
+                 mask: Tensor, num_items_in_batch: Tensor | float | None = None) -> PolicyGradientLoss:
+        beta = self.beta
+        logps = upcast(logps)
+        old_logps = logps.detach() if old_logps is None else upcast(old_logps)
+        mask = mask.to(logps.dtype)
+        advantages = upcast(advantages).to(logps.device)
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+
+        log_ratio = logps - old_logps
+        if self.importance_sampling_level == "token":
+            log_importance_weights = log_ratio
+        else:
+            log_importance_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        coef_1 = torch.exp(log_importance_weights)
+
+        per_token_kl = None
+        if beta != 0.0:
+            if ref_logps is None:
+                raise ValueError("grpo_loss with beta != 0 needs ref_logps")
+            ref_logps = upcast(ref_logps)
+            per_token_kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+
+        per_token_loss, is_low_clipped, is_high_clipped = _clipped_surrogate(coef_1, advantages, self.epsilon,
+                                                                             self.epsilon_high)
+        if per_token_kl is not None:
+            per_token_loss = per_token_loss + beta * per_token_kl
+
+        if self.loss_type == "grpo":
+            loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        elif self.loss_type == "bnpo":
+            loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+        elif self.loss_type == "dr_grpo":
+            length = mask.size(1) if self.max_completion_length is None else self.max_completion_length
+            loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * length)
+        else:
+            normalizer = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+            loss = (per_token_loss * mask).sum() / normalizer.to(logps).clamp(min=1.0)
+        return PolicyGradientLoss(loss, per_token_kl, is_low_clipped, is_high_clipped, coef_1.detach())
 
 
 def rloo_loss(logps: Tensor, old_logps: Tensor | None, advantages: Tensor, mask: Tensor, *, epsilon: float = 0.2,
@@ -311,14 +372,25 @@ def rloo_loss(logps: Tensor, old_logps: Tensor | None, advantages: Tensor, mask:
     The KL to the reference is in the advantages (a reward penalty), not in the loss: ``per_token_kl`` is None.
     ``ratio`` and the clip flags are ``[B, 1]``.
     """
-    logps = upcast(logps)
-    old_logps = logps.detach() if old_logps is None else upcast(old_logps)
-    mask = mask.to(logps.dtype)
-    advantages = upcast(advantages).to(logps.device).view(-1, 1)
-    coef_1 = torch.exp((logps * mask).sum(1, keepdim=True) - (old_logps * mask).sum(1, keepdim=True))
-    per_sequence_loss, is_low_clipped, is_high_clipped = _clipped_surrogate(coef_1, advantages, epsilon,
-                                                                            epsilon_high)
-    return PolicyGradientLoss(per_sequence_loss.mean(), None, is_low_clipped, is_high_clipped, coef_1.detach())
+    return RLOOLoss(epsilon, epsilon_high)(logps, old_logps, advantages, mask)
+
+
+@dataclass(frozen=True)
+class RLOOLoss:
+    """:func:`rloo_loss` with its options; called with the log-probs, advantages and mask."""
+
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+
+    def __call__(self, logps: Tensor, old_logps: Tensor | None, advantages: Tensor, mask: Tensor) -> PolicyGradientLoss:
+        logps = upcast(logps)
+        old_logps = logps.detach() if old_logps is None else upcast(old_logps)
+        mask = mask.to(logps.dtype)
+        advantages = upcast(advantages).to(logps.device).view(-1, 1)
+        coef_1 = torch.exp((logps * mask).sum(1, keepdim=True) - (old_logps * mask).sum(1, keepdim=True))
+        per_sequence_loss, is_low_clipped, is_high_clipped = _clipped_surrogate(coef_1, advantages, self.epsilon,
+                                                                                self.epsilon_high)
+        return PolicyGradientLoss(per_sequence_loss.mean(), None, is_low_clipped, is_high_clipped, coef_1.detach())
 
 
 def check_grpo_options(loss_type: str = "dapo", scale_rewards: str = "group",
