@@ -1,5 +1,8 @@
+import contextlib
+import fcntl
 import json
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -11,6 +14,15 @@ import pytest  # noqa: E402
 from prefmodule.paths import resolve  # noqa: E402
 
 TINY_MODEL = "asset://tiny-llama"
+
+
+@contextlib.contextmanager
+def one_launch_at_a_time():
+    """Runs of two processes take turns across pytest-xdist's workers: Lightning picks a free port for the ranks'
+    rendezvous, and the gloo connections of a run beside it could take that port before it is bound (EADDRINUSE)."""
+    with open(os.path.join(tempfile.gettempdir(), "prefmodule-tests-two-processes.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def read_jsonl(path):

@@ -14,6 +14,8 @@ import yaml
 from prefmodule.cli import main
 from prefmodule.errors import ConfigError, find_user_error
 
+from conftest import one_launch_at_a_time
+
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
@@ -112,7 +114,10 @@ def test_validate_test_and_predict_from_checkpoint(tmp_path, small_data):
 def run_command(command, *args, timeout=300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).parent), str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if "--trainer.devices=2" not in args:
+        return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    with one_launch_at_a_time():
+        return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow  # the same ``console()`` as the installed command; in-process tests check its errors

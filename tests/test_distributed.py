@@ -26,7 +26,7 @@ from prefmodule.models.attention import VARLEN_SDPA
 from prefmodule.reference.modes import load_table
 from prefmodule.models.sharding import decoder_layer_classes, decoder_layer_policy, is_sharded
 
-from conftest import TINY_MODEL, write_jsonl
+from conftest import TINY_MODEL, one_launch_at_a_time, write_jsonl
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1",
@@ -42,9 +42,10 @@ def launch(*args: str, torchrun: bool = False, samples: bool = False) -> None:
     tests = str(Path(__file__).parent)  # the launched processes import ShardingReport from here
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([*command, *args, "--trainer.devices=2", *QUIET,
-                           *([] if samples else ["--samples.num_prompts=0"])], env=env, capture_output=True, text=True,
-                          timeout=300)
+    with one_launch_at_a_time():
+        done = subprocess.run([*command, *args, "--trainer.devices=2", *QUIET,
+                               *([] if samples else ["--samples.num_prompts=0"])], env=env, capture_output=True,
+                              text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
 

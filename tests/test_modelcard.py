@@ -9,6 +9,7 @@ from huggingface_hub.repocard import RepoCard
 from huggingface_hub.hf_api import RepoUrl
 from transformers import AutoModelForCausalLM
 
+import prefmodule
 from prefmodule import DPOModule, PreferenceDataModule
 from prefmodule.errors import ConfigError
 from prefmodule.outputs.hub import HubSettings
@@ -89,3 +90,9 @@ def test_each_objective_cites_its_own_paper():
     assert cited(CPOModule(model=TINY_MODEL, loss_type="ipo")) == ("CPO", "CPO", "2401.08417")  # not DPO's IPO
     assert cited(CPOModule(model=TINY_MODEL, loss_type="simpo", alpha=0.25)) == ("CPO", "AlphaPO", "2501.03884")
     assert cited(DPOModule(model=TINY_MODEL, loss_type="ipo")) == ("DPO", "IPO", "2310.12036")
+    online = prefmodule.OnlineDPOModule(model=TINY_MODEL, reward="prefmodule.sampling.rules:politeness",
+                                        loss_type="ipo")
+    assert cited(online) == ("Online DPO", "Online DPO", "2402.04792")  # DPO's loss papers are DPO's
+    trains = [getattr(prefmodule, name) for name in prefmodule.__all__ if name.endswith("Module")
+              and name not in ("PreferenceModule", "ReferenceModule", "SamplePairsModule", "PreferenceDataModule")]
+    assert len(trains) == 9 and all(len(module.citation) == 3 for module in trains)  # each its own, in its own file

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from prefmodule.training.checkpoints import PARTIAL, checkpoint_problem, newest_checkpoint, run_checkpoints
 from prefmodule.cli import main
 
+from conftest import one_launch_at_a_time
+
 CONFIGS = Path(__file__).parent.parent / "configs"
 TESTS = Path(__file__).parent
 
@@ -205,8 +207,9 @@ def test_fsdp2_killed_while_writing_a_sharded_checkpoint_resumes_last(tmp_path, 
                           str(CONFIGS / "strategies" / "fsdp2.yaml"), "--trainer.strategy.data_parallel_size=2",
                           "--trainer.devices=2", "--trainer.callbacks+=test_resume.KillAt",
                           f"--trainer.callbacks.log={root / 'steps.jsonl'}", *extra), *QUIET]
-        return subprocess.run([sys.executable, "-m", "prefmodule", *args], env=env, capture_output=True, text=True,
-                              timeout=600, start_new_session=True)
+        with one_launch_at_a_time():
+            return subprocess.run([sys.executable, "-m", "prefmodule", *args], env=env, capture_output=True,
+                                  text=True, timeout=600, start_new_session=True)
 
     whole = launch(tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]

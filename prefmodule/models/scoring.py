@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from prefmodule.models.attention import packed_inputs
 from prefmodule.models.loading import backbone, unwrapped
-from prefmodule.data.batches import Sequences
+from prefmodule.models.sequences import Sequences
 from prefmodule.models.logps import LogitsTransform, SequenceStats, stats_from_hidden, stats_from_logits
 from prefmodule.models.moe import load_balancing_loss, router_logits_kwargs
 from prefmodule.models.sharding import finish_forward

@@ -85,6 +85,8 @@ class PreferenceModule(LightningModule):
     scores_new_text = True  # the objective can score completions its data does not hold (samples' rewards)
     trained_on = "preference pairs"  # what the model card says the model was aligned on
     beta_may_be_zero = False  # ``beta`` weighs a KL term that 0 leaves out (GRPO, RLOO) rather than a temperature
+    citation: tuple[str, str, str] | None = None  # the objective's (name, paper, arXiv id), for the model card
+    loss_citations: dict[str, tuple[str, str, str]] = {}  # a ``loss_type`` with a paper of its own
     writes_text = True  # the policy completes prompts (the samples); a reward model scores them
     run_time = RUN_TIME
 
@@ -331,6 +333,11 @@ class PreferenceModule(LightningModule):
 
     def predict_step(self, batch: PairBatch | RowBatch, batch_idx: int) -> list[dict]:
         return self.predictions(batch, self.batch_outputs(batch)[0])
+
+    def cited(self) -> tuple[str, str, str] | None:
+        """The paper of what this module trains: its ``loss_type``'s own where it has one, else the objective's."""
+        loss_type = self.hparams.get("loss_type")
+        return self.loss_citations.get(loss_type, self.citation) if isinstance(loss_type, str) else self.citation
 
     def completion_rewards(self, items: list[dict], completions: list[list[int]]) -> list[float | None] | None:
         """The objective's own reward of one completion (token ids) of each data item, for the samples; ``None``

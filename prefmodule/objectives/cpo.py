@@ -64,6 +64,9 @@ class CPOModule(ReferenceFreeModule):
         **kwargs: see :class:`PreferenceModule`.
     """
 
+    citation = ("CPO", "Xu et al., 2024, Contrastive Preference Optimization", "2401.08417")
+    alpha_citation = ("AlphaPO", "Gupta et al., 2025, AlphaPO: Reward Shape Matters for LLM Alignment", "2501.03884")
+
     def __init__(
         self,
         model: str,
@@ -78,3 +81,6 @@ class CPOModule(ReferenceFreeModule):
         super().__init__(model=model, **kwargs)
         self.set_loss(dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=simpo_gamma,
                            alpha=alpha), cpo_alpha, "cpo_alpha")
+
+    def cited(self) -> tuple[str, str, str] | None:
+        return self.alpha_citation if self.hparams.alpha else super().cited()

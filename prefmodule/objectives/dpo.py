@@ -18,6 +18,26 @@ from prefmodule.objectives.losses import (
 from prefmodule.objectives.outputs import PairOutputs
 from prefmodule.objectives.reference import ReferenceModule
 
+APO = ("APO", "D'Oosterlinck et al., 2024, Anchored Preference Optimization", "2408.06266")
+AOT = ("AOT", "Melnyk et al., 2024, Distributional Preference Alignment of LLMs via Optimal Transport", "2406.05882")
+DPO_LOSS_CITATIONS = {  # a loss type with a paper of its own: (name, paper, arXiv id), for the model card
+    "robust": ("robust DPO", "Chowdhury et al., 2024, Provably Robust DPO", "2403.00409"),
+    "hinge": ("SLiC hinge", "Zhao et al., 2023, SLiC-HF", "2305.10425"),
+    "ipo": ("IPO", "Azar et al., 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences",
+            "2310.12036"),
+    "exo_pair": ("EXO", "Ji et al., 2024, Towards Efficient Exact Optimization of Language Model Alignment",
+                 "2402.00856"),
+    "nca_pair": ("NCA", "Chen et al., 2024, Noise Contrastive Alignment of Language Models", "2402.05369"),
+    "bco_pair": ("BCO", "Jung et al., 2024, Binary Classifier Optimization", "2404.04656"),
+    "sppo_hard": ("SPPO", "Wu et al., 2024, Self-Play Preference Optimization", "2405.00675"),
+    "aot": AOT,
+    "aot_unpaired": AOT,
+    "apo_zero": APO,
+    "apo_down": APO,
+    "discopop": ("DiscoPOP", "Lu et al., 2024, Discovering Preference Optimization Algorithms", "2406.08414"),
+}
+
+
 @dataclass
 class BetaDPOSettings:
     """beta-DPO (Wu et al., 2024, arXiv 2407.08639): a beta per batch and a margin-based data filter.
@@ -57,6 +77,9 @@ class DPOModule(ReferenceModule):
             batch gets its own beta from its margins and drops its margin outliers; validation uses ``beta``.
         **kwargs: see :class:`ReferenceModule` (``reference``, ``ref_model``, ...) and :class:`PreferenceModule`.
     """
+
+    citation = ("DPO", "Rafailov et al., 2023, Direct Preference Optimization", "2305.18290")
+    loss_citations = DPO_LOSS_CITATIONS
 
     def __init__(
         self,

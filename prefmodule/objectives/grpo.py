@@ -67,6 +67,9 @@ class GRPOModule(PolicyGradientModule):
     normaliser spans the accumulated batches, here each micro-batch's tokens); no vLLM, tools or multimodal input.
     """
 
+    citation = ("GRPO", "Shao et al., 2024, DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open "
+                "Language Models", "2402.03300")
+
     def __init__(self, model: str, reward: str | list[str], reward_weights: list[float] | None = None,
                  num_generations: int = 8, max_new_tokens: int = 512, temperature: float = 1.0, top_p: float = 1.0,
                  beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,

@@ -17,6 +17,7 @@ from prefmodule.errors import ConfigError
 from prefmodule.models.logps import SequenceStats
 from prefmodule.objectives.losses import KTOLoss, kto_kl
 from prefmodule.objectives.outputs import PairOutputs, RowOutputs
+from prefmodule.objectives.dpo import APO
 from prefmodule.objectives.reference import ReferenceModule
 from prefmodule.private.lightning import attached_trainer
 
@@ -56,6 +57,10 @@ class KTOModule(ReferenceModule):
             for ``n_D`` desirable and ``n_U`` undesirable training rows (a warning says when not).
         **kwargs: see :class:`ReferenceModule` (``reference``, ``ref_model``, ...) and :class:`PreferenceModule`.
     """
+
+    citation = ("KTO", "Ethayarajh et al., 2024, KTO: Model Alignment as Prospect Theoretic Optimization",
+                "2402.01306")
+    loss_citations = {"apo_zero_unpaired": APO}
 
     unpaired = True
     predicts_either = True

@@ -48,6 +48,10 @@ class OnlineDPOModule(DPOModule):
         **kwargs: see :class:`DPOModule` (``beta``, ``loss_type``, ``reference``, ...).
     """
 
+    citation = ("Online DPO", "Guo et al., 2024, Direct Language Model Alignment from Online AI Feedback",
+                "2402.04792")
+    loss_citations = {}  # DPO's loss types name their papers for DPO on the data's pairs
+
     def __init__(self, model: str, reward: str, max_new_tokens: int = 64, temperature: float = 0.9,
                  top_p: float = 1.0, generation_seed: int = 0, missing_eos_penalty: float | None = None, **kwargs):
         super().__init__(model=model, **kwargs)

@@ -19,6 +19,9 @@ class ORPOModule(PreferenceModule):
         **kwargs: see :class:`PreferenceModule`.
     """
 
+    citation = ("ORPO", "Hong et al., 2024, ORPO: Monolithic Preference Optimization without Reference Model",
+                "2403.07691")
+
     length_normalized = True
 
     def extra_metrics(self, stage: str) -> tuple[str, ...]:

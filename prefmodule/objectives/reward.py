@@ -63,6 +63,9 @@ class RewardModule(PreferenceModule):
         **kwargs: see :class:`PreferenceModule` (``lora`` trains the adapters and the new score head).
     """
 
+    citation = ("Reward model", "Ouyang et al., 2022, Training language models to follow instructions with human "
+                "feedback", "2203.02155")
+
     model_task = "reward"
     token_logps = False  # no LM head: nothing to chunk
     writes_text = False  # no samples: a reward model scores text, it does not write it

@@ -33,6 +33,9 @@ class RLOOModule(PolicyGradientModule):
             ``mask_truncated_completions``, ``reference``, ...).
     """
 
+    citation = ("RLOO", "Ahmadian et al., 2024, Back to Basics: Revisiting REINFORCE Style Optimization for "
+                "Learning from Human Feedback in LLMs", "2402.14740")
+
     def __init__(self, model: str, reward: str | list[str], reward_weights: list[float] | None = None,
                  num_generations: int = 2, max_new_tokens: int = 512, temperature: float = 1.0, top_p: float = 1.0,
                  beta: float = 0.05, epsilon: float = 0.2, epsilon_high: float | None = None,

@@ -18,6 +18,9 @@ class SimPOModule(ReferenceFreeModule):
         **kwargs: see :class:`PreferenceModule`.
     """
 
+    citation = ("SimPO", "Meng et al., 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward",
+                "2405.14734")
+
     def __init__(self, model: str, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0,
                  sft_weight: float = 0.0, **kwargs):
         super().__init__(model=model, **kwargs)

@@ -11,47 +11,9 @@ from prefmodule.data import PreferenceDataModule
 from prefmodule.data.mixture import SourceGroup
 from prefmodule.outputs.hub import hub_id
 
-# module class -> (objective, paper); DPO's loss types name their own paper
-OBJECTIVES = {
-    "DPOModule": ("DPO", "Rafailov et al., 2023, Direct Preference Optimization", "2305.18290"),
-    "ORPOModule": ("ORPO", "Hong et al., 2024, ORPO: Monolithic Preference Optimization without Reference Model",
-                   "2403.07691"),
-    "SimPOModule": ("SimPO", "Meng et al., 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward",
-                    "2405.14734"),
-    "KTOModule": ("KTO", "Ethayarajh et al., 2024, KTO: Model Alignment as Prospect Theoretic Optimization",
-                  "2402.01306"),
-    "CPOModule": ("CPO", "Xu et al., 2024, Contrastive Preference Optimization", "2401.08417"),
-    "OnlineDPOModule": ("Online DPO", "Guo et al., 2024, Direct Language Model Alignment from Online AI Feedback",
-                        "2402.04792"),
-    "GRPOModule": ("GRPO", "Shao et al., 2024, DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open "
-                   "Language Models", "2402.03300"),
-    "RLOOModule": ("RLOO", "Ahmadian et al., 2024, Back to Basics: Revisiting REINFORCE Style Optimization for "
-                   "Learning from Human Feedback in LLMs", "2402.14740"),
-    "RewardModule": ("Reward model", "Ouyang et al., 2022, Training language models to follow instructions with "
-                     "human feedback", "2203.02155"),
-}
 # the model's task -> (transformers' auto class, the Hub's pipeline tag)
 TASKS = {"causal_lm": ("AutoModelForCausalLM", "text-generation"),
          "reward": ("AutoModelForSequenceClassification", "text-classification")}
-APO = ("APO", "D'Oosterlinck et al., 2024, Anchored Preference Optimization", "2408.06266")
-AOT = ("AOT", "Melnyk et al., 2024, Distributional Preference Alignment of LLMs via Optimal Transport", "2406.05882")
-ALPHAPO = ("AlphaPO", "Gupta et al., 2025, AlphaPO: Reward Shape Matters for LLM Alignment", "2501.03884")
-DPO_LOSSES = {
-    "robust": ("robust DPO", "Chowdhury et al., 2024, Provably Robust DPO", "2403.00409"),
-    "hinge": ("SLiC hinge", "Zhao et al., 2023, SLiC-HF", "2305.10425"),
-    "ipo": ("IPO", "Azar et al., 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences",
-            "2310.12036"),
-    "exo_pair": ("EXO", "Ji et al., 2024, Towards Efficient Exact Optimization of Language Model Alignment",
-                 "2402.00856"),
-    "nca_pair": ("NCA", "Chen et al., 2024, Noise Contrastive Alignment of Language Models", "2402.05369"),
-    "bco_pair": ("BCO", "Jung et al., 2024, Binary Classifier Optimization", "2404.04656"),
-    "sppo_hard": ("SPPO", "Wu et al., 2024, Self-Play Preference Optimization", "2405.00675"),
-    "aot": AOT,
-    "aot_unpaired": AOT,
-    "apo_zero": APO,
-    "apo_down": APO,
-    "discopop": ("DiscoPOP", "Lu et al., 2024, Discovering Preference Optimization Algorithms", "2406.08414"),
-}
 
 
 def batch_layout(module: LightningModule, trainer: Trainer) -> str:
@@ -134,17 +96,13 @@ def write_model_card(folder: str, module: LightningModule, trainer: Trainer, rep
 
 
 def _objective(module: LightningModule) -> tuple[str, tuple[str, str, str]]:
-    """The module's family (DPO, ORPO, SimPO, KTO, CPO) and its objective: (name, paper, arXiv id). A loss type
-    names its own paper only within its family (CPO's ``ipo`` is not DPO's IPO)."""
-    family = next((cls.__name__ for cls in type(module).__mro__ if cls.__name__ in OBJECTIVES), None)
-    if family is None:
-        return type(module).__name__, (type(module).__name__, "", "")
-    loss_type = module.hparams.get("loss_type")
-    own_losses = {"DPOModule": DPO_LOSSES, "KTOModule": {"apo_zero_unpaired": APO}}.get(family, {})
-    objective = own_losses.get(loss_type, OBJECTIVES[family]) if isinstance(loss_type, str) else OBJECTIVES[family]
-    if family == "CPOModule" and module.hparams.get("alpha"):
-        objective = ALPHAPO
-    return OBJECTIVES[family][0], objective
+    """The module's family (its class's ``citation``: DPO, ORPO, SimPO, KTO, CPO, ...) and the objective it trains:
+    (name, paper, arXiv id), its loss type's own where it has one (``cited``)."""
+    citation = module.cited() if callable(getattr(module, "cited", None)) else None
+    if citation is None:
+        name = type(module).__name__
+        return name, (name, "", "")
+    return type(module).citation[0], citation
 
 
 def data_sources(datamodule) -> dict[str, list[SourceGroup]]:
