@@ -7,7 +7,7 @@ process, the same batches, interleaved repeats; median step time and peak memory
 Candidates: ``eager`` (as prefmodule runs today); ``compile`` (``torch.compile`` of each decoder layer, regional:
 one compiled code reused by the 30 identical layers, dynamic over packed lengths; compilation counts in the first
 steps, reported apart); ``mlp_checkpoint`` (activation checkpointing of the MLP alone: its ``[tokens, 1536]``
-activations are recomputed in backward).
+activations are recomputed in backward); ``compile_mlp_checkpoint`` (both: the recomputation compiled too).
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ def run(candidate: str, steps: int, warmup: int) -> dict:
     data.setup("fit")
     batches = [batch for _, batch in zip(range(warmup + steps), data.train_dataloader())]
     layers = module.policy.model.layers
-    if candidate == "compile":
-        for layer in layers:
-            layer.compile(dynamic=True)
-    elif candidate == "mlp_checkpoint":
+    if candidate in ("mlp_checkpoint", "compile_mlp_checkpoint"):
         for layer in layers:
             forward = layer.mlp.forward
             layer.mlp.forward = lambda x, forward=forward: checkpoint(forward, x, use_reentrant=False)
+    if candidate in ("compile", "compile_mlp_checkpoint"):
+        for layer in layers:
+            layer.compile(dynamic=True)
     times = []
     for batch in batches:
         start = time.perf_counter()

@@ -16,6 +16,16 @@ from prefmodule.paths import resolve  # noqa: E402
 TINY_MODEL = "asset://tiny-llama"
 
 
+@pytest.fixture(autouse=True)
+def no_rendezvous_left_over():
+    """Lightning writes the rendezvous it picks into ``os.environ`` (``MASTER_PORT``, ...) when a test runs a
+    strategy in this process; a later test's two-process run would inherit that port, which this process may
+    still hold (EADDRINUSE). Each test starts without them."""
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
+                 "LOCAL_WORLD_SIZE"):
+        os.environ.pop(name, None)
+
+
 @contextlib.contextmanager
 def one_launch_at_a_time():
     """Runs of two processes take turns across pytest-xdist's workers: Lightning picks a free port for the ranks'
