@@ -102,6 +102,7 @@ class Settings:
     max_grad_norm: float = 1.0  # TRL's default; Lightning's ``gradient_clip_val``
     logps_chunk_size: int | None = None  # passed to prefmodule modules that accept it
     compile_layers: bool = False  # prefmodule modules' compile_layers (torch.compile of the decoder layers)
+    checkpoint_mlp: bool = False  # prefmodule modules' gradient_checkpointing: mlp
     padding_free: str = "auto"  # prefmodule's batches: auto (its default: packed when the model allows), on, off
     reference: str | None = None  # prefmodule DPO's ``reference=``; "precomputed" also in TRL
     seed: int = 0
@@ -382,7 +383,7 @@ def run_prefmodule(objective: str, settings: Settings, model_dir: str, pairs: li
             knobs["reference"] = settings.reference
             knobs["ref_cache_dir"] = cache_dir if settings.reference == "precomputed" else None  # computed, not reused
         module = module_class(model=model_dir, lr=settings.lr, warmup=0,
-                              gradient_checkpointing=settings.gradient_checkpointing,
+                              gradient_checkpointing="mlp" if settings.checkpoint_mlp else settings.gradient_checkpointing,
                               **({"compile_layers": True} if settings.compile_layers else {}),  # the base's option
                               **accepted_knobs(module_class, knobs))
         trainer = L.Trainer(
@@ -998,7 +999,8 @@ def markdown(summary: dict, command: str) -> str:
         f"{s['dtype']}, device {s['device']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
         f"AdamW lr {s['lr']}, grad-norm clip {s['max_grad_norm']}; prefmodule: logps_chunk_size "
         f"{s['logps_chunk_size'] or 'default'}, padding_free {s['padding_free']}"
-        f"{', compile_layers' if s.get('compile_layers') else ''}; DPO reference {s['reference'] or 'default'}.",
+        f"{', compile_layers' if s.get('compile_layers') else ''}"
+        f"{', gradient_checkpointing: mlp' if s.get('checkpoint_mlp') else ''}; DPO reference {s['reference'] or 'default'}.",
         f"- Matmul throughput: {summary['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, the best of "
         f"{', '.join(f'{x / 1e9:.0f}' for x in summary['matmul_flops_per_s_samples'])} measured before and between the runs.",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"
@@ -1049,6 +1051,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     parser.add_argument("--logps-chunk-size", type=int, help="prefmodule modules' logps_chunk_size, if they take it")
     parser.add_argument("--compile-layers", action="store_true",
                         help="prefmodule modules' compile_layers (compilation falls in the warm-up steps)")
+    parser.add_argument("--checkpoint-mlp", action="store_true",
+                        help="prefmodule modules' gradient_checkpointing: mlp (each decoder block's MLP recomputed)")
     parser.add_argument("--padding-free", choices=["auto", "on", "off"], default="auto",
                         help="prefmodule packs each batch into one row: auto (its default), on or off")
     parser.add_argument("--reference", help="prefmodule DPOModule's reference= (copy, precomputed, ...); "
@@ -1075,7 +1079,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
         batch_size=args.batch_size, max_length=args.max_length, device=args.device, dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing, objectives=args.objectives, frameworks=args.frameworks,
         lr=args.lr, max_grad_norm=args.max_grad_norm, logps_chunk_size=args.logps_chunk_size,
-        compile_layers=args.compile_layers, padding_free=args.padding_free, reference=args.reference, seed=args.seed, repeats=args.repeats,
+        compile_layers=args.compile_layers, checkpoint_mlp=args.checkpoint_mlp, padding_free=args.padding_free, reference=args.reference, seed=args.seed, repeats=args.repeats,
         prompts=args.prompts, num_generations=args.num_generations, max_completion_length=args.max_completion_length,
         temperature=args.temperature,
     )

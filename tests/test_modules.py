@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from prefmodule import DPOModule, ORPOModule, PreferenceDataModule, SimPOModule
 from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.tokenize import tokenize_pair
+from prefmodule.errors import ConfigError
 from prefmodule.models.logps import stats_from_logits
 
 from conftest import TINY_MODEL
@@ -172,3 +173,28 @@ def test_dpo_state_leaves_out_the_reference_but_loads_the_policy_strictly():
     del state[next(k for k in state if k.startswith("policy."))]
     with pytest.raises(RuntimeError, match="Missing key"):
         module.load_state_dict(state)
+
+
+def test_mlp_checkpointing_gives_the_same_log_probs_and_gradients(demo_rows, tmp_path, capsys):
+    """``gradient_checkpointing: mlp`` recomputes each decoder block's MLP in backward: the values and gradients
+    of keeping its activations, padded and packed; other values are refused in one line."""
+    from torch.utils.checkpoint import checkpoint
+
+    from test_logps import a_batch, packed, stats_and_grads
+
+    kept, recomputed = (ORPOModule(model=TINY_MODEL, gradient_checkpointing=flag) for flag in (False, "mlp"))
+    for module in (kept, recomputed):
+        module.configure_model()
+    mlps = [layer.mlp for layer in recomputed.policy.model.layers]
+    assert len(mlps) == 2 and all(mlp.forward.func is checkpoint for mlp in mlps)
+    assert not recomputed.policy.is_gradient_checkpointing  # the blocks themselves keep their activations
+    padded = a_batch(kept, demo_rows[:4])
+    for batch in (padded, packed(padded)):
+        expected, expected_grads = stats_and_grads(kept, batch)
+        actual, actual_grads = stats_and_grads(recomputed, batch)
+        torch.testing.assert_close(actual.logps, expected.logps, rtol=0, atol=0)
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(actual_grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(ConfigError, match=r"model.gradient_checkpointing='attention': must be true \(whole decoder "
+                                          r"blocks\), mlp \(their MLPs alone\) or false"):
+        ORPOModule(model=TINY_MODEL, gradient_checkpointing="attention")

@@ -32,7 +32,7 @@ class ModelSettings:
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     lora: Any = None  # peft.LoraConfig, or its keyword arguments
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False  # or "mlp": the MLP of each decoder block alone
     logps_chunk_size: int = 512
     router_aux_loss_coef: float | None = None
     task: str = "causal_lm"  # or "reward": a sequence-classification model with one label (set by the objective)
@@ -43,6 +43,8 @@ class ModelSettings:
                 self.logps_chunk_size, "must be a whole number >= 0 (response tokens per chunk through the LM head; "
                 "0 = full logits)")
         require(self.dtype in DTYPES, "model.dtype", self.dtype, f"must be one of {list(DTYPES)}")
+        require(self.gradient_checkpointing in (False, True, "mlp"), "model.gradient_checkpointing",
+                self.gradient_checkpointing, "must be true (whole decoder blocks), mlp (their MLPs alone) or false")
         if self.attn_implementation is not None and "/" not in self.attn_implementation:  # "/": a Hub kernel
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 

@@ -4,8 +4,13 @@ and probed: whether packed rows reach its attention per sequence, and whether it
 
 from __future__ import annotations
 
+import functools
+
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from prefmodule.errors import ConfigError
 
 from prefmodule.models.attention import PackedAttention, enable_packed_attention
 from prefmodule.models.loading import empty_causal_lm, load_causal_lm, stand_in, unwrapped
@@ -29,14 +34,31 @@ def load_policy(settings: ModelSettings, strategy: Strategy | None) -> nn.Module
 
 def trainable(policy: nn.Module, settings: ModelSettings) -> nn.Module:
     """``policy`` as it trains: with LoRA adapters (peft) when ``settings.lora``, activation checkpointing when
-    asked, in train mode (``from_pretrained`` returns eval mode; Lightning keeps modes as found)."""
+    asked (of whole decoder blocks, or of their MLPs alone), in train mode (``from_pretrained`` returns eval mode;
+    Lightning keeps modes as found)."""
     if settings.lora is not None:
         from peft import get_peft_model
 
         policy = get_peft_model(policy, settings.lora)
-    if settings.gradient_checkpointing:
+    if settings.gradient_checkpointing == "mlp":
+        if not checkpoint_mlps(policy):
+            raise ConfigError("model.gradient_checkpointing=mlp: the policy's repeated blocks (_no_split_modules) "
+                              "have no `mlp` to checkpoint; use true (whole blocks)")
+    elif settings.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return policy.train()
+
+
+def checkpoint_mlps(model: nn.Module) -> int:
+    """Recompute the MLP of each of ``model``'s repeated blocks in backward instead of keeping its activations
+    (the ``[tokens, intermediate]`` gate and up projections, the largest a dense decoder keeps). Transformers'
+    own checkpointing takes whole blocks only. Returns how many MLPs were wrapped."""
+    blocks = set(no_split_modules(unwrapped(model)))
+    mlps = [module.mlp for module in model.modules() if type(module).__name__ in blocks
+            and isinstance(getattr(module, "mlp", None), nn.Module)]
+    for mlp in mlps:
+        mlp.forward = functools.partial(checkpoint, mlp.forward, use_reentrant=False)
+    return len(mlps)
 
 
 def compile_layers(model: nn.Module) -> int:
