@@ -203,6 +203,13 @@ class PreferenceModule(LightningModule):
         return BatchFormat(self.tokenizer, unpaired=self.unpaired, packing=self.packed_rows,
                            predicts_either=self.predicts_either, objective=type(self).__name__)
 
+    def data_collator(self) -> PreferenceCollator:
+        """The connected data's collator, for batches the objective builds itself (sampled pairs, groups of
+        completions), laid out as the data's; without a connection, padded or packed as the models allow."""
+        if self.collator is not None:
+            return self.collator()
+        return PreferenceCollator(self.tokenizer.pad_token_id, padding_free=self.packed_attention)
+
     def packed_rows(self) -> PackedAttention:
         """Whether every model this module runs attends to packed rows per sequence, with no quadratic mask, and
         why not (before :meth:`configure_model`: not yet)."""

@@ -11,7 +11,6 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
 from prefmodule.data.batches import PairBatch, PromptBatch, SampledPairs
-from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.contract import BatchFormat
 from prefmodule.errors import ConfigError
 from prefmodule.models.generation import GenerationSettings
@@ -97,9 +96,7 @@ class OnlineDPOModule(DPOModule):
                   "score_chosen": float(scores[i, int(not first)]), "score_rejected": float(scores[i, int(first)])}
                  for i, (index, prompt_ids, first) in enumerate(zip(batch.index.tolist(), batch.prompt_ids,
                                                                     first_chosen))]
-        collate = self.collator() if self.collator else PreferenceCollator(self.tokenizer.pad_token_id,
-                                                                           padding_free=self.packed_attention)
-        pairs = collate(items)  # laid out as the data's own batches (padded or packed)
+        pairs = self.data_collator()(items)  # laid out as the data's own batches (padded or packed)
         sampled = SampledPairs(**vars(pairs), ended=torch.tensor(ended, dtype=torch.float32))
         return move_data_to_device(sampled, self.device)
 

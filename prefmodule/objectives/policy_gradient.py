@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from prefmodule.data.batches import PromptBatch, Sequences
-from prefmodule.data.collate import PreferenceCollator
 from prefmodule.data.contract import BatchFormat
 from prefmodule.errors import ConfigError, require
 from prefmodule.models.generation import GenerationSettings
@@ -200,9 +199,7 @@ class PolicyGradientModule(ReferenceModule):
         prompts, columns = completed_rows(batch.prompt, batch.columns, n)
         with naming_rows(batch.index.tolist(), n):
             rewards = self.scores.per_reward(prompts, texts, self.device, completion_ids=completions, **columns)
-        collate = self.collator() if self.collator else PreferenceCollator(self.tokenizer.pad_token_id,
-                                                                           padding_free=self.packed_attention)
-        sequences = move_data_to_device(collate.layout(
+        sequences = move_data_to_device(self.data_collator().layout(
             [(batch.prompt_ids[i // n], completion) for i, completion in enumerate(completions)]), self.device)
         lengths = torch.tensor([len(completion) for completion in completions], device=self.device)
         if self.training:
